@@ -1,0 +1,40 @@
+"""optaxclip: every gradient-clipping method as an ``optax.GradientTransformation``.
+
+Scopes (what is measured) take a threshold that is a number, an
+``optax.Schedule`` or a rule from :mod:`optaxclip.rules` (how the bound
+adapts to the run).
+"""
+
+from . import rules as rules
+from ._clipping import adaptive_grad_clip as adaptive_grad_clip
+from ._clipping import clip as clip
+from ._clipping import clip_by_block_rms as clip_by_block_rms
+from ._clipping import clip_by_global_norm as clip_by_global_norm
+from ._clipping import clip_by_norm as clip_by_norm
+from ._clipping import clip_by_value as clip_by_value
+from ._norms import global_norm as global_norm
+from ._norms import unitwise_norm as unitwise_norm
+from ._per_example import per_example_global_norm_clip as per_example_global_norm_clip
+from ._per_example import per_example_layer_norm_clip as per_example_layer_norm_clip
+from ._stats import ClipState as ClipState
+from ._stats import ClipStats as ClipStats
+from ._stats import stats as stats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ClipState",
+    "ClipStats",
+    "adaptive_grad_clip",
+    "clip",
+    "clip_by_block_rms",
+    "clip_by_global_norm",
+    "clip_by_norm",
+    "clip_by_value",
+    "global_norm",
+    "per_example_global_norm_clip",
+    "per_example_layer_norm_clip",
+    "rules",
+    "stats",
+    "unitwise_norm",
+]

@@ -1,0 +1,608 @@
+"""The clipping scopes: element, tensor, unit and global.
+
+Every public function here builds one transform from three choices: a scope
+(what is measured), a threshold rule (the bound) and an action (rescale or
+clamp). :func:`_transform` is the single implementation of the step: measure
+once, ask the rule for the threshold, keep the rule's statistics clean of
+non-finite steps, then scale in one fused pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from . import _norms
+from ._stats import ClipState, ClipStats
+from .rules import Rule, as_rule, check_threshold
+
+__all__ = [
+    "adaptive_grad_clip",
+    "clip",
+    "clip_by_block_rms",
+    "clip_by_global_norm",
+    "clip_by_norm",
+    "clip_by_value",
+]
+
+Threshold = Any  # a number, a scalar array, an optax.Schedule or a Rule
+_NONFINITE = ("zero", "propagate")
+
+
+# ---------------------------------------------------------------------------
+# Public scope functions
+# ---------------------------------------------------------------------------
+
+
+def clip_by_global_norm(
+    max_norm: Threshold,
+    ord: int | float | str = 2,  # noqa: A002
+    *,
+    nonfinite: str = "zero",
+    axis_name: _norms.AxisName = None,
+    partition_specs: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Rescales the whole update so its global ``ord``-norm is at most the bound.
+
+    With a number and finite input the result equals
+    ``optax.clip_by_global_norm(max_norm)``: ``g * min(1, max_norm / |g|)``.
+    Unlike optax, the norm is accumulated in float32 or better (a float16 tree
+    whose squared norm overflows float16 is clipped, not zeroed), a zero
+    gradient or a zero bound never divides by zero, the pre-clip norm is kept
+    in the state, and non-finite steps follow ``nonfinite``.
+
+    Args:
+      max_norm: the bound: a number, a scalar array, an ``optax.Schedule`` of
+        the step count, or a rule from :mod:`optaxclip.rules` (e.g.
+        ``rules.zscore()`` for ZClip, ``rules.percentile(10)`` for AutoClip).
+      ord: the norm: ``1``, ``2``, ``inf`` or any ``p > 0``, like
+        ``torch.nn.utils.clip_grad_norm_(norm_type=p)``.
+      nonfinite: keyword-only. ``"zero"`` (default): if the norm is NaN or
+        infinite, output zeros for that step, count it, and leave the rule's
+        statistics untouched. ``"propagate"``: output what optax would (NaN
+        propagates); the rule's statistics are still protected.
+      axis_name: keyword-only; the ``shard_map`` / ``pmap`` mesh axis (or
+        axes) the leaves are split across, so the norm is the norm of the
+        whole tree. Not needed under ``jit`` with sharded arrays.
+      partition_specs: keyword-only; a pytree prefix of
+        ``jax.sharding.PartitionSpec`` saying which leaves are split across
+        ``axis_name`` (replicated leaves are then counted once).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is a
+      :class:`~optaxclip.ClipState`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import optaxclip as oc
+      >>> tx = oc.clip_by_global_norm(1.0)
+      >>> grads = {"a": jnp.array([3.0]), "b": jnp.array([4.0])}
+      >>> clipped, state = tx.update(grads, tx.init(grads))
+      >>> print(clipped["a"], clipped["b"], state.stats.norm)
+      [0.6] [0.8] 5.0
+
+    References:
+      Pascanu et al., `On the difficulty of training Recurrent Neural Networks
+      <https://arxiv.org/abs/1211.5063>`_, 2013.
+    """
+    scope = _GlobalScope(
+        ord=_norms.check_ord(ord), axis_name=axis_name, partition_specs=partition_specs
+    )
+    return _transform(scope, as_rule(max_norm, "max_norm"), nonfinite)
+
+
+def clip_by_norm(
+    max_norm: Threshold,
+    ord: int | float | str = 2,  # noqa: A002
+    *,
+    nonfinite: str = "zero",
+    axis_name: _norms.AxisName = None,
+    partition_specs: Any = None,
+    stacked_axes: Any = 0,
+) -> optax.GradientTransformationExtraArgs:
+    """Rescales each tensor (leaf) separately to an ``ord``-norm of at most the bound.
+
+    Like ``tf.clip_by_norm`` applied to every leaf:
+    ``g_i * min(1, max_norm / |g_i|)``. A rule threshold learns one bound per
+    tensor (e.g. ``clip_by_norm(rules.ema(ratio=1.05))`` is AdaGC-style
+    per-tensor adaptive clipping).
+
+    Args:
+      max_norm: a number, scalar array, ``optax.Schedule`` or rule; rules see
+        the vector of per-tensor norms and return one bound per tensor.
+      ord: ``1``, ``2``, ``inf`` or any ``p > 0``.
+      nonfinite: keyword-only; ``"zero"`` (default) zeroes the whole update
+        when any tensor's norm is non-finite, ``"propagate"`` lets NaN through.
+      axis_name: keyword-only; mesh axis (or axes) the tensors are split across
+        inside ``shard_map`` / ``pmap``.
+      partition_specs: keyword-only; a pytree prefix of ``PartitionSpec``
+        saying which leaves are split across ``axis_name``.
+      stacked_axes: keyword-only; the number of leading axes that index stacked
+        layers (``nnx.scan`` / ``lax.scan`` models), as an int for every leaf
+        or a pytree prefix of ints; each layer slice is then clipped as its
+        own tensor. Default 0.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; ``stats.norm`` holds one
+      norm per tensor (or per layer slice).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import optaxclip as oc
+      >>> tx = oc.clip_by_norm(1.0)
+      >>> grads = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([0.5])}
+      >>> clipped, state = tx.update(grads, tx.init(grads))
+      >>> print(clipped["a"], clipped["b"], state.stats.norm)
+      [0.6 0.8] [0.5] [5.  0.5]
+    """
+    scope = _TensorScope(
+        ord=_norms.check_ord(ord),
+        axis_name=axis_name,
+        partition_specs=partition_specs,
+        stacked_axes=_check_stacked(stacked_axes),
+        normalize=False,
+    )
+    return _transform(scope, as_rule(max_norm, "max_norm"), nonfinite)
+
+
+def clip_by_block_rms(
+    threshold: Threshold,
+    *,
+    nonfinite: str = "zero",
+    axis_name: _norms.AxisName = None,
+    partition_specs: Any = None,
+    stacked_axes: Any = 0,
+) -> optax.GradientTransformationExtraArgs:
+    """Rescales each tensor so its root-mean-square entry is at most the bound.
+
+    Equals ``optax.clip_by_block_rms(threshold)`` on finite input:
+    ``g_i / max(1, rms(g_i) / threshold)``.
+
+    Args:
+      threshold: a number, scalar array, ``optax.Schedule`` or rule (one bound
+        per tensor).
+      nonfinite: keyword-only; ``"zero"`` (default) or ``"propagate"``.
+      axis_name: keyword-only; mesh axis the tensors are split across.
+      partition_specs: keyword-only; which leaves are split across it.
+      stacked_axes: keyword-only; leading stacked-layer axes (see
+        :func:`clip_by_norm`).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; ``stats.norm`` holds the
+      per-tensor RMS.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import optaxclip as oc
+      >>> tx = oc.clip_by_block_rms(1.0)
+      >>> grads = {"w": jnp.array([2.0, -2.0, 2.0, -2.0])}
+      >>> clipped, state = tx.update(grads, tx.init(grads))
+      >>> print(clipped["w"], state.stats.norm)
+      [ 1. -1.  1. -1.] [2.]
+    """
+    scope = _TensorScope(
+        ord=2.0,
+        axis_name=axis_name,
+        partition_specs=partition_specs,
+        stacked_axes=_check_stacked(stacked_axes),
+        normalize=True,
+    )
+    return _transform(scope, as_rule(threshold, "threshold"), nonfinite)
+
+
+def clip_by_value(
+    max_delta: Threshold,
+    *,
+    nonfinite: str = "zero",
+    axis_name: _norms.AxisName = None,
+    partition_specs: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Clamps every entry to ``[-max_delta, max_delta]``.
+
+    Equals ``optax.clip(max_delta)`` on finite input. The largest absolute
+    entry is measured for the stats (and for rules: ``clip_by_value(rule)``
+    learns the bound from the history of largest entries). Complex entries
+    keep their phase and have their modulus clamped.
+
+    Args:
+      max_delta: a number, scalar array, ``optax.Schedule`` or rule.
+      nonfinite: keyword-only; ``"zero"`` (default) or ``"propagate"``.
+      axis_name: keyword-only; mesh axis the leaves are split across (only the
+        recorded largest entry and rules depend on it).
+      partition_specs: keyword-only; which leaves are split across it.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import optaxclip as oc
+      >>> tx = oc.clip_by_value(1.0)
+      >>> clipped, state = tx.update(jnp.array([-3.0, 0.5, 2.0]), tx.init(None))
+      >>> print(clipped, state.stats.norm, state.stats.clipped)
+      [-1.   0.5  1. ] 3.0 1
+    """
+    scope = _ElementScope(axis_name=axis_name, partition_specs=partition_specs)
+    return _transform(scope, as_rule(max_delta, "max_delta"), nonfinite)
+
+
+clip = clip_by_value
+
+
+def adaptive_grad_clip(
+    clipping: Threshold,
+    eps: jax.typing.ArrayLike = 1e-3,
+    axis: int | tuple[int, ...] | None = None,
+    *,
+    nonfinite: str = "zero",
+    axis_name: _norms.AxisName = None,
+    partition_specs: Any = None,
+    stacked_axes: Any = 0,
+) -> optax.GradientTransformationExtraArgs:
+    """Adaptive gradient clipping (AGC): each unit to ``clipping * max(|w|, eps)``.
+
+    Equals ``optax.adaptive_grad_clip`` on finite input: every unit (a column
+    of a dense kernel, an output filter of a convolution; see
+    :func:`~optaxclip.unitwise_norm`) of the gradient is rescaled so that its
+    norm is at most ``clipping`` times the norm of the same unit of the
+    parameters. Needs ``params`` in ``update``.
+
+    Args:
+      clipping: the largest allowed ratio ``|g_unit| / max(|w_unit|, eps)``; a
+        number, scalar array, ``optax.Schedule``, or a rule (which sees each
+        tensor's largest unit ratio and returns one bound per tensor).
+      eps: floor on the parameter unit norm, so zero-initialized parameters
+        can still move.
+      axis: axis or axes forming a unit, overriding the rank-based default.
+      nonfinite: keyword-only; ``"zero"`` (default) or ``"propagate"``.
+      axis_name: keyword-only; mesh axis the leaves are split across inside
+        ``shard_map`` (with ``partition_specs``, only splits along the unit's
+        reduced axes are summed).
+      partition_specs: keyword-only; a pytree prefix of ``PartitionSpec``.
+      stacked_axes: keyword-only; leading stacked-layer axes excluded from
+        the units (see :func:`clip_by_norm`).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; ``stats.norm`` holds each
+      tensor's largest unit ratio and ``stats.clipped`` the number of units
+      clipped.
+
+    Raises:
+      ValueError: in ``update`` if ``params`` is None or does not match the
+        updates' structure.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import optaxclip as oc
+      >>> tx = oc.adaptive_grad_clip(0.1)
+      >>> params = {"w": jnp.array([[1.0, 10.0], [0.0, 0.0]])}
+      >>> grads = {"w": jnp.array([[1.0, 0.5], [0.0, 0.0]])}
+      >>> clipped, state = tx.update(grads, tx.init(params), params)
+      >>> print(clipped["w"], state.stats.clipped)
+      [[0.1 0.5]
+       [0.  0. ]] 1
+
+    References:
+      Brock et al., `High-Performance Large-Scale Image Recognition Without
+      Normalization <https://arxiv.org/abs/2102.06171>`_, 2021.
+    """
+    check_threshold(eps, "eps")
+    scope = _UnitScope(
+        eps=eps,
+        axis=axis,
+        axis_name=axis_name,
+        partition_specs=partition_specs,
+        stacked_axes=_check_stacked(stacked_axes),
+    )
+    return _transform(scope, as_rule(clipping, "clipping"), nonfinite)
+
+
+# ---------------------------------------------------------------------------
+# The one transform
+# ---------------------------------------------------------------------------
+
+
+def _transform(scope: Any, rule: Rule, nonfinite: str) -> optax.GradientTransformationExtraArgs:
+    if nonfinite not in _NONFINITE:
+        raise ValueError(
+            f"`nonfinite` must be one of {_NONFINITE}; got {nonfinite!r}."
+        )
+    zero_nonfinite = nonfinite == "zero"
+
+    def init_fn(params):
+        norm_like = scope.norm_like(params)
+        return ClipState(rule_state=rule.init(norm_like), stats=ClipStats.zeros(norm_like))
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args
+        if not isinstance(state, ClipState):
+            raise TypeError(
+                f"Expected the state of an optaxclip transform (ClipState); got "
+                f"{type(state).__name__}. Was `init` called on this transform?"
+            )
+        measured = scope.measure(updates, params)
+        norms = measured.norms
+        _check_shape(norms, state.stats.norm)
+        count = state.stats.count
+        threshold, rule_state = rule.update(state.rule_state, norms, count)
+        threshold = jnp.maximum(jnp.asarray(threshold, norms.dtype), 0)
+        finite = jnp.all(jnp.isfinite(norms))
+        rule_state = keep_if(finite, rule_state, state.rule_state)
+        keep = finite if zero_nonfinite else None
+        new_updates, scale, clipped = scope.apply(updates, measured, threshold, keep)
+        stats = ClipStats(
+            norm=norms,
+            threshold=threshold,
+            scale=scale,
+            clipped=jnp.asarray(clipped, jnp.int32),
+            nonfinite_count=state.stats.nonfinite_count + (~finite).astype(jnp.int32),
+            count=optax.safe_increment(count),
+        )
+        return new_updates, ClipState(rule_state=rule_state, stats=stats)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def keep_if(condition: jax.Array, new: Any, old: Any) -> Any:
+    """``new`` where ``condition`` holds, else ``old`` (leafwise select)."""
+    return jax.tree.map(lambda n, o: jnp.where(condition, n, o), new, old)
+
+
+def _check_shape(norms: jax.Array, recorded: jax.Array) -> None:
+    if norms.shape != recorded.shape:
+        raise ValueError(
+            "The updates do not match the tree this transform was initialized "
+            f"with: it measured {norms.shape[0] if norms.ndim else 1} tensor "
+            f"norm(s) but its state holds {recorded.shape}. Call `init` with "
+            "params of the same structure as the updates."
+        )
+
+
+def _check_stacked(stacked_axes: Any) -> Any:
+    for k in jax.tree.leaves(stacked_axes):
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 0:
+            raise ValueError(
+                f"`stacked_axes` must be a non-negative int (or a pytree prefix of "
+                f"them); got {k!r}."
+            )
+    return stacked_axes
+
+
+def scale_factor(norms: jax.Array, threshold: jax.Array) -> jax.Array:
+    """``min(1, threshold / norms)`` with no division by zero (and no NaN grads)."""
+    over = norms > threshold
+    safe = jnp.where(over, norms, jnp.ones_like(norms))
+    return jnp.where(over, threshold / safe, jnp.ones_like(norms))
+
+
+def scale_leaf(x: jax.Array, scale: jax.Array, keep: jax.Array | None) -> jax.Array:
+    """``x * scale`` computed in the accumulation dtype, cast back to ``x.dtype``.
+
+    With ``keep`` given, entries are zeroed where it is False (a select, so a
+    NaN entry becomes 0 rather than NaN * 0).
+    """
+    acc = _norms.acc_dtype(x.dtype)
+    out = x.astype(jnp.result_type(x.dtype, acc)) * scale.astype(acc)
+    out = out.astype(x.dtype)
+    if keep is not None:
+        out = jnp.where(keep, out, jnp.zeros_like(out))
+    return out
+
+
+def map_float(fn: Callable[..., jax.Array], tree: Any, *rest: Any) -> Any:
+    """Applies ``fn(i, leaf, *rest_leaves)`` to the float leaves, in order.
+
+    Integer leaves are returned untouched; ``None`` and ``MaskedNode`` stay.
+    """
+    leaves, treedef = jax.tree.flatten(tree)
+    rest_leaves = [treedef.flatten_up_to(r) for r in rest]
+    out, i = [], 0
+    for j, x in enumerate(leaves):
+        if _norms.is_float(x):
+            out.append(fn(i, x, *(r[j] for r in rest_leaves)))
+            i += 1
+        else:
+            out.append(x)
+    return jax.tree.unflatten(treedef, out)
+
+
+# ---------------------------------------------------------------------------
+# Scopes: what is measured and how the bound is applied
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Measured:
+    """A scope's measurement: the norms the rule sees, plus reusable parts."""
+
+    norms: jax.Array
+    parts: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _GlobalScope:
+    ord: Any
+    axis_name: Any
+    partition_specs: Any
+
+    def norm_like(self, params):
+        return jnp.zeros((), _norms.tree_acc_dtype(params))
+
+    def measure(self, updates, params):
+        del params
+        norm = _norms.global_norm(
+            updates, self.ord, self.axis_name, partition_specs=self.partition_specs
+        )
+        return Measured(norm.astype(_norms.tree_acc_dtype(updates)))
+
+    def apply(self, updates, measured, threshold, keep):
+        scale = scale_factor(measured.norms, threshold)
+        out = map_float(lambda _, x: scale_leaf(x, scale, keep), updates)
+        if keep is not None:
+            scale = jnp.where(keep, scale, jnp.zeros_like(scale))
+        return out, scale, measured.norms > threshold
+
+
+@dataclasses.dataclass(frozen=True)
+class _ElementScope:
+    axis_name: Any
+    partition_specs: Any
+
+    def norm_like(self, params):
+        return jnp.zeros((), _norms.tree_acc_dtype(params))
+
+    def measure(self, updates, params):
+        del params
+        largest = _norms.global_norm(
+            updates, "inf", self.axis_name, partition_specs=self.partition_specs
+        )
+        return Measured(largest.astype(_norms.tree_acc_dtype(updates)))
+
+    def apply(self, updates, measured, threshold, keep):
+        def clamp(_, x):
+            if jnp.iscomplexobj(x):
+                out = scale_leaf(x, scale_factor(jnp.abs(x), threshold.astype(x.real.dtype)), None)
+            else:
+                bound = threshold.astype(x.dtype)
+                out = jnp.clip(x, -bound, bound)
+            if keep is not None:
+                out = jnp.where(keep, out, jnp.zeros_like(out))
+            return out
+
+        scale = scale_factor(measured.norms, threshold)
+        if keep is not None:
+            scale = jnp.where(keep, scale, jnp.zeros_like(scale))
+        return map_float(clamp, updates), scale, measured.norms > threshold
+
+
+def _stacked_per_leaf(stacked_axes, tree):
+    return _norms.leafwise(stacked_axes, tree, lambda v: isinstance(v, int | np.integer))
+
+
+@dataclasses.dataclass(frozen=True)
+class _TensorScope:
+    ord: Any
+    axis_name: Any
+    partition_specs: Any
+    stacked_axes: Any
+    normalize: bool
+
+    def _keep_axes(self, tree):
+        leaves = _norms.float_leaves(tree)
+        ks = _stacked_per_leaf(self.stacked_axes, tree)
+        out = []
+        for x, k in zip(leaves, ks, strict=True):
+            k = int(k or 0)
+            if k > np.ndim(x):
+                raise ValueError(
+                    f"`stacked_axes`={k} exceeds the rank of a leaf of shape {np.shape(x)}."
+                )
+            out.append(tuple(range(k)))
+        return leaves, out
+
+    def norm_like(self, params):
+        leaves, keep = self._keep_axes(params)
+        n = sum(_norms.segment_count(x, k) for x, k in zip(leaves, keep, strict=True))
+        return jnp.zeros((n,), _norms.tree_acc_dtype(params))
+
+    def measure(self, updates, params):
+        del params
+        leaves, keep = self._keep_axes(updates)
+        reduced = [tuple(a for a in range(x.ndim) if a not in k) for x, k in zip(leaves, keep, strict=True)]
+        groups = _norms.reduction_groups(
+            updates, leaves, self.axis_name, self.partition_specs, reduced
+        )
+        norms = _norms.segment_norms(leaves, self.ord, keep, groups, self.normalize)
+        return Measured(norms.astype(_norms.tree_acc_dtype(updates)), (leaves, keep))
+
+    def apply(self, updates, measured, threshold, keep_mask):
+        leaves, keep = measured.parts
+        scale = scale_factor(measured.norms, threshold)
+        counts = [_norms.segment_count(x, k) for x, k in zip(leaves, keep, strict=True)]
+        offsets = np.cumsum([0, *counts])
+
+        def rescale(i, x):
+            s = _norms.segment_view(scale[offsets[i] : offsets[i + 1]], x, keep[i])
+            return scale_leaf(x, s, keep_mask)
+
+        out = map_float(rescale, updates)
+        if keep_mask is not None:
+            scale = jnp.where(keep_mask, scale, jnp.zeros_like(scale))
+        return out, scale, jnp.sum(measured.norms > threshold)
+
+
+@dataclasses.dataclass(frozen=True)
+class _UnitScope:
+    eps: Any
+    axis: Any
+    axis_name: Any
+    partition_specs: Any
+    stacked_axes: Any
+
+    def norm_like(self, params):
+        n = len(_norms.float_leaves(params))
+        return jnp.zeros((n,), _norms.tree_acc_dtype(params))
+
+    def _axes(self, x, k):
+        inner = _norms.unit_axes(jax.ShapeDtypeStruct(x.shape[k:], x.dtype), self.axis)
+        return tuple(a + k for a in inner)
+
+    def measure(self, updates, params):
+        if params is None:
+            raise ValueError(
+                "adaptive_grad_clip needs the parameters: call "
+                "`tx.update(updates, state, params)`."
+            )
+        if jax.tree.structure(updates) != jax.tree.structure(params):
+            raise ValueError(
+                "adaptive_grad_clip: `params` must have the structure of the updates; "
+                f"got {jax.tree.structure(params)} for updates "
+                f"{jax.tree.structure(updates)}."
+            )
+        leaves = _norms.float_leaves(updates)
+        p_leaves = [p for u, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params), strict=True) if _norms.is_float(u)]
+        ks = [int(k or 0) for k in _stacked_per_leaf(self.stacked_axes, updates)]
+        axes = [self._axes(x, k) for x, k in zip(leaves, ks, strict=True)]
+        groups = _norms.reduction_groups(
+            updates, leaves, self.axis_name, self.partition_specs, axes
+        )
+        eps = jnp.asarray(self.eps, jnp.float32)
+        units = []
+        for x, w, ax, names in zip(leaves, p_leaves, axes, groups, strict=True):
+            g_sum = _norms.cross_device(_norms.power_sum(x, 2.0, ax, keepdims=True), names, 2.0)
+            w_sum = _norms.cross_device(_norms.power_sum(w, 2.0, ax, keepdims=True), names, 2.0)
+            g_norm = _norms.safe_root(g_sum, 2.0)
+            w_norm = jnp.maximum(_norms.safe_root(w_sum, 2.0), eps.astype(w_sum.dtype))
+            units.append((g_norm, w_norm))
+        acc = _norms.tree_acc_dtype(updates)
+        if not units:
+            return Measured(jnp.zeros((0,), acc), [])
+        ratios = [jnp.max(g / w).astype(acc) for g, w in units]
+        return Measured(_norms.stack_barrier(ratios), units)
+
+    def apply(self, updates, measured, threshold, keep):
+        units = measured.parts
+        smallest, clipped = [], []
+
+        def rescale(i, x):
+            g_norm, w_norm = units[i]
+            max_norm = threshold[i].astype(w_norm.dtype) * w_norm
+            over = g_norm > max_norm
+            s = jnp.where(over, max_norm / jnp.maximum(g_norm, 1e-6), 1.0)
+            smallest.append(jnp.min(s, initial=1.0))
+            clipped.append(jnp.sum(over, dtype=jnp.int32))
+            return scale_leaf(x, s, keep)
+
+        out = map_float(rescale, updates)
+        if not units:
+            return out, jnp.ones((0,), measured.norms.dtype), jnp.zeros((), jnp.int32)
+        scale = _norms.stack_barrier(smallest).astype(measured.norms.dtype)
+        if keep is not None:
+            scale = jnp.where(keep, scale, jnp.zeros_like(scale))
+        return out, scale, jnp.sum(_norms.stack_barrier(clipped))
