@@ -21,13 +21,23 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
-__all__ = ["Rule", "as_rule", "fixed", "scheduled"]
+__all__ = [
+    "Rule",
+    "as_rule",
+    "ema",
+    "fixed",
+    "percentile",
+    "quantile",
+    "scheduled",
+    "zscore",
+]
 
 
 @runtime_checkable
@@ -130,15 +140,526 @@ def check_threshold(value: Any, name: str) -> None:
     """
     if isinstance(value, jax.Array):
         return
-    if isinstance(value, bool) or not isinstance(value, int | float | np.number | np.ndarray):
+    if isinstance(value, bool) or not isinstance(
+        value, int | float | np.number | np.ndarray
+    ):
         raise TypeError(
             f"`{name}` must be a number, a scalar array, an optax schedule or a "
             f"rule from optaxclip.rules; got {value!r} of type {type(value).__name__}."
         )
     array = np.asarray(value)
     if array.ndim != 0:
-        raise ValueError(f"`{name}` must be a scalar; got an array of shape {array.shape}.")
+        raise ValueError(
+            f"`{name}` must be a scalar; got an array of shape {array.shape}."
+        )
     if not np.issubdtype(array.dtype, np.number) or math.isnan(float(array)):
         raise ValueError(f"`{name}` must be a number >= 0; got {value!r}.")
     if float(array) < 0:
         raise ValueError(f"`{name}` must be >= 0; got {value!r}.")
+
+
+# ---------------------------------------------------------------------------
+# Adaptive rules
+# ---------------------------------------------------------------------------
+
+DEFAULT_HISTORY = 1024
+
+
+class PercentileState(NamedTuple):
+    """State of :func:`percentile`.
+
+    Attributes:
+      buffer: the last ``window`` finite norms, shape ``norm.shape + (window,)``
+        (unused slots hold ``+inf``).
+      count: int32, number of finite norms recorded so far.
+    """
+
+    buffer: jax.Array
+    count: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class percentile:  # noqa: N801
+    """AutoClip: the ``p``-th percentile of the past norms, the current one included.
+
+    The threshold on step ``t`` is ``np.percentile(history, p)`` (NumPy's
+    ``'linear'`` method) where ``history`` holds the finite norms seen so far,
+    this step's included, exactly as the official AutoClip code.
+
+    AutoClip keeps every past norm, which cannot be a fixed-shape state under
+    ``jit``. Here the history is a ring buffer of ``window`` entries: while at
+    most ``window`` finite norms have been seen the result is exactly the
+    full-history percentile; after that it is the percentile of the last
+    ``window`` norms (a sliding window, so the bound follows the run's
+    current scale rather than its first steps).
+
+    Args:
+      p: the percentile, in ``[0, 100]`` (AutoClip's default is 10).
+      window: the number of most recent finite norms kept. ``None`` (default)
+        means 1024, exact full history for the first 1024 steps. Must be a
+        Python int (it is the state's shape).
+
+    Returns:
+      A rule; its state is a :class:`PercentileState`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from optaxclip import rules
+      >>> rule = rules.percentile(50.0, window=8)
+      >>> state = rule.init(jnp.zeros(()))
+      >>> for n in [1.0, 3.0, 2.0]:
+      ...     threshold, state = rule.update(state, jnp.array(n), 0)
+      ...     print(threshold)
+      1.0
+      2.0
+      2.0
+
+    References:
+      Seetharaman et al., `AutoClip: Adaptive Gradient Clipping for Source
+      Separation Networks <https://arxiv.org/abs/2007.14469>`_, 2020.
+    """
+
+    p: Any = 10.0
+    window: int | None = None
+
+    def __post_init__(self):
+        check_number(self.p, "p", lo=0.0, hi=100.0)
+        if self.window is not None and (
+            isinstance(self.window, bool)
+            or not isinstance(self.window, int | np.integer)
+            or self.window < 1
+        ):
+            raise ValueError(
+                f"`window` must be a Python int >= 1 or None; got {self.window!r}."
+            )
+
+    @property
+    def size(self) -> int:
+        return DEFAULT_HISTORY if self.window is None else int(self.window)
+
+    def init(self, norm_like: jax.Array) -> PercentileState:
+        norm_like = jnp.asarray(norm_like)
+        buffer = jnp.full((*norm_like.shape, self.size), jnp.inf, norm_like.dtype)
+        return PercentileState(buffer, jnp.zeros((), jnp.int32))
+
+    def update(self, state: PercentileState, norm, step):
+        del step
+        size = self.size
+        buffer = state.buffer
+        slot = state.count % size
+        buffer = jax.lax.dynamic_update_index_in_dim(
+            buffer, norm.astype(buffer.dtype), slot, axis=-1
+        )
+        n = jnp.minimum(state.count + 1, size)
+        ordered = jnp.sort(buffer, axis=-1)
+        position = (
+            jnp.asarray(self.p, buffer.dtype) / 100 * (n - 1).astype(buffer.dtype)
+        )
+        lo = jnp.clip(jnp.floor(position).astype(jnp.int32), 0, n - 1)
+        hi = jnp.minimum(lo + 1, n - 1)
+        frac = position - lo.astype(buffer.dtype)
+        below = jnp.take(ordered, lo, axis=-1)
+        above = jnp.take(ordered, hi, axis=-1)
+        gap = jnp.where(hi > lo, above - below, jnp.zeros_like(below))
+        threshold = below + frac * gap
+        new = PercentileState(buffer, optax.safe_increment(state.count))
+        return threshold, new
+
+
+class ZScoreState(NamedTuple):
+    """State of :func:`zscore`, one entry per measured norm.
+
+    Attributes:
+      count: int32, non-zero finite norms seen (warm-up is over once it
+        reaches ``warmup``).
+      mean: the running mean (Welford mean during warm-up, then the EMA).
+      var: during warm-up the sum of squared deviations; afterwards the EMA
+        of the variance.
+    """
+
+    count: jax.Array
+    mean: jax.Array
+    var: jax.Array
+
+
+_ZMODES = ("zscore", "percentile")
+_ZOPTIONS = ("adaptive_scaling", "mean")
+
+
+@dataclasses.dataclass(frozen=True)
+class zscore:  # noqa: N801
+    """ZClip: z-score spike detection on an EMA of the norm's mean and variance.
+
+    Warm-up: for the first ``warmup`` norms the bound is ``max_norm`` (no
+    bound if None) and the population mean and variance of those norms are
+    collected. Afterwards, with ``std = sqrt(var)`` and
+    ``z = (n - mean) / (std + eps)``:
+
+    * ``mode="zscore"``: a spike is ``z > z``; it is clipped to
+      ``clip_factor * (mean + z_thresh**2 / z * std)``
+      (``clip_option="adaptive_scaling"``) or to ``mean`` (``"mean"``);
+    * ``mode="percentile"``: a spike is ``n > mean + z * std``, clipped to
+      that value;
+
+    and the bound is ``min(that, max_norm)`` (``max_norm`` alone when there is
+    no spike). Then the EMA of the mean, and of the variance around the
+    updated mean, is fed with the clip value on a spike (nothing if
+    ``skip_update_on_spike``) and with the norm otherwise.
+
+    Differences from the official code: a norm of exactly zero does not count
+    towards the warm-up (all-zero warm-up statistics would make every later
+    step a spike clipped to zero for ever); non-finite norms never reach the
+    statistics (the scope keeps the previous state); the clip coefficient is
+    ``bound / n`` (the official code divides by ``n + 1e-6``).
+
+    Args:
+      alpha: EMA factor of the mean and variance, in ``[0, 1]``.
+      z: the z-score threshold (ZClip's ``z_thresh``), ``> 0``.
+      warmup: number of non-zero norms used to initialize the statistics,
+        ``>= 1``.
+      max_norm: keyword-only; an absolute cap on every step (ZClip's
+        ``max_grad_norm``), or None.
+      eps: keyword-only; added to the standard deviation.
+      mode: keyword-only; ``"zscore"`` or ``"percentile"``.
+      clip_option: keyword-only; ``"adaptive_scaling"`` or ``"mean"`` (zscore
+        mode only).
+      clip_factor: keyword-only; multiplies the adaptive bound.
+      skip_update_on_spike: keyword-only; leave the statistics untouched on a
+        spike.
+
+    Returns:
+      A rule; its state is a :class:`ZScoreState`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from optaxclip import rules
+      >>> rule = rules.zscore(warmup=2, max_norm=None)
+      >>> state = rule.init(jnp.zeros(()))
+      >>> for n in [1.0, 3.0, 2.0, 50.0]:
+      ...     threshold, state = rule.update(state, jnp.array(n), 0)
+      ...     print(threshold)
+      inf
+      inf
+      inf
+      2.1263...
+
+    References:
+      Kumar et al., `ZClip: Adaptive Spike Mitigation for LLM Pre-Training
+      <https://arxiv.org/abs/2504.02507>`_, 2025.
+    """
+
+    alpha: Any = 0.97
+    z: Any = 2.5
+    warmup: Any = 25
+    max_norm: Any = 1.0
+    eps: Any = 1e-6
+    mode: str = "zscore"
+    clip_option: str = "adaptive_scaling"
+    clip_factor: Any = 1.0
+    skip_update_on_spike: Any = False
+
+    def __post_init__(self):
+        check_number(self.alpha, "alpha", lo=0.0, hi=1.0)
+        check_number(self.z, "z", lo=0.0, lo_open=True)
+        check_number(self.warmup, "warmup", lo=1, integer=True)
+        if self.max_norm is not None:
+            check_number(self.max_norm, "max_norm", lo=0.0)
+        check_number(self.eps, "eps", lo=0.0)
+        check_number(self.clip_factor, "clip_factor", lo=0.0)
+        if self.mode not in _ZMODES:
+            raise ValueError(f"`mode` must be one of {_ZMODES}; got {self.mode!r}.")
+        if self.clip_option not in _ZOPTIONS:
+            raise ValueError(
+                f"`clip_option` must be one of {_ZOPTIONS}; got {self.clip_option!r}."
+            )
+
+    def init(self, norm_like: jax.Array) -> ZScoreState:
+        zero = jnp.zeros_like(norm_like)
+        return ZScoreState(jnp.zeros(zero.shape, jnp.int32), zero, zero)
+
+    def update(self, state: ZScoreState, norm, step):
+        del step
+        dt = norm.dtype
+        alpha = jnp.asarray(self.alpha, dt)
+        z_thresh = jnp.asarray(self.z, dt)
+        warmup = jnp.asarray(self.warmup, jnp.int32)
+        inf = jnp.full_like(norm, jnp.inf)
+        cap = inf if self.max_norm is None else jnp.asarray(self.max_norm, dt)
+        count, mean, var = state
+
+        # Warm-up: Welford's running mean and sum of squared deviations.
+        seen = norm > 0
+        c1 = count + seen.astype(jnp.int32)
+        delta = norm - mean
+        w_mean = jnp.where(seen, mean + delta / jnp.maximum(c1, 1).astype(dt), mean)
+        w_m2 = jnp.where(seen, var + delta * (norm - w_mean), var)
+        w_var = jnp.where(
+            seen & (c1 >= warmup), w_m2 / jnp.maximum(c1, 1).astype(dt), w_m2
+        )
+        w_threshold = jnp.minimum(inf, cap)
+
+        # After warm-up: spike detection and the EMA update.
+        std = jnp.sqrt(jnp.maximum(var, 0))
+        if self.mode == "percentile":
+            clip_value = mean + z_thresh * std
+            spike = norm > clip_value
+        else:
+            score = (norm - mean) / (std + jnp.asarray(self.eps, dt))
+            spike = score > z_thresh
+            if self.clip_option == "mean":
+                clip_value = mean
+            else:
+                safe = jnp.where(spike, score, jnp.ones_like(score))
+                clip_value = jnp.asarray(self.clip_factor, dt) * (
+                    mean + z_thresh * z_thresh / safe * std
+                )
+        a_threshold = jnp.minimum(jnp.where(spike, clip_value, inf), cap)
+        fed = jnp.where(spike, clip_value, norm)
+        e_mean = alpha * mean + (1 - alpha) * fed
+        e_var = alpha * var + (1 - alpha) * (fed - e_mean) ** 2
+        freeze = spike & jnp.asarray(self.skip_update_on_spike, jnp.bool_)
+        e_mean = jnp.where(freeze, mean, e_mean)
+        e_var = jnp.where(freeze, var, e_var)
+
+        warm = count < warmup
+        threshold = jnp.where(warm, w_threshold, a_threshold)
+        new = ZScoreState(
+            jnp.where(warm, c1, count),
+            jnp.where(warm, w_mean, e_mean),
+            jnp.where(warm, w_var, e_var),
+        )
+        return threshold, new
+
+
+class EmaState(NamedTuple):
+    """State of :func:`ema`.
+
+    Attributes:
+      count: int32, finite steps seen (scalar).
+      average: the running statistic, one entry per norm; exactly 0 means
+        "not yet set" (so the next non-zero norm initializes it).
+    """
+
+    count: jax.Array
+    average: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class ema:  # noqa: N801
+    """A bound ``ratio`` times a running average of the clipped norm (OLMo, AdaGC).
+
+    After warm-up, with ``a`` the running average: the bound is
+    ``ratio * a`` (the clip coefficient is ``min(1, ratio * a / (n + eps))``,
+    exactly as the official code), and then
+    ``a <- beta * a + (1 - beta) * min(n, bound)`` (the post-clip norm).
+
+    During the first ``warmup`` finite steps (AdaGC): the measured norms are
+    clipped together to a 2-norm of at most ``warmup_max_norm`` (the norms
+    are treated as the parts of one global 2-norm, as the tensor scope's
+    per-tensor norms are; None means no clipping), and ``a`` is the running
+    minimum of the post-clip norms.
+
+    No absorbing zero: an average of exactly zero is "not set"; zero norms
+    never set it (a tensor with an exactly-zero gradient in warm-up or on the
+    first step would otherwise be clipped to zero for ever), and the first
+    non-zero norm initializes it (bound ``ratio * n`` on that step, as OLMo's
+    first step).
+
+    Args:
+      ratio: the bound relative to the average (OLMo's
+        ``max_grad_norm_ratio``, AdaGC's ``lambda_rel``), ``> 0``.
+      beta: the EMA factor in ``[0, 1]``.
+      warmup: number of warm-up steps (AdaGC: 100; OLMo: 0), ``>= 0``.
+      warmup_max_norm: keyword-only; the global bound during warm-up
+        (AdaGC's ``lambda_abs``), or None.
+      eps: keyword-only; added to the norm in the clip coefficient
+        (the official codes use ``1e-6``).
+
+    Returns:
+      A rule; its state is an :class:`EmaState`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from optaxclip import rules
+      >>> rule = rules.ema(ratio=2.0, beta=0.5)
+      >>> state = rule.init(jnp.zeros(()))
+      >>> for n in [1.0, 10.0, 1.0]:
+      ...     threshold, state = rule.update(state, jnp.array(n), 0)
+      ...     print(threshold, state.average)
+      2.0 1.0
+      2.0 1.5
+      3.0 1.25
+
+    References:
+      Wang et al., `AdaGC: Improving Training Stability for Large Language
+      Model Pretraining <https://arxiv.org/abs/2502.11034>`_, 2025.
+      Groeneveld et al., `OLMo: Accelerating the Science of Language Models
+      <https://arxiv.org/abs/2402.00838>`_, 2024 (``max_grad_norm_ratio``).
+    """
+
+    ratio: Any = 1.05
+    beta: Any = 0.95
+    warmup: Any = 0
+    warmup_max_norm: Any = None
+    eps: Any = 0.0
+
+    def __post_init__(self):
+        check_number(self.ratio, "ratio", lo=0.0, lo_open=True)
+        check_number(self.beta, "beta", lo=0.0, hi=1.0)
+        check_number(self.warmup, "warmup", lo=0, integer=True)
+        if self.warmup_max_norm is not None:
+            check_number(self.warmup_max_norm, "warmup_max_norm", lo=0.0)
+        check_number(self.eps, "eps", lo=0.0)
+
+    def init(self, norm_like: jax.Array) -> EmaState:
+        return EmaState(jnp.zeros((), jnp.int32), jnp.zeros_like(norm_like))
+
+    def update(self, state: EmaState, norm, step):
+        del step
+        dt = norm.dtype
+        eps = jnp.asarray(self.eps, dt)
+        beta = jnp.asarray(self.beta, dt)
+        count, average = state
+        is_set = average > 0
+
+        # Warm-up: one global clip, running minimum of the clipped norms.
+        if self.warmup_max_norm is None:
+            coefficient = jnp.ones((), dt)
+        else:
+            total = jnp.sqrt(jnp.sum(norm * norm))
+            cap = jnp.asarray(self.warmup_max_norm, dt)
+            coefficient = jnp.where(total > cap - eps, cap / (total + eps), 1)
+        w_threshold = norm * coefficient
+        clipped = norm * coefficient
+        w_average = jnp.where(
+            clipped > 0,
+            jnp.where(is_set, jnp.minimum(average, clipped), clipped),
+            average,
+        )
+
+        # After warm-up: ratio times the average, EMA of the clipped norm.
+        base = jnp.where(is_set, average, norm)
+        bound = jnp.asarray(self.ratio, dt) * base
+        positive = norm > 0
+        safe = jnp.where(positive, norm, jnp.ones_like(norm))
+        a_threshold = jnp.where(positive, bound * (safe / (safe + eps)), bound)
+        a_average = jnp.where(
+            is_set | positive,
+            beta * base + (1 - beta) * jnp.minimum(norm, a_threshold),
+            average,
+        )
+
+        warm = count < jnp.asarray(self.warmup, jnp.int32)
+        threshold = jnp.where(warm, w_threshold, a_threshold)
+        average = jnp.where(warm, w_average, a_average)
+        return threshold, EmaState(optax.safe_increment(count), average)
+
+
+@dataclasses.dataclass(frozen=True)
+class quantile:  # noqa: N801
+    """Quantile tracking: the bound moves towards the ``target`` quantile of the norms.
+
+    With ``C`` the current bound and ``b`` the fraction of norms at most
+    ``C``: ``C <- C * exp(-learning_rate * (b - target))`` (geometric) or
+    ``C <- max(0, C - learning_rate * (b - target))`` (arithmetic). The bound
+    used on a step is ``C`` before that update.
+
+    On the global scope ``b`` is ``1[n <= C]`` (streaming). For DP-SGD,
+    call the rule with the vector of per-example norms and a state made by
+    ``init`` of a scalar: leading axes of ``norm`` that the state does not
+    have are averaged over, so ``b`` is the fraction of unclipped examples
+    (Andrew et al. then add noise to ``b``; add it to ``target`` if needed).
+
+    Args:
+      target: the quantile to track, in ``[0, 1]``.
+      learning_rate: the step size, ``>= 0``.
+      initial: the first bound, ``> 0`` (``>= 0`` if not geometric).
+      geometric: multiplicative (default, as the paper) or additive update.
+
+    Returns:
+      A rule; its state is the current bound ``C`` (an array).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from optaxclip import rules
+      >>> rule = rules.quantile(target=0.5, learning_rate=0.2, initial=1.0)
+      >>> state = rule.init(jnp.zeros(()))
+      >>> bound, state = rule.update(state, jnp.array([0.5, 3.0, 4.0, 0.2]), 0)
+      >>> print(bound, state)
+      1.0 1.0
+      >>> bound, state = rule.update(state, jnp.array(0.1), 1)
+      >>> print(bound, state)
+      1.0 0.904837...
+
+    References:
+      Andrew et al., `Differentially Private Learning with Adaptive Clipping
+      <https://arxiv.org/abs/1905.03871>`_, 2021.
+    """
+
+    target: Any = 0.5
+    learning_rate: Any = 0.2
+    initial: Any = 0.1
+    geometric: bool = True
+
+    def __post_init__(self):
+        check_number(self.target, "target", lo=0.0, hi=1.0)
+        check_number(self.learning_rate, "learning_rate", lo=0.0)
+        check_number(self.initial, "initial", lo=0.0, lo_open=bool(self.geometric))
+
+    def init(self, norm_like: jax.Array) -> jax.Array:
+        norm_like = jnp.asarray(norm_like)
+        return jnp.full(norm_like.shape, self.initial, norm_like.dtype)
+
+    def update(self, state: jax.Array, norm, step):
+        del step
+        bound = state
+        dt = bound.dtype
+        extra = norm.ndim - bound.ndim
+        below = (norm <= bound).astype(dt)
+        if extra > 0:
+            below = jnp.mean(below, axis=tuple(range(extra)))
+        move = jnp.asarray(self.learning_rate, dt) * (
+            below - jnp.asarray(self.target, dt)
+        )
+        if self.geometric:
+            new = bound * jnp.exp(-move)
+        else:
+            new = jnp.maximum(bound - move, 0)
+        return bound, new
+
+
+def check_number(
+    value: Any,
+    name: str,
+    *,
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+    integer: bool = False,
+) -> None:
+    """Raises ValueError for a concrete number outside its range.
+
+    Traced and device arrays (``optax.inject_hyperparams``) are not checked.
+    """
+    if isinstance(value, jax.Array):
+        return
+    if isinstance(value, bool) or not isinstance(
+        value, int | float | np.number | np.ndarray
+    ):
+        raise ValueError(
+            f"`{name}` must be a number or a scalar array; got {value!r} of type "
+            f"{type(value).__name__}."
+        )
+    array = np.asarray(value)
+    if array.ndim != 0 or not np.issubdtype(array.dtype, np.number):
+        raise ValueError(f"`{name}` must be a real scalar; got {value!r}.")
+    number = float(array)
+    if not math.isfinite(number):
+        raise ValueError(f"`{name}` must be finite; got {value!r}.")
+    if integer and number != int(number):
+        raise ValueError(f"`{name}` must be an integer; got {value!r}.")
+    if lo is not None and (number < lo or (lo_open and number == lo)):
+        relation = ">" if lo_open else ">="
+        raise ValueError(f"`{name}` must be {relation} {lo}; got {value!r}.")
+    if hi is not None and number > hi:
+        raise ValueError(f"`{name}` must be <= {hi}; got {value!r}.")
