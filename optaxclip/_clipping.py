@@ -375,8 +375,12 @@ def _check_stacked(stacked_axes: Any) -> Any:
 
 
 def scale_factor(norms: jax.Array, threshold: jax.Array) -> jax.Array:
-    """``min(1, threshold / norms)`` with no division by zero (and no NaN grads)."""
-    over = norms > threshold
+    """``min(1, threshold / norms)`` with no division by zero (and no NaN grads).
+
+    A NaN norm gives a NaN scale, as in optax, so ``nonfinite="propagate"``
+    reproduces optax; the default policy replaces it by zeros.
+    """
+    over = ~(norms <= threshold)
     safe = jnp.where(over, norms, jnp.ones_like(norms))
     return jnp.where(over, threshold / safe, jnp.ones_like(norms))
 
@@ -388,7 +392,7 @@ def scale_leaf(x: jax.Array, scale: jax.Array, keep: jax.Array | None) -> jax.Ar
     NaN entry becomes 0 rather than NaN * 0).
     """
     acc = _norms.acc_dtype(x.dtype)
-    out = x.astype(jnp.result_type(x.dtype, acc)) * scale.astype(acc)
+    out = x.astype(_norms.compute_dtype(x.dtype)) * scale.astype(acc)
     out = out.astype(x.dtype)
     if keep is not None:
         out = jnp.where(keep, out, jnp.zeros_like(out))

@@ -153,14 +153,24 @@ def acc_dtype(dtype: Any) -> jnp.dtype:
     """The dtype norms of ``dtype`` entries are accumulated in."""
     dtype = jnp.dtype(dtype)
     if dtype in (jnp.dtype(jnp.float64), jnp.dtype(jnp.complex128)):
-        return jnp.dtype(jnp.float64) if jax.config.jax_enable_x64 else jnp.float32
+        # float64 when x64 is enabled (also inside `jax.enable_x64()`).
+        return jnp.dtype(jax.dtypes.canonicalize_dtype(jnp.float64))
     return jnp.dtype(jnp.float32)
+
+
+def compute_dtype(dtype: Any) -> jnp.dtype:
+    """The dtype entries are scaled in: the accumulation dtype, complex kept."""
+    acc = acc_dtype(dtype)
+    if jnp.issubdtype(jnp.dtype(dtype), jnp.complexfloating):
+        return jnp.dtype(jnp.complex128 if acc == jnp.float64 else jnp.complex64)
+    return acc
 
 
 def tree_acc_dtype(tree: Any) -> jnp.dtype:
     """float64 if any leaf accumulates in float64, else float32."""
     dtypes = {acc_dtype(x.dtype) for x in float_leaves(tree)}
-    return jnp.dtype(jnp.float64) if jnp.float64 in dtypes else jnp.dtype(jnp.float32)
+    f64 = jnp.dtype(jnp.float64)
+    return f64 if f64 in dtypes else jnp.dtype(jnp.float32)
 
 
 def check_ord(ord: Any, name: str = "ord") -> float | jax.Array:

@@ -154,5 +154,6 @@ def batch_sum(multipliers: jax.Array, g: jax.Array) -> jax.Array:
     g = jnp.asarray(g)
     dtype = g.dtype if _norms.is_float(g) else jnp.float32
     acc = _norms.acc_dtype(dtype)
-    out = jnp.tensordot(multipliers.astype(acc), g.astype(jnp.result_type(dtype, acc)), axes=1)
+    g = g.astype(_norms.compute_dtype(dtype))
+    out = jnp.tensordot(multipliers.astype(acc).astype(g.dtype), g, axes=1)
     return out.astype(dtype)
