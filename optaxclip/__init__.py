@@ -12,10 +12,20 @@ from ._clipping import clip_by_block_rms as clip_by_block_rms
 from ._clipping import clip_by_global_norm as clip_by_global_norm
 from ._clipping import clip_by_norm as clip_by_norm
 from ._clipping import clip_by_value as clip_by_value
+from ._guards import skip_nonfinite as skip_nonfinite
+from ._guards import skip_spikes as skip_spikes
 from ._norms import global_norm as global_norm
 from ._norms import unitwise_norm as unitwise_norm
 from ._per_example import per_example_global_norm_clip as per_example_global_norm_clip
 from ._per_example import per_example_layer_norm_clip as per_example_layer_norm_clip
+from ._presets import adagc as adagc
+from ._presets import autoclip as autoclip
+from ._presets import clippy as clippy
+from ._presets import olmo_adaptive_clip as olmo_adaptive_clip
+from ._presets import quantile_clip as quantile_clip
+from ._presets import spam_clip as spam_clip
+from ._presets import stable_spam_clip as stable_spam_clip
+from ._presets import zclip as zclip
 from ._stats import ClipState as ClipState
 from ._stats import ClipStats as ClipStats
 from ._stats import stats as stats
@@ -25,16 +35,26 @@ __version__ = "0.1.0"
 __all__ = [
     "ClipState",
     "ClipStats",
+    "adagc",
     "adaptive_grad_clip",
+    "autoclip",
     "clip",
     "clip_by_block_rms",
     "clip_by_global_norm",
     "clip_by_norm",
     "clip_by_value",
+    "clippy",
     "global_norm",
+    "olmo_adaptive_clip",
     "per_example_global_norm_clip",
     "per_example_layer_norm_clip",
+    "quantile_clip",
     "rules",
+    "skip_nonfinite",
+    "skip_spikes",
+    "spam_clip",
+    "stable_spam_clip",
     "stats",
     "unitwise_norm",
+    "zclip",
 ]

@@ -1,0 +1,733 @@
+"""Published adaptive clipping methods, each under its paper's name.
+
+Most are one line: a scope from :mod:`optaxclip._clipping` with a rule from
+:mod:`optaxclip.rules`. The element-wise methods (SPAM, Stable-SPAM) and
+Clippy, whose bound is not one number per measured norm, are small
+transforms of their own built from the same measuring helpers; their states
+hold a :class:`~optaxclip.ClipStats` so :func:`optaxclip.stats` finds them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from . import _norms, rules
+from ._clipping import (
+    _NONFINITE,
+    clip_by_global_norm,
+    clip_by_norm,
+    map_float,
+    scale_leaf,
+)
+from ._stats import ClipStats
+
+__all__ = [
+    "adagc",
+    "autoclip",
+    "clippy",
+    "olmo_adaptive_clip",
+    "quantile_clip",
+    "spam_clip",
+    "stable_spam_clip",
+    "zclip",
+]
+
+
+# ---------------------------------------------------------------------------
+# Scope x rule presets
+# ---------------------------------------------------------------------------
+
+
+def autoclip(
+    percentile: Any = 10.0,
+    history: int | None = None,
+    *,
+    nonfinite: str = "zero",
+    axis_name: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    """AutoClip: clip the global norm to a percentile of its own history.
+
+    ``clip_by_global_norm(rules.percentile(percentile, window=history))``:
+    each step's bound is the ``percentile``-th percentile (NumPy ``'linear'``)
+    of all finite global norms seen so far, this step's included.
+
+    Differences from the official code (pseeth/autoclip): the history is a
+    fixed-size buffer of ``history`` norms (default 1024), so the result is
+    the exact full-history percentile for the first ``history`` steps and
+    the percentile of the last ``history`` norms afterwards; NaN/Inf norms
+    never enter the history (officially they poison it for ever) and their
+    step's update is zeroed (``nonfinite``).
+
+    Args:
+      percentile: the percentile in ``[0, 100]``; default 10 as the paper.
+      history: the buffer size (a Python int), or None for 1024.
+      nonfinite: keyword-only; ``"zero"`` (default) or ``"propagate"``.
+      axis_name: keyword-only; the ``shard_map`` mesh axis the leaves are
+        split across.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import optaxclip as oc
+      >>> tx = oc.autoclip(percentile=50.0)
+      >>> state = tx.init({"w": jnp.zeros(2)})
+      >>> for g in [[3.0, 4.0], [0.6, 0.8], [30.0, 40.0]]:
+      ...     out, state = tx.update({"w": jnp.array(g)}, state)
+      ...     print(out["w"], state.stats.threshold)
+      [3. 4.] 5.0
+      [0.6 0.8] 3.0
+      [3. 4.] 5.0
+
+    References:
+      Seetharaman et al., `AutoClip: Adaptive Gradient Clipping for Source
+      Separation Networks <https://arxiv.org/abs/2007.14469>`_, 2020.
+    """
+    rule = rules.percentile(percentile, window=history)
+    return clip_by_global_norm(rule, nonfinite=nonfinite, axis_name=axis_name)
+
+
+def zclip(
+    alpha: Any = 0.97,
+    z_thresh: Any = 2.5,
+    max_grad_norm: Any = 1.0,
+    eps: Any = 1e-6,
+    warmup_steps: Any = 25,
+    mode: str = "zscore",
+    clip_option: str = "adaptive_scaling",
+    clip_factor: Any = 1.0,
+    skip_update_on_spike: Any = False,
+    *,
+    nonfinite: str = "zero",
+    axis_name: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    """ZClip: z-score spike clipping of the global norm.
+
+    ``clip_by_global_norm(rules.zscore(...))`` with the official defaults.
+    For the first ``warmup_steps`` steps the update is clipped at
+    ``max_grad_norm`` and the population mean and variance of the norms are
+    collected; afterwards a norm whose z-score ``(n - mean) / (std + eps)``
+    exceeds ``z_thresh`` is clipped to
+    ``clip_factor * (mean + z_thresh**2 / z * std)`` (``"adaptive_scaling"``)
+    or to ``mean`` (``"mean"``), or, in ``mode="percentile"``, any norm above
+    ``mean + z_thresh * std`` is clipped to it; the bound is capped at
+    ``max_grad_norm`` when set. The EMAs of the mean and variance are fed the
+    clip value on a spike (nothing if ``skip_update_on_spike``), else the norm.
+
+    Differences from the official code (bluorion-com/ZClip): norms of
+    exactly zero do not count towards the warm-up (an all-zero warm-up would
+    clip every later step to zero for ever); NaN/Inf norms never reach the
+    EMAs (officially they make them NaN for ever) and their step is zeroed;
+    the clip coefficient is ``bound / n`` instead of ``bound / (n + 1e-6)``.
+
+    Args:
+      alpha: EMA factor of the mean and variance.
+      z_thresh: z-score threshold.
+      max_grad_norm: absolute cap (also the warm-up bound), or None.
+      eps: added to the standard deviation.
+      warmup_steps: number of (non-zero) norms before the EMAs start.
+      mode: ``"zscore"`` or ``"percentile"``.
+      clip_option: ``"adaptive_scaling"`` or ``"mean"``.
+      clip_factor: multiplies the adaptive bound.
+      skip_update_on_spike: leave the EMAs untouched on a spike.
+      nonfinite: keyword-only; ``"zero"`` (default) or ``"propagate"``.
+      axis_name: keyword-only; the ``shard_map`` mesh axis.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import optaxclip as oc
+      >>> tx = oc.zclip(warmup_steps=2, max_grad_norm=None)
+      >>> state = tx.init(jnp.zeros(()))
+      >>> for g in [1.0, 3.0, 2.0, 50.0]:
+      ...     out, state = tx.update(jnp.array(g), state)
+      >>> print(out, state.stats.threshold)
+      2.1263... 2.1263...
+
+    References:
+      Kumar et al., `ZClip: Adaptive Spike Mitigation for LLM Pre-Training
+      <https://arxiv.org/abs/2504.02507>`_, 2025.
+    """
+    rule = rules.zscore(
+        alpha,
+        z_thresh,
+        warmup_steps,
+        max_norm=max_grad_norm,
+        eps=eps,
+        mode=mode,
+        clip_option=clip_option,
+        clip_factor=clip_factor,
+        skip_update_on_spike=skip_update_on_spike,
+    )
+    return clip_by_global_norm(rule, nonfinite=nonfinite, axis_name=axis_name)
+
+
+def adagc(
+    lambda_rel: Any = 1.04,
+    beta: Any = 0.99,
+    warmup_steps: Any = 100,
+    lambda_abs: Any = 1.0,
+    eps: Any = 1e-6,
+    *,
+    nonfinite: str = "zero",
+    axis_name: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    """AdaGC: per-tensor clipping relative to an EMA of each tensor's norm.
+
+    ``clip_by_norm(rules.ema(lambda_rel, beta, warmup_steps,
+    warmup_max_norm=lambda_abs, eps=eps))``. For the first ``warmup_steps``
+    steps the whole update is clipped to a global norm of ``lambda_abs`` and
+    each tensor's ``gamma`` is the running minimum of its post-clip norm;
+    afterwards tensor ``i`` is clipped to ``lambda_rel * gamma_i`` (clip
+    coefficient ``min(1, lambda_rel * gamma_i / (n_i + eps))``) and
+    ``gamma_i <- beta * gamma_i + (1 - beta) * min(n_i, lambda_rel * gamma_i)``;
+    there is no global cap after warm-up.
+
+    Differences from the official Megatron patch: a tensor whose gradient is
+    exactly zero does not set its ``gamma`` to zero (which would clip it to
+    zero for ever); ``gamma`` starts from the tensor's first non-zero norm.
+    NaN/Inf steps are zeroed and leave every ``gamma`` untouched. The
+    warm-up's global norm is computed from the per-tensor norms, exactly.
+
+    Args:
+      lambda_rel: the bound relative to ``gamma``.
+      beta: EMA factor of ``gamma``.
+      warmup_steps: number of warm-up steps.
+      lambda_abs: the global bound during warm-up.
+      eps: added to the norm in the clip coefficients.
+      nonfinite: keyword-only; ``"zero"`` (default) or ``"propagate"``.
+      axis_name: keyword-only; the ``shard_map`` mesh axis.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; ``stats`` hold one entry
+      per tensor.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import optaxclip as oc
+      >>> tx = oc.adagc(warmup_steps=1, lambda_abs=1.0, eps=0.0)
+      >>> state = tx.init({"a": jnp.zeros(1), "b": jnp.zeros(1)})
+      >>> out, state = tx.update({"a": jnp.array([3.0]), "b": jnp.array([4.0])}, state)
+      >>> print(out["a"], out["b"])
+      [0.6] [0.8]
+      >>> out, state = tx.update({"a": jnp.array([3.0]), "b": jnp.array([0.5])}, state)
+      >>> print(out["a"], out["b"])
+      [0.624] [0.5]
+
+    References:
+      Wang et al., `AdaGC: Improving Training Stability for Large Language
+      Model Pretraining <https://arxiv.org/abs/2502.11034>`_, 2025.
+    """
+    rule = rules.ema(
+        lambda_rel, beta, warmup_steps, warmup_max_norm=lambda_abs, eps=eps
+    )
+    return clip_by_norm(rule, nonfinite=nonfinite, axis_name=axis_name)
+
+
+def olmo_adaptive_clip(
+    max_grad_norm_ratio: Any = 1.0,
+    beta: Any = 0.95,
+    eps: Any = 1e-6,
+    *,
+    nonfinite: str = "zero",
+    axis_name: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    """OLMo's adaptive clipping: each tensor to a ratio of its norm's EMA.
+
+    ``clip_by_norm(rules.ema(max_grad_norm_ratio, beta, eps=eps))``: with
+    ``ema_i`` the running average of tensor ``i``'s clipped norm, the clip
+    coefficient is ``c = min(1, ratio * ema_i / (n_i + eps))`` and
+    ``ema_i <- beta * ema_i + (1 - beta) * n_i * c``; ``ema_i`` starts at the
+    tensor's first norm.
+
+    Differences from the official code (allenai/OLMo
+    ``max_grad_norm_ratio``): ``ema_i`` starts at the first *non-zero* norm
+    (a zero first gradient would otherwise pin the tensor at zero for ever);
+    the first step's statistic is kept (OLMo discards it and starts again on
+    step 2); NaN/Inf steps are zeroed and never reach the EMA (officially it
+    turns NaN for ever).
+
+    Args:
+      max_grad_norm_ratio: the bound relative to the EMA.
+      beta: EMA factor (0.95 in OLMo).
+      eps: added to the norm in the clip coefficient.
+      nonfinite: keyword-only; ``"zero"`` (default) or ``"propagate"``.
+      axis_name: keyword-only; the ``shard_map`` mesh axis.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; ``stats`` hold one entry
+      per tensor.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import optaxclip as oc
+      >>> tx = oc.olmo_adaptive_clip(max_grad_norm_ratio=1.0, beta=0.5, eps=0.0)
+      >>> state = tx.init({"w": jnp.zeros(2)})
+      >>> for g in [[3.0, 4.0], [30.0, 40.0]]:
+      ...     out, state = tx.update({"w": jnp.array(g)}, state)
+      >>> print(out["w"], state.stats.threshold)
+      [3. 4.] [5.]
+
+    References:
+      Groeneveld et al., `OLMo: Accelerating the Science of Language Models
+      <https://arxiv.org/abs/2402.00838>`_, 2024.
+    """
+    rule = rules.ema(max_grad_norm_ratio, beta, 0, eps=eps)
+    return clip_by_norm(rule, nonfinite=nonfinite, axis_name=axis_name)
+
+
+def quantile_clip(
+    target_quantile: Any = 0.5,
+    learning_rate: Any = 0.2,
+    initial: Any = 0.1,
+    geometric: bool = True,
+    *,
+    nonfinite: str = "zero",
+    axis_name: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Quantile-tracking clipping of the global norm (streaming).
+
+    ``clip_by_global_norm(rules.quantile(...))``: the bound ``C`` starts at
+    ``initial``, clips the step, then moves by
+    ``C <- C * exp(-learning_rate * (1[n <= C] - target_quantile))``
+    (``C - learning_rate * (...)``, floored at 0, if not ``geometric``). For
+    per-example (DP-SGD) use, call ``rules.quantile`` directly with the
+    vector of example norms (see its docstring).
+
+    Differences from the official code (TF-Privacy): no noise is added to
+    the unclipped fraction (this is the non-private streaming estimator);
+    NaN/Inf norms never move ``C`` and their step is zeroed.
+
+    Args:
+      target_quantile: the quantile of the norms to track, in ``[0, 1]``.
+      learning_rate: the step size of the update.
+      initial: the first bound.
+      geometric: multiplicative (default) or additive update.
+      nonfinite: keyword-only; ``"zero"`` (default) or ``"propagate"``.
+      axis_name: keyword-only; the ``shard_map`` mesh axis.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import optaxclip as oc
+      >>> tx = oc.quantile_clip(initial=1.0)
+      >>> state = tx.init(jnp.zeros(()))
+      >>> out, state = tx.update(jnp.array(4.0), state)
+      >>> print(out, state.rule_state)
+      1.0 1.105171
+
+    References:
+      Andrew et al., `Differentially Private Learning with Adaptive Clipping
+      <https://arxiv.org/abs/1905.03871>`_, 2021.
+    """
+    rule = rules.quantile(target_quantile, learning_rate, initial, geometric)
+    return clip_by_global_norm(rule, nonfinite=nonfinite, axis_name=axis_name)
+
+
+# ---------------------------------------------------------------------------
+# Element-wise and update-relative methods
+# ---------------------------------------------------------------------------
+
+
+class SpamClipState(NamedTuple):
+    """State of :func:`spam_clip`.
+
+    Attributes:
+      nu: the EMA of the clipped squared gradient (float32 or better), shaped
+        like the updates.
+      count: int32, finite steps seen.
+      stats: :class:`~optaxclip.ClipStats` (``norm``: global norm before
+        clipping; ``threshold``: global norm after; ``scale``: their ratio;
+        ``clipped``: number of entries clipped).
+    """
+
+    nu: Any
+    count: jax.Array
+    stats: ClipStats
+
+
+def spam_clip(
+    threshold: Any = 5000.0,
+    beta2: Any = 0.999,
+    reset_interval: Any = 500,
+    guard_steps: Any = 20,
+    *,
+    nonfinite: str = "zero",
+) -> optax.GradientTransformationExtraArgs:
+    """SPAM's spike-aware clipping: each entry against its second moment.
+
+    With ``v`` the EMA of the clipped squared gradient (from the previous
+    step): entries with ``g**2 > threshold * v`` become
+    ``sign(g) * sqrt(threshold * v)``; then
+    ``v <- beta2 * v + (1 - beta2) * g_clipped**2``. Chained before
+    ``optax.adam(b2=beta2)`` (and ``reset_interval=0``) ``v`` equals Adam's
+    ``nu``. As SPAM, ``v`` is reset to zero every ``reset_interval`` steps
+    (0: never) and no entry is clipped for ``guard_steps`` steps after the
+    start and after each reset (step ``t``, from 1, clips when
+    ``t >= guard_steps`` and ``t % reset_interval >= guard_steps``).
+
+    Differences from the official code (SPAM AdamW): entries with ``v == 0``
+    are not clipped (officially every non-zero gradient of an entry whose
+    gradient was zero until then is clipped to zero, for ever); NaN/Inf
+    steps are zeroed and leave ``v`` and the step count untouched. The
+    momentum reset and learning-rate warm-up of SPAM's optimizer are not
+    part of this clipping transform.
+
+    Args:
+      threshold: the spike threshold on ``g**2 / v``, ``> 0``.
+      beta2: EMA factor of ``v`` (use the optimizer's ``b2``).
+      reset_interval: steps between resets of ``v``; 0 for none.
+      guard_steps: steps without clipping after the start and each reset.
+      nonfinite: keyword-only; ``"zero"`` (default) or ``"propagate"``.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is a
+      :class:`SpamClipState`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import optaxclip as oc
+      >>> tx = oc.spam_clip(threshold=4.0, beta2=0.5, guard_steps=1)
+      >>> state = tx.init(jnp.zeros(2))
+      >>> out, state = tx.update(jnp.array([1.0, -2.0]), state)
+      >>> out, state = tx.update(jnp.array([10.0, -1.0]), state)
+      >>> print(out, state.stats.clipped)
+      [ 1.41421... -1.       ] 1
+
+    References:
+      Huang et al., `SPAM: Spike-Aware Adam with Momentum Reset for Stable
+      LLM Training <https://arxiv.org/abs/2501.06842>`_, 2025.
+    """
+    rules.check_number(threshold, "threshold", lo=0.0, lo_open=True)
+    rules.check_number(beta2, "beta2", lo=0.0, hi=1.0)
+    rules.check_number(reset_interval, "reset_interval", lo=0, integer=True)
+    rules.check_number(guard_steps, "guard_steps", lo=0, integer=True)
+    keep_nonfinite = _check_nonfinite(nonfinite)
+
+    def init_fn(params):
+        nu = map_float(lambda _, x: jnp.zeros(x.shape, _real_acc(x)), params)
+        acc = _norms.tree_acc_dtype(params)
+        return SpamClipState(
+            nu, jnp.zeros((), jnp.int32), ClipStats.zeros(jnp.zeros((), acc))
+        )
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del params, extra_args
+        acc = _norms.tree_acc_dtype(updates)
+        t = state.count + 1
+        interval = jnp.asarray(reset_interval, jnp.int32)
+        guard = jnp.asarray(guard_steps, jnp.int32)
+        periodic = interval > 0
+        phase = jnp.where(periodic, t % jnp.maximum(interval, 1), t)
+        reset = periodic & (phase == 0)
+        active = (t >= guard) & (phase >= guard)
+        bound_factor = jnp.asarray(threshold, acc)
+        b2 = jnp.asarray(beta2, acc)
+
+        parts, nus = [], []
+
+        def clip_leaf(_, g, nu):
+            nu = jnp.where(reset, jnp.zeros_like(nu), nu)
+            magnitude = jnp.abs(g).astype(nu.dtype)
+            bound = jnp.sqrt(bound_factor.astype(nu.dtype) * nu)
+            over = active & (nu > 0) & (magnitude > bound)
+            safe = jnp.where(over, magnitude, jnp.ones_like(magnitude))
+            factor = jnp.where(over, bound / safe, jnp.ones_like(safe))
+            new_mag = jnp.where(over, bound, magnitude)
+            nus.append(
+                b2.astype(nu.dtype) * nu + (1 - b2.astype(nu.dtype)) * new_mag**2
+            )
+            parts.append(
+                (
+                    jnp.sum(magnitude * magnitude).astype(acc),
+                    jnp.sum(new_mag * new_mag).astype(acc),
+                    jnp.sum(over, dtype=jnp.int32),
+                )
+            )
+            return scale_leaf(g, factor, None)
+
+        clipped_tree = map_float(clip_leaf, updates, state.nu)
+        new_nu = map_float(lambda i, _: nus[i], state.nu)
+        if parts:
+            before, after, count = (
+                _norms.stack_barrier([p[k] for p in parts]) for k in range(3)
+            )
+            before, after, n_clipped = jnp.sum(before), jnp.sum(after), jnp.sum(count)
+        else:
+            before = after = jnp.zeros((), acc)
+            n_clipped = jnp.zeros((), jnp.int32)
+        norm, clipped_norm = jnp.sqrt(before), jnp.sqrt(after)
+        finite = jnp.isfinite(norm)
+        out = _zero_unless(finite, clipped_tree, keep_nonfinite)
+        new_nu = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_nu, state.nu)
+        scale = jnp.where(norm > 0, clipped_norm / jnp.where(norm > 0, norm, 1), 1)
+        stats = _stats(
+            state.stats, norm, clipped_norm, scale, n_clipped, finite, keep_nonfinite
+        )
+        count = jnp.where(finite, optax.safe_increment(state.count), state.count)
+        return out, SpamClipState(new_nu, count, stats)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class StableSpamClipState(NamedTuple):
+    """State of :func:`stable_spam_clip`, one entry per tensor.
+
+    Attributes:
+      m_max: the EMA of each tensor's largest absolute entry.
+      count: int32, the number of non-zero gradients each tensor has had.
+      stats: :class:`~optaxclip.ClipStats` (``norm``: each tensor's largest
+        absolute entry; ``threshold``: the bias-corrected bound ``T``;
+        ``scale``: ``T / max|g|`` where clipped; ``clipped``: entries clipped).
+    """
+
+    m_max: jax.Array
+    count: jax.Array
+    stats: ClipStats
+
+
+def stable_spam_clip(
+    beta: Any = 0.999, *, nonfinite: str = "zero"
+) -> optax.GradientTransformationExtraArgs:
+    """Stable-SPAM's adaptive spike clipping: entries above a per-tensor bound.
+
+    Per tensor: ``m <- beta * m + (1 - beta) * max|g|`` and
+    ``T = m / (1 - beta**t)`` (bias-corrected; this step included); entries
+    with ``|g| > T`` are multiplied by ``T / max|g|``.
+
+    Differences from the official code (Stable-SPAM): a tensor's step
+    count ``t`` and ``m`` only advance on steps where its gradient is not
+    all zero (zeros would otherwise shrink the bias-corrected bound, and a
+    zero first step would clip the next real one hard); NaN/Inf steps are
+    zeroed and leave ``m`` untouched. Stable-SPAM's gradient normalization
+    and momentum reset belong to the optimizer, not to this transform.
+
+    Args:
+      beta: EMA factor of the largest absolute entry (Stable-SPAM's
+        ``theta``), in ``[0, 1)``.
+      nonfinite: keyword-only; ``"zero"`` (default) or ``"propagate"``.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is a
+      :class:`StableSpamClipState`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import optaxclip as oc
+      >>> tx = oc.stable_spam_clip(beta=0.5)
+      >>> state = tx.init({"w": jnp.zeros(2)})
+      >>> out, state = tx.update({"w": jnp.array([1.0, -0.5])}, state)
+      >>> out, state = tx.update({"w": jnp.array([4.0, 2.0])}, state)
+      >>> print(out["w"], state.stats.threshold)
+      [3. 2.] [3.]
+
+    References:
+      Huang et al., `Stable-SPAM: How to Train in 4-Bit More Stably than
+      16-Bit Adam <https://arxiv.org/abs/2502.17055>`_, 2025.
+    """
+    rules.check_number(beta, "beta", lo=0.0, hi=1.0)
+    if not isinstance(beta, jax.Array) and float(beta) == 1.0:
+        raise ValueError(
+            "`beta` must be < 1 (the bias correction divides by 1 - beta**t); "
+            f"got {beta!r}."
+        )
+    keep_nonfinite = _check_nonfinite(nonfinite)
+
+    def init_fn(params):
+        n = len(_norms.float_leaves(params))
+        zeros = jnp.zeros((n,), _norms.tree_acc_dtype(params))
+        return StableSpamClipState(
+            zeros, jnp.zeros((n,), jnp.int32), ClipStats.zeros(zeros)
+        )
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del params, extra_args
+        leaves = _norms.float_leaves(updates)
+        if not leaves:
+            return updates, state
+        acc = state.m_max.dtype
+        largest = _norms.stack_barrier(
+            [_norms.power_sum(x, float("inf")).astype(acc) for x in leaves]
+        )
+        b = jnp.asarray(beta, acc)
+        seen = largest > 0
+        count = state.count + seen.astype(jnp.int32)
+        m_max = jnp.where(seen, b * state.m_max + (1 - b) * largest, state.m_max)
+        correction = 1 - b ** count.astype(acc)
+        bound = jnp.where(
+            count > 0, m_max / jnp.where(count > 0, correction, 1), jnp.inf
+        )
+        over = largest > bound
+        factor = jnp.where(over, bound / jnp.where(over, largest, 1), 1)
+        counted = []
+
+        def clip_leaf(i, g):
+            magnitude = jnp.abs(g).astype(acc)
+            mask = magnitude > bound[i]
+            counted.append(jnp.sum(mask, dtype=jnp.int32))
+            return scale_leaf(
+                g, jnp.where(mask, factor[i], jnp.ones_like(magnitude)), None
+            )
+
+        clipped = map_float(clip_leaf, updates)
+        finite = jnp.all(jnp.isfinite(largest))
+        out = _zero_unless(finite, clipped, keep_nonfinite)
+        n_clipped = jnp.sum(_norms.stack_barrier(counted))
+        stats = _stats(
+            state.stats, largest, bound, factor, n_clipped, finite, keep_nonfinite
+        )
+        m_max = jnp.where(finite, m_max, state.m_max)
+        count = jnp.where(finite, count, state.count)
+        return out, StableSpamClipState(m_max, count, stats)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class ClippyState(NamedTuple):
+    """State of :func:`clippy`.
+
+    Attributes:
+      stats: :class:`~optaxclip.ClipStats`, one entry per tensor (``norm``:
+        the largest ``|u| / (relative * |w| + absolute)``; ``threshold``: 1;
+        ``scale``: the factor applied; ``clipped``: tensors scaled down).
+    """
+
+    stats: ClipStats
+
+
+def clippy(
+    relative: Any = 0.1, absolute: Any = 1e-7, *, nonfinite: str = "zero"
+) -> optax.GradientTransformationExtraArgs:
+    """Clippy: scale each tensor's *update* so no entry moves its weight too far.
+
+    Place it after the optimizer (it needs ``params``): each tensor's update
+    ``u`` is multiplied by
+    ``s = min(1, min_i (relative * |w_i| + absolute) / |u_i|)``.
+
+    Differences from the official code (tensorflow/recommenders Clippy
+    Adagrad): the same factor as a transform that follows any optimizer
+    (the official one is built into Adagrad); a NaN/Inf update is zeroed
+    rather than applied.
+
+    Args:
+      relative: the largest move relative to the weight's magnitude.
+      absolute: the largest move of a zero weight.
+      nonfinite: keyword-only; ``"zero"`` (default) or ``"propagate"``.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is a
+      :class:`ClippyState`.
+
+    Raises:
+      ValueError: in ``update`` if ``params`` is None.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import optaxclip as oc
+      >>> tx = oc.clippy(relative=0.1, absolute=0.0)
+      >>> params = {"w": jnp.array([1.0, 10.0])}
+      >>> out, state = tx.update({"w": jnp.array([0.5, 0.5])}, tx.init(params), params)
+      >>> print(out["w"], state.stats.scale)
+      [0.1 0.1] [0.2]
+
+    References:
+      Tang et al., `Improving Training Stability for Multitask Ranking Models
+      in Recommender Systems <https://arxiv.org/abs/2302.09178>`_, 2023.
+    """
+    rules.check_number(relative, "relative", lo=0.0)
+    rules.check_number(absolute, "absolute", lo=0.0)
+    keep_nonfinite = _check_nonfinite(nonfinite)
+
+    def init_fn(params):
+        n = len(_norms.float_leaves(params))
+        return ClippyState(
+            ClipStats.zeros(jnp.zeros((n,), _norms.tree_acc_dtype(params)))
+        )
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args
+        if params is None:
+            raise ValueError(
+                "clippy needs the parameters: call `tx.update(updates, state, params)`."
+            )
+        leaves = _norms.float_leaves(updates)
+        if not leaves:
+            return updates, state
+        acc = state.stats.norm.dtype
+        flat_params = jax.tree.structure(updates).flatten_up_to(params)
+        weights = [
+            w
+            for u, w in zip(jax.tree.leaves(updates), flat_params, strict=True)
+            if _norms.is_float(u)
+        ]
+        rel, ab = jnp.asarray(relative, acc), jnp.asarray(absolute, acc)
+        ratios, largest = [], []
+        for u, w in zip(leaves, weights, strict=True):
+            mag = jnp.abs(u).astype(acc)
+            room = rel * jnp.abs(w).astype(acc) + ab
+            moving = mag > 0
+            ratio = jnp.where(moving, mag / jnp.where(moving, room, 1), 0)
+            ratios.append(jnp.max(ratio, initial=0.0))
+            largest.append(jnp.max(mag, initial=0.0))
+        ratio = _norms.stack_barrier(ratios)
+        finite = jnp.all(jnp.isfinite(_norms.stack_barrier(largest)))
+        over = ratio > 1
+        scale = jnp.where(over, 1 / jnp.where(over, ratio, 1), 1)
+        scale = jnp.where(jnp.isinf(ratio), jnp.zeros_like(scale), scale)
+        out = map_float(lambda i, u: scale_leaf(u, scale[i], None), updates)
+        out = _zero_unless(finite, out, keep_nonfinite)
+        stats = _stats(
+            state.stats,
+            ratio,
+            jnp.ones_like(ratio),
+            scale,
+            jnp.sum(over, dtype=jnp.int32),
+            finite,
+            keep_nonfinite,
+        )
+        return out, ClippyState(stats)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------
+
+
+def _check_nonfinite(nonfinite: str) -> bool:
+    if nonfinite not in _NONFINITE:
+        raise ValueError(f"`nonfinite` must be one of {_NONFINITE}; got {nonfinite!r}.")
+    return nonfinite == "propagate"
+
+
+def _real_acc(x: jax.Array) -> jnp.dtype:
+    return _norms.acc_dtype(x.dtype)
+
+
+def _zero_unless(finite: jax.Array, tree: Any, keep_nonfinite: bool) -> Any:
+    if keep_nonfinite:
+        return tree
+    return map_float(lambda _, x: jnp.where(finite, x, jnp.zeros_like(x)), tree)
+
+
+def _stats(old, norm, threshold, scale, clipped, finite, keep_nonfinite) -> ClipStats:
+    if not keep_nonfinite:
+        scale = jnp.where(finite, scale, jnp.zeros_like(scale))
+    return ClipStats(
+        norm=norm,
+        threshold=threshold.astype(norm.dtype),
+        scale=scale.astype(norm.dtype),
+        clipped=jnp.asarray(clipped, jnp.int32),
+        nonfinite_count=old.nonfinite_count + (~finite).astype(jnp.int32),
+        count=optax.safe_increment(old.count),
+    )
