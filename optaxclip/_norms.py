@@ -246,10 +246,11 @@ def safe_root(total: jax.Array, p: float | jax.Array) -> jax.Array:
         return total
     if isinstance(p, float) and p == 1.0:
         return total
-    positive = total > 0
-    safe = jnp.where(positive, total, jnp.ones_like(total))
+    # NaN must propagate (it marks a non-finite step), so test for zero only.
+    zero = total == 0
+    safe = jnp.where(zero, jnp.ones_like(total), total)
     root = jnp.sqrt(safe) if (isinstance(p, float) and p == 2.0) else safe ** (1 / p)
-    return jnp.where(positive, root, jnp.zeros_like(total))
+    return jnp.where(zero, jnp.zeros_like(total), root)
 
 
 def unit_axes(x: jax.Array, axis: int | tuple[int, ...] | None) -> tuple[int, ...]:
