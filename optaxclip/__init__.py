@@ -29,12 +29,16 @@ from ._presets import zclip as zclip
 from ._stats import ClipState as ClipState
 from ._stats import ClipStats as ClipStats
 from ._stats import stats as stats
+from ._threshold import ThresholdReport as ThresholdReport
+from ._threshold import plot_norm_history as plot_norm_history
+from ._threshold import suggest_threshold as suggest_threshold
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ClipState",
     "ClipStats",
+    "ThresholdReport",
     "adagc",
     "adaptive_grad_clip",
     "autoclip",
@@ -48,6 +52,7 @@ __all__ = [
     "olmo_adaptive_clip",
     "per_example_global_norm_clip",
     "per_example_layer_norm_clip",
+    "plot_norm_history",
     "quantile_clip",
     "rules",
     "skip_nonfinite",
@@ -55,6 +60,7 @@ __all__ = [
     "spam_clip",
     "stable_spam_clip",
     "stats",
+    "suggest_threshold",
     "unitwise_norm",
     "zclip",
 ]
