@@ -9,6 +9,7 @@ hold a :class:`~optaxclip.ClipStats` so :func:`optaxclip.stats` finds them.
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -432,6 +433,7 @@ def spam_clip(
         active = (t >= guard) & (phase >= guard)
         bound_factor = jnp.asarray(threshold, acc)
         b2 = jnp.asarray(beta2, acc)
+        rest = rules.one_minus(beta2, acc)
 
         parts, nus = [], []
 
@@ -443,9 +445,7 @@ def spam_clip(
             safe = jnp.where(over, magnitude, jnp.ones_like(magnitude))
             factor = jnp.where(over, bound / safe, jnp.ones_like(safe))
             new_mag = jnp.where(over, bound, magnitude)
-            nus.append(
-                b2.astype(nu.dtype) * nu + (1 - b2.astype(nu.dtype)) * new_mag**2
-            )
+            nus.append(b2.astype(nu.dtype) * nu + rest.astype(nu.dtype) * new_mag**2)
             parts.append(
                 (
                     jnp.sum(magnitude * magnitude).astype(acc),
@@ -561,8 +561,14 @@ def stable_spam_clip(
         b = jnp.asarray(beta, acc)
         seen = largest > 0
         count = state.count + seen.astype(jnp.int32)
-        m_max = jnp.where(seen, b * state.m_max + (1 - b) * largest, state.m_max)
-        correction = 1 - b ** count.astype(acc)
+        m_max = jnp.where(
+            seen, b * state.m_max + rules.one_minus(beta, acc) * largest, state.m_max
+        )
+        # 1 - beta**t without cancellation: -expm1(t * log(beta)).
+        log_b = (
+            jnp.log(b) if isinstance(beta, jax.Array) else jnp.asarray(_log(beta), acc)
+        )
+        correction = -jnp.expm1(count.astype(acc) * log_b)
         bound = jnp.where(
             count > 0, m_max / jnp.where(count > 0, correction, 1), jnp.inf
         )
@@ -702,6 +708,10 @@ def clippy(
 # ---------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------
+
+
+def _log(beta: Any) -> float:
+    return math.log(float(beta)) if float(beta) > 0 else -math.inf
 
 
 def _check_nonfinite(nonfinite: str) -> bool:

@@ -1,0 +1,741 @@
+"""Every preset against an independent NumPy reference of its paper.
+
+Each reference below is written from the paper and the official code's
+semantics (with the documented safety differences: non-finite steps are
+skipped and never reach the statistics, exact zeros never set a statistic),
+and runs on a stream of 320 steps of a random pytree with injected spikes,
+exact zeros, NaN and Inf.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optaxclip as oc
+
+T = 320
+SHAPES = ((4,), (2, 3), (5,))
+RTOL = 1e-5
+
+
+# ---------------------------------------------------------------------------
+# The stream and the driver
+# ---------------------------------------------------------------------------
+
+
+def make_stream(seed: int, steps: int = T, scale: float = 1.0):
+    """Stacked gradients ``[steps, *shape]`` per leaf, with every hazard."""
+    rng = np.random.default_rng(seed)
+    level = np.exp(rng.normal(0.0, 0.3, size=steps)) * scale
+    leaves = [
+        rng.normal(size=(steps, *s)) * level.reshape(-1, *[1] * len(s)) for s in SHAPES
+    ]
+    k = max(1, steps // 50)  # hazards of each kind
+    start = min(40, steps // 3)
+    picks = rng.permutation(np.arange(start, steps))
+    spikes, zeros, nans, infs, entry_spikes = np.split(
+        picks[: 8 * k], [2 * k, 3 * k, 4 * k, 5 * k]
+    )
+    for t in spikes:
+        for x in leaves:
+            x[t] *= 30.0
+    for t in entry_spikes:
+        leaves[1][t].flat[rng.integers(6)] *= 1e3
+    for t in zeros:
+        for x in leaves:
+            x[t] = 0.0
+    leaves[0][:3] = 0.0  # a tensor whose gradient is exactly zero at the start
+    leaves[2][rng.choice(np.arange(3, steps), 2 * k, replace=False)] = 0.0
+    for t in [2, *nans]:
+        leaves[rng.integers(3)][t].flat[0] = np.nan
+    for j, t in enumerate([min(30, steps - 1), *infs]):
+        leaves[rng.integers(3)][t].flat[-1] = np.inf if j % 2 else -np.inf
+    return {f"p{i}": jnp.asarray(x, jnp.float32) for i, x in enumerate(leaves)}
+
+
+def np_steps(stream):
+    """The stream as a list of per-step lists of float64 NumPy leaves."""
+    arrays = [np.asarray(stream[k], np.float64) for k in sorted(stream)]
+    return [[a[t] for a in arrays] for t in range(arrays[0].shape[0])]
+
+
+def first(tree):
+    return jax.tree.map(lambda x: x[0], tree)
+
+
+def finite_params(seed, steps):
+    return jax.tree.map(
+        lambda x: jnp.where(jnp.isfinite(x), x, 1.0), make_stream(seed, steps)
+    )
+
+
+def scanner(tx):
+    """A jitted ``(state, stream, params) -> (state, (outputs, stats))`` for ``tx``."""
+
+    def body(state, xs):
+        grads, p = xs
+        out, state = tx.update(grads, state, p)
+        return state, (out, oc.stats(state)[0])
+
+    return jax.jit(
+        lambda state, stream, params: jax.lax.scan(body, state, (stream, params))
+    )
+
+
+def run_stream(tx, stream, params=None):
+    """Runs ``tx`` over the stream with one ``lax.scan``; returns outputs and stats."""
+    state = tx.init(first(stream if params is None else params))
+    _, (outs, stats) = scanner(tx)(state, stream, params)
+    return outs, stats
+
+
+def check_against(outs, stats, expected):
+    """``expected[t]``: None on a skipped step, else ``(threshold, scale, outputs)``."""
+    out_leaves = [np.asarray(outs[k]) for k in sorted(outs)]
+    good = np.array([e is not None for e in expected])
+    for o in out_leaves:
+        np.testing.assert_array_equal(o[~good], 0.0)
+    rows = [e for e in expected if e is not None]
+    np.testing.assert_allclose(
+        np.asarray(stats.threshold)[good], np.array([r[0] for r in rows]), rtol=RTOL
+    )
+    np.testing.assert_allclose(
+        np.asarray(stats.scale)[good], np.array([r[1] for r in rows]), rtol=RTOL
+    )
+    for i, o in enumerate(out_leaves):
+        want = np.stack([r[2][i] for r in rows])
+        np.testing.assert_allclose(o[good], want, rtol=RTOL, atol=1e-30)
+    assert int(stats.nonfinite_count[-1]) == int(np.sum(~good))
+    assert good.sum() > 0.9 * len(expected)
+
+
+def is_finite(leaves):
+    return all(np.all(np.isfinite(x)) for x in leaves)
+
+
+def gnorm(leaves):
+    return math.sqrt(sum(float(np.sum(x * x)) for x in leaves))
+
+
+def clip_scale(norm, threshold):
+    return threshold / norm if norm > threshold else 1.0
+
+
+def global_reference(rule_step, steps):
+    """Expected (threshold, scale, outputs) for a global-scope rule reference."""
+    expected = []
+    for leaves in steps:
+        if not is_finite(leaves):
+            expected.append(None)
+            continue
+        n = gnorm(leaves)
+        threshold = rule_step(n)
+        s = clip_scale(n, threshold)
+        expected.append((threshold, s, [x * s for x in leaves]))
+    return expected
+
+
+def tensor_reference(rule_step, steps):
+    expected = []
+    for leaves in steps:
+        if not is_finite(leaves):
+            expected.append(None)
+            continue
+        norms = np.array([math.sqrt(float(np.sum(x * x))) for x in leaves])
+        thresholds = rule_step(norms)
+        scales = np.array(
+            [clip_scale(n, c) for n, c in zip(norms, thresholds, strict=True)]
+        )
+        expected.append(
+            (thresholds, scales, [x * s for x, s in zip(leaves, scales, strict=True)])
+        )
+    return expected
+
+
+# ---------------------------------------------------------------------------
+# AutoClip
+# ---------------------------------------------------------------------------
+
+
+class RefAutoClip:
+    """pseeth/autoclip: percentile of every past norm, current included."""
+
+    def __init__(self, percentile, history):
+        self.p, self.size, self.history = percentile, history or 1024, []
+
+    def __call__(self, n):
+        self.history.append(n)
+        return float(np.percentile(self.history[-self.size :], self.p))
+
+
+AUTOCLIP = [
+    dict(percentile=10.0),
+    dict(percentile=50.0, history=64),
+    dict(percentile=90.0, history=16),
+]
+
+
+@pytest.mark.parametrize("kwargs", AUTOCLIP)
+def test_autoclip_matches_reference(kwargs):
+    stream = make_stream(0)
+    outs, stats = run_stream(oc.autoclip(**kwargs), stream)
+    ref = RefAutoClip(kwargs["percentile"], kwargs.get("history"))
+    check_against(outs, stats, global_reference(ref, np_steps(stream)))
+    assert int(jnp.sum(stats.clipped)) > 10
+
+
+# ---------------------------------------------------------------------------
+# ZClip
+# ---------------------------------------------------------------------------
+
+
+class RefZClip:
+    """bluorion-com/ZClip ``ZClip.step``, on the norm alone."""
+
+    def __init__(
+        self,
+        alpha=0.97,
+        z_thresh=2.5,
+        max_grad_norm=1.0,
+        eps=1e-6,
+        warmup_steps=25,
+        mode="zscore",
+        clip_option="adaptive_scaling",
+        clip_factor=1.0,
+        skip_update_on_spike=False,
+    ):
+        self.__dict__.update(locals())
+        self.buffer, self.initialized = [], False
+
+    def __call__(self, n):
+        cap = math.inf if self.max_grad_norm is None else self.max_grad_norm
+        if not self.initialized:
+            if n > 0:  # documented difference: zero norms do not warm up
+                self.buffer.append(n)
+            if len(self.buffer) >= self.warmup_steps:
+                self.mean = sum(self.buffer) / len(self.buffer)
+                self.var = sum((x - self.mean) ** 2 for x in self.buffer) / len(
+                    self.buffer
+                )
+                self.initialized = True
+            return cap
+        std = self.var**0.5
+        clip_val = None
+        if self.mode == "percentile":
+            if n > self.mean + self.z_thresh * std:
+                clip_val = self.mean + self.z_thresh * std
+        else:
+            z = (n - self.mean) / (std + self.eps)
+            if z > self.z_thresh:
+                if self.clip_option == "adaptive_scaling":
+                    eta = z / self.z_thresh
+                    clip_val = (
+                        self.mean + self.z_thresh * std / eta
+                    ) * self.clip_factor
+                else:
+                    clip_val = self.mean
+        bound = min(cap, math.inf if clip_val is None else clip_val)
+        if clip_val is not None and self.skip_update_on_spike:
+            return bound
+        fed = n if clip_val is None else clip_val
+        self.mean = self.alpha * self.mean + (1 - self.alpha) * fed
+        self.var = self.alpha * self.var + (1 - self.alpha) * (fed - self.mean) ** 2
+        return bound
+
+
+ZCLIP = [
+    dict(),
+    dict(
+        max_grad_norm=None, alpha=0.9, warmup_steps=10, mode="percentile", z_thresh=2.0
+    ),
+    dict(
+        max_grad_norm=10.0, clip_option="mean", skip_update_on_spike=True, z_thresh=2.0
+    ),
+    dict(max_grad_norm=None, clip_factor=0.8, z_thresh=1.5, eps=1e-3),
+]
+
+
+@pytest.mark.parametrize("kwargs", ZCLIP)
+def test_zclip_matches_reference(kwargs):
+    stream = make_stream(1)
+    outs, stats = run_stream(oc.zclip(**kwargs), stream)
+    check_against(outs, stats, global_reference(RefZClip(**kwargs), np_steps(stream)))
+    assert int(jnp.sum(stats.clipped)) > 5
+
+
+# ---------------------------------------------------------------------------
+# AdaGC and OLMo
+# ---------------------------------------------------------------------------
+
+
+class RefAdaGC:
+    """AdaGC (Wang et al. 2025): warm-up global clip + running min, then EMA."""
+
+    def __init__(
+        self, lambda_rel=1.04, beta=0.99, warmup_steps=100, lambda_abs=1.0, eps=1e-6
+    ):
+        self.__dict__.update(locals())
+        self.gamma, self.t = None, 0
+
+    def __call__(self, norms):
+        if self.gamma is None:
+            self.gamma = np.zeros_like(norms)  # 0 = not yet set
+        bounds = np.empty_like(norms)
+        if self.t < self.warmup_steps:
+            total = math.sqrt(float(np.sum(norms**2)))
+            coef = min(1.0, self.lambda_abs / (total + self.eps))
+            for i, n in enumerate(norms):
+                clipped = n * coef
+                bounds[i] = clipped
+                if clipped > 0:
+                    g = self.gamma[i]
+                    self.gamma[i] = clipped if g == 0 else min(g, clipped)
+        else:
+            for i, n in enumerate(norms):
+                base = self.gamma[i] if self.gamma[i] > 0 else n
+                coef = (
+                    min(1.0, self.lambda_rel * base / (n + self.eps)) if n > 0 else 1.0
+                )
+                bounds[i] = (
+                    self.lambda_rel * base * (n / (n + self.eps) if n > 0 else 1.0)
+                )
+                if self.gamma[i] > 0 or n > 0:
+                    self.gamma[i] = self.beta * base + (1 - self.beta) * n * coef
+        self.t += 1
+        return bounds
+
+
+class RefOLMo(RefAdaGC):
+    """allenai/OLMo adaptive clipping: c = min(1, r*ema/(n+eps)), ema lerp n*c."""
+
+    def __init__(self, max_grad_norm_ratio=1.0, beta=0.95, eps=1e-6):
+        super().__init__(max_grad_norm_ratio, beta, 0, None, eps)
+
+
+ADAGC = [
+    dict(),
+    dict(lambda_rel=1.1, beta=0.9, warmup_steps=10, lambda_abs=2.0, eps=0.0),
+    dict(lambda_rel=1.0, beta=0.999, warmup_steps=0, eps=1e-6),
+]
+
+
+@pytest.mark.parametrize("kwargs", ADAGC)
+def test_adagc_matches_reference(kwargs):
+    stream = make_stream(2)
+    outs, stats = run_stream(oc.adagc(**kwargs), stream)
+    check_against(outs, stats, tensor_reference(RefAdaGC(**kwargs), np_steps(stream)))
+    assert int(jnp.sum(stats.clipped)) > 10
+
+
+OLMO = [
+    dict(),
+    dict(max_grad_norm_ratio=1.5, beta=0.9, eps=0.0),
+    dict(max_grad_norm_ratio=1.05, beta=0.99),
+]
+
+
+@pytest.mark.parametrize("kwargs", OLMO)
+def test_olmo_matches_reference(kwargs):
+    stream = make_stream(3)
+    outs, stats = run_stream(oc.olmo_adaptive_clip(**kwargs), stream)
+    check_against(outs, stats, tensor_reference(RefOLMo(**kwargs), np_steps(stream)))
+    assert int(jnp.sum(stats.clipped)) > 10
+
+
+# ---------------------------------------------------------------------------
+# Quantile tracking
+# ---------------------------------------------------------------------------
+
+
+class RefQuantile:
+    """Andrew et al. 2021, Algorithm 1 without noise, one norm per step."""
+
+    def __init__(
+        self, target_quantile=0.5, learning_rate=0.2, initial=0.1, geometric=True
+    ):
+        self.__dict__.update(locals())
+        self.c = initial
+
+    def __call__(self, n):
+        bound = self.c
+        unclipped = 1.0 if n <= bound else 0.0
+        if self.geometric:
+            self.c = bound * math.exp(
+                -self.learning_rate * (unclipped - self.target_quantile)
+            )
+        else:
+            self.c = max(
+                0.0, bound - self.learning_rate * (unclipped - self.target_quantile)
+            )
+        return bound
+
+
+QUANTILE = [
+    dict(),
+    dict(target_quantile=0.9, learning_rate=0.05, initial=5.0, geometric=False),
+    dict(target_quantile=0.1, learning_rate=0.5, initial=1.0),
+]
+
+
+@pytest.mark.parametrize("kwargs", QUANTILE)
+def test_quantile_clip_matches_reference(kwargs):
+    stream = make_stream(4)
+    outs, stats = run_stream(oc.quantile_clip(**kwargs), stream)
+    check_against(
+        outs, stats, global_reference(RefQuantile(**kwargs), np_steps(stream))
+    )
+
+
+def test_quantile_rule_per_example_tracks_the_unclipped_fraction():
+    rule = oc.rules.quantile(target=0.25, learning_rate=0.3, initial=2.0)
+    rng = np.random.default_rng(5)
+    state = rule.init(jnp.zeros(()))
+    step = jax.jit(rule.update)
+    c = 2.0
+    for t in range(40):
+        norms = np.abs(rng.normal(size=16)) * 3
+        bound, state = step(state, jnp.asarray(norms, jnp.float32), t)
+        np.testing.assert_allclose(bound, c, rtol=RTOL)
+        c *= math.exp(-0.3 * (np.mean(norms <= c) - 0.25))
+        grads = [jnp.asarray(norms[:, None], jnp.float32)]  # example i has norm i
+        _, n = oc.per_example_global_norm_clip(grads, bound)
+        assert int(n) == int(np.sum(norms > float(bound)))
+
+
+# ---------------------------------------------------------------------------
+# SPAM and Stable-SPAM
+# ---------------------------------------------------------------------------
+
+
+def spam_reference(
+    steps, threshold=5000.0, beta2=0.999, reset_interval=500, guard_steps=20
+):
+    """SPAM AdamW's masking and second moment (official code), per entry."""
+    v = [np.zeros_like(x) for x in steps[0]]
+    t = 0
+    expected = []
+    for leaves in steps:
+        if not is_finite(leaves):
+            expected.append(None)
+            continue
+        t += 1
+        if reset_interval and t % reset_interval == 0:
+            v = [np.zeros_like(x) for x in v]
+        active = t >= guard_steps and (
+            not reset_interval or t % reset_interval >= guard_steps
+        )
+        out = []
+        for i, g in enumerate(leaves):
+            g = g.copy()
+            if active:
+                mask = (g**2 > threshold * v[i]) & (v[i] > 0)  # v == 0: not clipped
+                g[mask] = np.sign(g[mask]) * np.sqrt(threshold * v[i][mask])
+            v[i] = beta2 * v[i] + (1 - beta2) * g * g
+            out.append(g)
+        before, after = gnorm(leaves), gnorm(out)
+        expected.append((after, after / before if before > 0 else 1.0, out))
+    return expected, v
+
+
+SPAM = [
+    dict(),
+    dict(threshold=100.0, beta2=0.99, reset_interval=50, guard_steps=5),
+    dict(threshold=10.0, beta2=0.9, reset_interval=0, guard_steps=3),
+]
+
+
+@pytest.mark.parametrize("kwargs", SPAM)
+def test_spam_clip_matches_reference(kwargs):
+    stream = make_stream(6)
+    outs, stats = run_stream(oc.spam_clip(**kwargs), stream)
+    expected, _ = spam_reference(np_steps(stream), **kwargs)
+    check_against(outs, stats, expected)
+    assert int(jnp.sum(stats.clipped)) > 5
+
+
+def stable_spam_reference(steps, beta=0.999):
+    """Stable-SPAM's adaptive clipping (official semantics), per tensor."""
+    m = np.zeros(len(steps[0]))
+    count = np.zeros(len(steps[0]), int)
+    expected = []
+    for leaves in steps:
+        if not is_finite(leaves):
+            expected.append(None)
+            continue
+        bounds, scales, out = [], [], []
+        for i, g in enumerate(leaves):
+            largest = float(np.max(np.abs(g)))
+            if largest > 0:  # documented difference: all-zero steps do not count
+                count[i] += 1
+                m[i] = beta * m[i] + (1 - beta) * largest
+            bound = m[i] / (1 - beta ** count[i]) if count[i] else math.inf
+            g = g.copy()
+            mask = np.abs(g) > bound
+            g[mask] = g[mask] / largest * bound
+            bounds.append(bound)
+            scales.append(bound / largest if largest > bound else 1.0)
+            out.append(g)
+        expected.append((np.array(bounds), np.array(scales), out))
+    return expected
+
+
+@pytest.mark.parametrize("beta", [0.999, 0.9, 0.5])
+def test_stable_spam_clip_matches_reference(beta):
+    stream = make_stream(7)
+    outs, stats = run_stream(oc.stable_spam_clip(beta), stream)
+    check_against(outs, stats, stable_spam_reference(np_steps(stream), beta))
+    assert int(jnp.sum(stats.clipped)) > 5
+
+
+def test_spam_second_moment_equals_adams_before_adam():
+    stream = make_stream(8, steps=60)
+    stream = jax.tree.map(lambda x: jnp.where(jnp.isfinite(x), x, 0.0), stream)
+    spam = oc.spam_clip(threshold=50.0, beta2=0.95, reset_interval=0, guard_steps=2)
+    tx = optax.chain(spam, optax.adam(1e-3, b2=0.95))
+    with jax.numpy_dtype_promotion("standard"):  # optax.adam's bias correction
+        state, _ = scanner(tx)(tx.init(first(stream)), stream, None)
+    assert int(state[0].stats.count) == 60
+    assert int(jnp.sum(state[0].stats.clipped)) >= 0
+    for k in state[0].nu:
+        np.testing.assert_allclose(state[0].nu[k], state[1][0].nu[k], rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# Clippy
+# ---------------------------------------------------------------------------
+
+
+def clippy_reference(steps, param_steps, relative=0.1, absolute=1e-7):
+    expected = []
+    for leaves, weights in zip(steps, param_steps, strict=True):
+        if not is_finite(leaves):
+            expected.append(None)
+            continue
+        scales = []
+        for u, w in zip(leaves, weights, strict=True):
+            with np.errstate(divide="ignore", invalid="ignore"):
+                room = (relative * np.abs(w) + absolute) / np.abs(u)
+            scales.append(min(1.0, float(np.min(room, initial=np.inf))))
+        out = [u * s for u, s in zip(leaves, scales, strict=True)]
+        expected.append((np.ones(len(leaves)), np.array(scales), out))
+    return expected
+
+
+CLIPPY = [dict(), dict(relative=0.01, absolute=0.0), dict(relative=0.5, absolute=1e-3)]
+
+
+@pytest.mark.parametrize("kwargs", CLIPPY)
+def test_clippy_matches_reference(kwargs):
+    stream = jax.tree.map(lambda x: x * 0.05, make_stream(9))
+    params = make_stream(10)
+    params = jax.tree.map(lambda x: jnp.where(jnp.isfinite(x), x, 1.0), params)
+    outs, stats = run_stream(oc.clippy(**kwargs), stream, params)
+    expected = clippy_reference(np_steps(stream), np_steps(params), **kwargs)
+    check_against(outs, stats, expected)
+    assert int(jnp.sum(stats.clipped)) > 5
+
+
+# ---------------------------------------------------------------------------
+# Paper properties, precision, state
+# ---------------------------------------------------------------------------
+
+HOMOGENEOUS = [
+    ("autoclip", lambda: oc.autoclip(25.0, history=32)),
+    ("olmo", lambda: oc.olmo_adaptive_clip(1.02, 0.9, eps=0.0)),
+    ("adagc_after_warmup", lambda: oc.adagc(warmup_steps=0, eps=0.0)),
+    ("zclip_uncapped", lambda: oc.zclip(max_grad_norm=None, warmup_steps=10)),
+    ("zclip_percentile", lambda: oc.zclip(max_grad_norm=None, mode="percentile")),
+]
+
+
+@pytest.mark.parametrize("name,make", HOMOGENEOUS, ids=[h[0] for h in HOMOGENEOUS])
+def test_scale_homogeneous(name, make):
+    c = 7.25
+    stream = make_stream(11, steps=200)
+    both = jax.tree.map(lambda x: jnp.stack([x, x * c]), stream)
+    tx = make()
+    state = tx.init(first(stream))
+    _, (_, stats) = jax.vmap(scanner(tx), in_axes=(None, 0, None))(state, both, None)
+    finite = np.isfinite(np.asarray(stats.norm[0])).reshape(200, -1).all(axis=1)
+    assert int(jnp.sum(stats.clipped[0])) > 5
+    np.testing.assert_allclose(
+        np.asarray(stats.threshold[1])[finite],
+        c * np.asarray(stats.threshold[0])[finite],
+        rtol=RTOL,
+    )
+    np.testing.assert_allclose(
+        np.asarray(stats.scale[1])[finite],
+        np.asarray(stats.scale[0])[finite],
+        rtol=RTOL,
+    )
+
+
+def test_float64_matches_reference_to_1e_10():
+    with jax.enable_x64(True):
+        stream = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), make_stream(12))
+        steps = np_steps(stream)
+        for tx, expected in [
+            (
+                oc.zclip(max_grad_norm=2.0),
+                global_reference(RefZClip(max_grad_norm=2.0), steps),
+            ),
+            (
+                oc.adagc(warmup_steps=20),
+                tensor_reference(RefAdaGC(warmup_steps=20), steps),
+            ),
+        ]:
+            _, stats = run_stream(tx, stream)
+            assert stats.threshold.dtype == jnp.float64
+            good = np.array([e is not None for e in expected])
+            rows = [e for e in expected if e is not None]
+            for field, k in [(stats.threshold, 0), (stats.scale, 1)]:
+                np.testing.assert_allclose(
+                    np.asarray(field)[good], np.array([r[k] for r in rows]), rtol=1e-10
+                )
+
+
+def test_low_precision_gradients_keep_float32_statistics():
+    base = make_stream(13, steps=40)
+    for dtype in (jnp.float16, jnp.bfloat16):
+        # entries near 3e3: their float16 squares overflow, the norms must not
+        stream = jax.tree.map(lambda x, d=dtype: (x * 100).astype(d), base)
+        tx = optax.chain(
+            oc.zclip(warmup_steps=5), oc.adagc(warmup_steps=5), oc.spam_clip()
+        )
+        state = tx.init(first(stream))
+        for leaf in jax.tree.leaves(state):
+            if jnp.issubdtype(leaf.dtype, jnp.floating):
+                assert leaf.dtype == jnp.float32
+        state, (outs, _) = scanner(tx)(state, stream, None)
+        assert all(o.dtype == dtype for o in jax.tree.leaves(outs))
+        bad = np.array([not is_finite(x) for x in np_steps(stream)])
+        for s in oc.stats(state):
+            assert s.norm.dtype == jnp.float32
+            assert bool(jnp.all(jnp.isfinite(s.norm)))
+        # the first transform sees (and zeroes) every non-finite step
+        assert int(oc.stats(state)[0].nonfinite_count) == int(bad.sum())
+
+
+PRESETS = [
+    ("autoclip", lambda: oc.autoclip(history=16)),
+    ("zclip", lambda: oc.zclip(warmup_steps=5)),
+    ("adagc", lambda: oc.adagc(warmup_steps=5)),
+    ("olmo", lambda: oc.olmo_adaptive_clip()),
+    ("quantile", lambda: oc.quantile_clip()),
+    ("spam", lambda: oc.spam_clip(threshold=50.0, reset_interval=20, guard_steps=3)),
+    ("stable_spam", lambda: oc.stable_spam_clip(0.9)),
+    ("clippy", lambda: oc.clippy()),
+]
+
+
+@pytest.mark.parametrize("name,make", PRESETS, ids=[p[0] for p in PRESETS])
+def test_save_restore_vmap_and_jit(name, make):
+    """Checkpointed mid-stream state continues identically; vmap runs independently."""
+    import flax.serialization
+
+    streams = [make_stream(s, steps=40) for s in (14, 16)]
+    params = finite_params(15, 40)
+    tx = make()
+    go = scanner(tx)
+    half = lambda tree, h: jax.tree.map(lambda x: x[20 * h : 20 * (h + 1)], tree)  # noqa: E731
+    state0 = tx.init(first(params))
+    mid, _ = go(state0, half(streams[0], 0), half(params, 0))
+    end, second = go(mid, half(streams[0], 1), half(params, 1))
+    restored = flax.serialization.from_bytes(state0, flax.serialization.to_bytes(mid))
+    end2, second2 = go(restored, half(streams[0], 1), half(params, 1))
+    for x, y in zip(
+        jax.tree.leaves((end, second)), jax.tree.leaves((end2, second2)), strict=True
+    ):
+        np.testing.assert_array_equal(x, y)
+    assert len(oc.stats(end)) == 1
+
+    first_half = [go(state0, half(s, 0), half(params, 0)) for s in streams]
+    both = jax.tree.map(lambda *x: jnp.stack(x), *[half(s, 0) for s in streams])
+    batched = jax.vmap(go, in_axes=(None, 0, None))(state0, both, half(params, 0))
+    for i, single in enumerate(first_half):
+        for x, y in zip(jax.tree.leaves(single), jax.tree.leaves(batched), strict=True):
+            np.testing.assert_allclose(y[i], x, rtol=1e-6)
+
+
+def test_inject_hyperparams_changes_thresholds_without_retracing():
+    traces = []
+
+    def factory(alpha, z_thresh, max_grad_norm, warmup_steps):
+        traces.append(1)
+        return oc.zclip(alpha, z_thresh, max_grad_norm, warmup_steps=warmup_steps)
+
+    tx = optax.inject_hyperparams(factory)(
+        alpha=0.97, z_thresh=2.5, max_grad_norm=1.0, warmup_steps=3
+    )
+    stream = jax.tree.map(
+        lambda x: jnp.where(jnp.isfinite(x), x, 0.0), make_stream(19, 12)
+    )
+    state = tx.init(first(stream))
+    step = jax.jit(tx.update)
+    bounds = []
+    for t in range(3):
+        state.hyperparams["max_grad_norm"] = jnp.asarray(0.5 + 0.1 * t)
+        _, state = step(jax.tree.map(lambda x, t=t: x[t], stream), state)
+        bounds.append(float(oc.stats(state)[0].threshold))
+    assert len(traces) == 2  # init, and one trace of update for every value
+    np.testing.assert_allclose(bounds, [0.5, 0.6, 0.7], rtol=1e-6)
+
+    p = jax.tree.map(lambda x: x[1], stream)
+    for factory2, kwargs in [
+        (oc.autoclip, dict(percentile=20.0)),
+        (oc.quantile_clip, dict(target_quantile=0.3, learning_rate=0.1, initial=1.0)),
+        (oc.adagc, dict(lambda_rel=1.1, warmup_steps=2)),
+        (oc.olmo_adaptive_clip, dict(max_grad_norm_ratio=1.2)),
+        (oc.spam_clip, dict(threshold=100.0, guard_steps=2)),
+        (oc.stable_spam_clip, dict(beta=0.9)),
+        (oc.clippy, dict(relative=0.2)),
+    ]:
+        tx = optax.inject_hyperparams(factory2)(**kwargs)
+        state, (outs, stats) = scanner(tx)(
+            tx.init(p),
+            stream,
+            jax.tree.map(lambda x: jnp.broadcast_to(x, (12, *x.shape)), p),
+        )
+        assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(outs))
+        assert int(stats.count[-1]) == 12
+        assert int(jnp.sum(stats.clipped)) > 0, factory2.__name__
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: oc.autoclip(percentile=101.0), "`p`.*101"),
+        (lambda: oc.autoclip(history=0), "`window`.*0"),
+        (lambda: oc.zclip(alpha=1.5), "`alpha`.*1.5"),
+        (lambda: oc.zclip(z_thresh=0.0), "`z`.*0.0"),
+        (lambda: oc.zclip(warmup_steps=2.5), "`warmup`.*2.5"),
+        (lambda: oc.zclip(mode="median"), "`mode`.*median"),
+        (lambda: oc.zclip(clip_option="max"), "`clip_option`.*max"),
+        (lambda: oc.adagc(lambda_rel=-1.0), "`ratio`.*-1.0"),
+        (lambda: oc.adagc(lambda_abs=-2.0), "`warmup_max_norm`.*-2.0"),
+        (lambda: oc.olmo_adaptive_clip(beta=2.0), "`beta`.*2.0"),
+        (lambda: oc.quantile_clip(target_quantile=1.5), "`target`.*1.5"),
+        (lambda: oc.quantile_clip(initial=0.0), "`initial`.*0.0"),
+        (lambda: oc.quantile_clip(learning_rate=float("nan")), "`learning_rate`.*nan"),
+        (lambda: oc.spam_clip(threshold=-1.0), "`threshold`.*-1.0"),
+        (lambda: oc.spam_clip(reset_interval=-5), "`reset_interval`.*-5"),
+        (lambda: oc.stable_spam_clip(beta=1.0), "`beta`.*1.0"),
+        (lambda: oc.clippy(relative=-0.1), "`relative`.*-0.1"),
+        (lambda: oc.clippy(nonfinite="skip"), "`nonfinite`.*skip"),
+    ],
+)
+def test_bad_hyperparameters_raise_value_error(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_clippy_needs_params():
+    tx = oc.clippy()
+    with pytest.raises(ValueError, match="params"):
+        tx.update({"w": jnp.ones(2)}, tx.init({"w": jnp.ones(2)}))
