@@ -104,7 +104,7 @@ def clip_by_norm(
     nonfinite: str = "zero",
     axis_name: _norms.AxisName = None,
     partition_specs: Any = None,
-    stacked_axes: Any = 0,
+    stacked_axes: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Rescales each tensor (leaf) separately to an ``ord``-norm of at most the bound.
 
@@ -126,7 +126,8 @@ def clip_by_norm(
       stacked_axes: keyword-only; the number of leading axes that index stacked
         layers (``nnx.scan`` / ``lax.scan`` models), as an int for every leaf
         or a pytree prefix of ints; each layer slice is then clipped as its
-        own tensor. Default 0.
+        own tensor. Default None (no stacked axes). Under
+        ``optax.inject_hyperparams`` list it in ``static_args``.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``stats.norm`` holds one
@@ -157,7 +158,7 @@ def clip_by_block_rms(
     nonfinite: str = "zero",
     axis_name: _norms.AxisName = None,
     partition_specs: Any = None,
-    stacked_axes: Any = 0,
+    stacked_axes: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Rescales each tensor so its root-mean-square entry is at most the bound.
 
@@ -243,7 +244,7 @@ def adaptive_grad_clip(
     nonfinite: str = "zero",
     axis_name: _norms.AxisName = None,
     partition_specs: Any = None,
-    stacked_axes: Any = 0,
+    stacked_axes: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Adaptive gradient clipping (AGC): each unit to ``clipping * max(|w|, eps)``.
 
@@ -369,7 +370,8 @@ def _check_stacked(stacked_axes: Any) -> Any:
         if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 0:
             raise ValueError(
                 f"`stacked_axes` must be a non-negative int (or a pytree prefix of "
-                f"them); got {k!r}."
+                f"them); got {k!r}. Under optax.inject_hyperparams, pass it in "
+                "`static_args`."
             )
     return stacked_axes
 
@@ -391,8 +393,8 @@ def scale_leaf(x: jax.Array, scale: jax.Array, keep: jax.Array | None) -> jax.Ar
     With ``keep`` given, entries are zeroed where it is False (a select, so a
     NaN entry becomes 0 rather than NaN * 0).
     """
-    acc = _norms.acc_dtype(x.dtype)
-    out = x.astype(_norms.compute_dtype(x.dtype)) * scale.astype(acc)
+    dtype = _norms.compute_dtype(x.dtype)
+    out = x.astype(dtype) * scale.astype(dtype)
     out = out.astype(x.dtype)
     if keep is not None:
         out = jnp.where(keep, out, jnp.zeros_like(out))
@@ -586,12 +588,29 @@ class _UnitScope:
             units.append((g_norm, w_norm))
         acc = _norms.tree_acc_dtype(updates)
         if not units:
-            return Measured(jnp.zeros((0,), acc), [])
+            return Measured(jnp.zeros((0,), acc), ([], (), []))
+        # Inside shard_map, units split along a dim that is not reduced live on
+        # different devices: maxima and minima are taken across every named
+        # axis (idempotent for replicated leaves), unit counts are summed only
+        # across the axes that split units (not the ones that split a unit).
+        split = [
+            names
+            for names, _ in _norms.leaf_mesh_axes(
+                updates, self.axis_name, self.partition_specs
+            )
+        ]
+        everywhere = tuple(dict.fromkeys(n for names in split for n in names))
+        unit_groups = [
+            tuple(n for n in s if n not in g) for s, g in zip(split, groups, strict=True)
+        ]
         ratios = [jnp.max(g / w).astype(acc) for g, w in units]
-        return Measured(_norms.stack_barrier(ratios), units)
+        ratios = _norms.cross_device(
+            _norms.stack_barrier(ratios), everywhere, _norms._INF
+        )
+        return Measured(ratios, (units, everywhere, unit_groups))
 
     def apply(self, updates, measured, threshold, keep):
-        units = measured.parts
+        units, everywhere, unit_groups = measured.parts
         smallest, clipped = [], []
 
         def rescale(i, x):
@@ -607,6 +626,11 @@ class _UnitScope:
         if not units:
             return out, jnp.ones((0,), measured.norms.dtype), jnp.zeros((), jnp.int32)
         scale = _norms.stack_barrier(smallest).astype(measured.norms.dtype)
+        if everywhere:
+            scale = jax.lax.pmin(scale, everywhere)
         if keep is not None:
             scale = jnp.where(keep, scale, jnp.zeros_like(scale))
-        return out, scale, jnp.sum(_norms.stack_barrier(clipped))
+        clipped = _norms._cross_device_vector(
+            _norms.stack_barrier(clipped), [1] * len(units), unit_groups, 2.0
+        )
+        return out, scale, jnp.sum(clipped)
