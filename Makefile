@@ -22,10 +22,14 @@ test: install
 bench: install
 	$(PY) benchmarks/run.py
 
+docs: install
+	$(PY) -m pip install --quiet -e ".[docs]"
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
 lint: install
 	$(PY) -m pip install --quiet ruff
 	$(VENV)/bin/ruff check optaxclip tests examples benchmarks
 	$(VENV)/bin/ruff format --check optaxclip tests examples benchmarks
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info
+	rm -rf $(VENV) build dist site *.egg-info
