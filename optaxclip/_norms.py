@@ -493,8 +493,15 @@ def _segment_norms(leaves, p, keep_axes, groups, normalize):
     acc = jnp.result_type(*[acc_dtype(x.dtype) for x in leaves])
     counts = [segment_count(x, keep) for x, keep in zip(leaves, keep_axes, strict=True)]
     offsets = np.cumsum([0, *counts])
+    # Inside shard_map a leaf holds only its shard: the segment size is the
+    # local size times the number of devices the reduced dims are split over.
+    split = [math.prod(jax.lax.axis_size(n) for n in g) for g in groups]
     sizes = np.repeat(
-        [x.size // max(c, 1) for x, c in zip(leaves, counts, strict=True)], counts
+        [
+            x.size // max(c, 1) * s
+            for x, c, s in zip(leaves, counts, split, strict=True)
+        ],
+        counts,
     )
 
     def totals(q, divisor=None):

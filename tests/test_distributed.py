@@ -1,0 +1,485 @@
+"""Multi-device behaviour on 8 simulated CPU devices.
+
+Every result is compared with the same computation on one device, unsharded:
+
+* under ``jax.jit`` with gradients sharded by ``NamedSharding`` (replicated,
+  FSDP-like first-axis sharding, 2-D tensor parallelism) every scope and every
+  rule gives the same updates, stats and next state, and keeps the sharding;
+* inside ``jax.shard_map`` / ``jax.pmap``, ``axis_name`` (plus
+  ``partition_specs`` for a mix of split and replicated leaves) makes the
+  norms those of the whole tensors;
+* ``stacked_axes`` clips each layer of a scan-stacked leaf like a separate
+  tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import optaxclip as oc
+from optaxclip import rules
+
+RTOL, ATOL = 1e-6, 1e-7
+NON_RULES = {"Rule", "as_rule", "fixed", "scheduled", "check_threshold"}
+
+
+def rule_cases() -> dict:
+    """Every threshold kind: a number, a schedule and each rule in ``rules``."""
+    cases = {"number": 1.0, "schedule": optax.linear_schedule(3.0, 0.5, 4)}
+    for name in rules.__all__:
+        obj = getattr(rules, name)
+        if name in NON_RULES or not isinstance(obj, type):
+            continue
+        names = {f.name for f in dataclasses.fields(obj)}
+        # Short warm-ups so a few steps exercise the adaptive part.
+        kwargs = {k: 2 for k in ("warmup", "window", "min_history") if k in names}
+        cases[name] = obj(**kwargs)
+    return cases
+
+
+RULES = rule_cases()
+
+# (scope, threshold) pairs: every scope with a number, and every rule at the
+# per-tensor scope (vector state) and the global scope (scalar state).
+SCOPES = {
+    "global": lambda t, **kw: oc.clip_by_global_norm(t, **kw),
+    "global_l1": lambda t, **kw: oc.clip_by_global_norm(t, ord=1, **kw),
+    "global_inf": lambda t, **kw: oc.clip_by_global_norm(t, ord="inf", **kw),
+    "tensor": lambda t, **kw: oc.clip_by_norm(t, **kw),
+    "value": lambda t, **kw: oc.clip_by_value(t, **kw),
+    "block_rms": lambda t, **kw: oc.clip_by_block_rms(t, **kw),
+    "agc": lambda t, **kw: oc.adaptive_grad_clip(t, **kw),
+}
+NUMBER = {scope: ("number", 0.05 if scope == "agc" else 1.0) for scope in SCOPES}
+FIXED_CASES = [(scope, "number") for scope in SCOPES]
+RULE_CASES = {
+    scope: [(scope, r) for r in RULES if r != "number"]
+    for scope in ("global", "tensor")
+}
+ALL_CASES = FIXED_CASES + RULE_CASES["global"] + RULE_CASES["tensor"]
+
+
+def make_tx(case, **kw):
+    scope, rule = case
+    threshold = NUMBER[scope][1] if rule == "number" else RULES[rule]
+    return SCOPES[scope](threshold, **kw)
+
+
+def make_tree(seed: int, scale: float = 1.0) -> dict:
+    rng = np.random.default_rng(seed)
+    shapes = {"w": (16, 8), "b": (8,), "k": (8, 4, 8), "s": ()}
+    return {
+        k: jnp.asarray(scale * rng.standard_normal(s), jnp.float32)
+        for k, s in shapes.items()
+    }
+
+
+# Gradient magnitudes vary so both clipped and unclipped steps occur.
+GRADS = [
+    make_tree(10 + i, scale) for i, scale in enumerate([0.001, 2.0, 0.003, 5.0, 0.002])
+]
+PARAMS = make_tree(0)
+
+
+def assert_trees_close(actual, expected, what: str) -> None:
+    a_leaves, a_def = jax.tree.flatten(actual)
+    e_leaves, e_def = jax.tree.flatten(expected)
+    assert a_def == e_def, what
+    for a, e in zip(a_leaves, e_leaves, strict=True):
+        np.testing.assert_allclose(
+            np.asarray(a), np.asarray(e), rtol=RTOL, atol=ATOL, err_msg=what
+        )
+
+
+def run_cases(cases, grads_seq, params, place=lambda t: t, **kw):
+    """Runs the transforms of ``cases`` for all steps in one jitted function."""
+    txs = {case: make_tx(case, **kw) for case in cases}
+
+    @jax.jit
+    def step(grads, states, params):
+        out = {case: tx.update(grads, states[case], params) for case, tx in txs.items()}
+        return {k: v[0] for k, v in out.items()}, {k: v[1] for k, v in out.items()}
+
+    params = place(params)
+    states = {case: tx.init(params) for case, tx in txs.items()}
+    history = []
+    for grads in grads_seq:
+        updates, states = step(place(grads), states, params)
+        history.append((updates, states))
+    return history
+
+
+@functools.cache
+def reference():
+    """Every case on one device, unsharded: the expected results."""
+    return run_cases(ALL_CASES, GRADS, PARAMS)
+
+
+def assert_matches_reference(history, cases, what):
+    expected = reference()[: len(history)]
+    for step, ((u_ref, s_ref), (u, s)) in enumerate(
+        zip(expected, history, strict=True)
+    ):
+        for case in cases:
+            assert_trees_close(
+                u[case], u_ref[case], f"{what} {case} updates, step {step}"
+            )
+            assert_trees_close(
+                s[case], s_ref[case], f"{what} {case} state, step {step}"
+            )
+
+
+def mesh_1d() -> Mesh:
+    return Mesh(np.array(jax.devices()[:8]), ("data",))
+
+
+def mesh_2d() -> Mesh:
+    return Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
+
+
+LAYOUTS = {
+    "replicated": (mesh_1d, {"w": P(), "b": P(), "k": P(), "s": P()}),
+    "fsdp": (mesh_1d, {"w": P("data"), "b": P("data"), "k": P("data"), "s": P()}),
+    "tensor_parallel": (
+        mesh_2d,
+        {
+            "w": P("data", "model"),
+            "b": P("model"),
+            "k": P(None, "data", "model"),
+            "s": P(),
+        },
+    ),
+}
+
+
+def test_eight_devices():
+    assert len(jax.devices()) >= 8
+
+
+def test_rule_cases_cover_every_rule():
+    rule_types = {
+        name
+        for name in rules.__all__
+        if name not in NON_RULES and isinstance(getattr(rules, name), type)
+    }
+    assert rule_types <= set(RULES)
+    for threshold in RULES.values():
+        assert isinstance(rules.as_rule(threshold), rules.Rule)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_named_sharding_matches_single_device(layout):
+    make_mesh, specs = LAYOUTS[layout]
+    mesh = make_mesh()
+    shardings = {k: NamedSharding(mesh, s) for k, s in specs.items()}
+
+    def place(tree):
+        return {k: jax.device_put(v, shardings[k]) for k, v in tree.items()}
+
+    # Every scope on every layout; every rule on the FSDP layout.
+    cases = FIXED_CASES + (RULE_CASES["tensor"] if layout == "fsdp" else [])
+    history = run_cases(cases, GRADS, PARAMS, place)
+    assert_matches_reference(history, cases, layout)
+    for updates, _ in history:
+        for case, tree in updates.items():
+            for k, leaf in tree.items():
+                assert leaf.sharding.is_equivalent_to(shardings[k], leaf.ndim), (
+                    f"{case}: leaf {k} lost its sharding: {leaf.sharding}"
+                )
+    # The steps exercised clipping and the pass-through branch.
+    for case in FIXED_CASES:
+        clipped = [int(np.sum(s[case].stats.clipped)) for _, s in history]
+        assert max(clipped) > 0 and min(clipped) == 0, case
+
+
+def test_named_sharding_clipped_norm_is_exact():
+    """A sharded gradient is clipped to exactly the global bound."""
+    mesh = mesh_1d()
+    grads = jax.device_put(
+        jnp.arange(64.0, dtype=jnp.float32).reshape(16, 4),
+        NamedSharding(mesh, P("data")),
+    )
+    tx = oc.clip_by_global_norm(1.0)
+    clipped, state = jax.jit(tx.update)(grads, tx.init(grads))
+    expected = np.linalg.norm(np.arange(64.0))
+    np.testing.assert_allclose(float(state.stats.norm), expected, rtol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(clipped)), 1.0, rtol=1e-6)
+    assert clipped.sharding.is_equivalent_to(grads.sharding, 2)
+
+
+# ---------------------------------------------------------------------------
+# shard_map and pmap: axis_name and partition_specs
+# ---------------------------------------------------------------------------
+
+# Split along different dims: "w" along the unit axis of AGC (needs a psum),
+# "k" along its last axis (AGC units are not split there), "b" and "s"
+# replicated, as a bias is in tensor parallelism.
+MIXED_SPECS = {"w": P("x"), "b": P(), "k": P(None, None, "x"), "s": P()}
+
+
+def shard_map_cases(cases, specs, mesh, axis_name, grads_seq, **kw):
+    """Runs ``cases`` inside one shard_map, all steps, states replicated."""
+    txs = {case: make_tx(case, axis_name=axis_name, **kw) for case in cases}
+    states = {case: tx.init(PARAMS) for case, tx in txs.items()}
+    state_specs = jax.tree.map(lambda _: P(), states)
+    update_specs = {case: specs for case in cases}
+
+    @jax.jit
+    @functools.partial(
+        jax.shard_map,
+        mesh=mesh,
+        in_specs=(specs, state_specs, specs),
+        out_specs=(update_specs, state_specs),
+        check_vma=False,
+    )
+    def step(grads, states, params):
+        out = {case: tx.update(grads, states[case], params) for case, tx in txs.items()}
+        return {k: v[0] for k, v in out.items()}, {k: v[1] for k, v in out.items()}
+
+    history = []
+    for grads in grads_seq:
+        updates, states = step(grads, states, PARAMS)
+        history.append((updates, states))
+    return history
+
+
+def test_shard_map_mixed_leaves_match_unsharded():
+    """Every scope and every rule, with split and replicated leaves."""
+    mesh = Mesh(np.array(jax.devices()[:8]), ("x",))
+    cases = FIXED_CASES + RULE_CASES["global"]
+    history = shard_map_cases(
+        cases, MIXED_SPECS, mesh, "x", GRADS, partition_specs=MIXED_SPECS
+    )
+    assert_matches_reference(history, cases, "shard_map")
+
+
+def test_shard_map_two_axes_matches_unsharded():
+    """A 2-D mesh with both axes named: each leaf is summed over its axes."""
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
+    specs = LAYOUTS["tensor_parallel"][1]
+    cases = [(s, "number") for s in ("global", "tensor", "block_rms", "agc")]
+    history = shard_map_cases(
+        cases, specs, mesh, ("data", "model"), GRADS[:2], partition_specs=specs
+    )
+    assert_matches_reference(history, cases, "2-D shard_map")
+
+
+def test_shard_map_axis_name_alone_counts_every_leaf_as_split():
+    """Without partition_specs every leaf is taken as split across the axis."""
+    mesh = Mesh(np.array(jax.devices()[:8]), ("x",))
+    tree = {"w": GRADS[3]["w"], "k": GRADS[3]["k"]}
+    specs = {"w": P("x"), "k": P(None, None, "x")}
+    tx = oc.clip_by_global_norm(1.0, axis_name="x")
+    fn = jax.shard_map(
+        lambda g: tx.update(g, tx.init(g))[0],
+        mesh=mesh,
+        in_specs=(specs,),
+        out_specs=specs,
+        check_vma=False,
+    )
+    clipped = jax.jit(fn)(tree)
+    ref = {k: np.asarray(v, np.float64) for k, v in tree.items()}
+    norm = np.sqrt(sum(np.sum(v**2) for v in ref.values()))
+    for k in tree:
+        np.testing.assert_allclose(clipped[k], ref[k] / norm, rtol=1e-6, atol=ATOL)
+
+
+def test_shard_map_replicated_leaf_needs_partition_specs():
+    """A replicated leaf is counted once with specs, once per device without."""
+    mesh = Mesh(np.array(jax.devices()[:8]), ("x",))
+    tree = {"w": GRADS[1]["w"], "b": GRADS[1]["b"]}
+    specs = {"w": P("x"), "b": P()}
+    ref_w = np.sum(np.square(np.asarray(tree["w"], np.float64)))
+    ref_b = np.sum(np.square(np.asarray(tree["b"], np.float64)))
+
+    def norms(t):
+        with_specs = oc.global_norm(t, axis_name="x", partition_specs=specs)
+        without = oc.global_norm(t, axis_name="x")
+        return with_specs, without
+
+    fn = jax.shard_map(
+        norms, mesh=mesh, in_specs=(specs,), out_specs=P(), check_vma=False
+    )
+    with_specs, without = jax.jit(fn)(tree)
+    np.testing.assert_allclose(float(with_specs), np.sqrt(ref_w + ref_b), rtol=1e-6)
+    np.testing.assert_allclose(float(without), np.sqrt(ref_w + 8 * ref_b), rtol=1e-6)
+
+
+def test_shard_map_optax_local_norm_is_wrong_and_axis_name_fixes_it():
+    mesh = Mesh(np.array(jax.devices()[:8]), ("x",))
+    grads = jnp.asarray(np.random.default_rng(3).standard_normal((64, 4)), jnp.float32)
+
+    def clip_with(tx):
+        def f(g):
+            return tx.update(g, tx.init(g))[0]
+
+        return jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P("x"), out_specs=P("x")))
+
+    local = clip_with(optax.clip_by_global_norm(1.0))(grads)
+    ours = clip_with(oc.clip_by_global_norm(1.0, axis_name="x"))(grads)
+    assert np.linalg.norm(np.asarray(local)) > 2.0  # eight local norms of 1
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(ours)), 1.0, rtol=1e-6)
+
+
+def test_pmap_matches_unsharded():
+    """pmap: leaves split along axis 0, the scalar replicated (in_axes None)."""
+    n = 8
+    cases = [(s, "number") for s in ("global", "tensor", "block_rms", "agc")]
+    specs = {"w": P("d"), "b": P("d"), "k": P("d"), "s": P()}
+    txs = {c: make_tx(c, axis_name="d", partition_specs=specs) for c in cases}
+    states = {c: tx.init(PARAMS) for c, tx in txs.items()}
+    in_axes = {"w": 0, "b": 0, "k": 0, "s": None}
+
+    def split(t):
+        return {
+            k: v if in_axes[k] is None else v.reshape(n, -1, *v.shape[1:])
+            for k, v in t.items()
+        }
+
+    def join(t):
+        return {
+            k: v[0] if in_axes[k] is None else v.reshape(-1, *v.shape[2:])
+            for k, v in t.items()
+        }
+
+    def step(grads, states, params):
+        return {c: tx.update(grads, states[c], params) for c, tx in txs.items()}
+
+    fn = jax.pmap(step, axis_name="d", in_axes=(in_axes, None, in_axes), out_axes=0)
+    for step_index, (grads, (u_ref, s_ref)) in enumerate(
+        zip(GRADS, reference(), strict=True)
+    ):
+        out = fn(split(grads), states, split(PARAMS))
+        for c in cases:
+            updates, new_state = out[c]
+            what = f"pmap {c}, step {step_index}"
+            assert_trees_close(join(updates), u_ref[c], f"{what} updates")
+            for device in range(n):
+                assert_trees_close(
+                    jax.tree.map(lambda x, i=device: x[i], new_state),
+                    s_ref[c],
+                    f"{what} state on device {device}",
+                )
+        states = {c: jax.tree.map(lambda x: x[0], out[c][1]) for c in cases}
+
+
+# ---------------------------------------------------------------------------
+# stacked_axes: scan-stacked layers clipped as separate tensors
+# ---------------------------------------------------------------------------
+
+N_LAYERS = 3
+
+
+def stacked_tree(seed: int, scale: float) -> dict:
+    rng = np.random.default_rng(seed)
+    return {
+        "layers": {
+            "kernel": jnp.asarray(
+                scale * rng.standard_normal((N_LAYERS, 4, 3)), jnp.float32
+            ),
+            "bias": jnp.asarray(
+                scale * rng.standard_normal((N_LAYERS, 3)), jnp.float32
+            ),
+        },
+        "head": jnp.asarray(scale * rng.standard_normal((3, 2)), jnp.float32),
+    }
+
+
+def unstack(tree: dict) -> dict:
+    out = dict(tree)
+    out["layers"] = {
+        k: [v[i] for i in range(N_LAYERS)] for k, v in tree["layers"].items()
+    }
+    return out
+
+
+STACKED_SCOPES = {
+    "tensor": lambda t, **kw: oc.clip_by_norm(t, **kw),
+    "tensor_inf": lambda t, **kw: oc.clip_by_norm(t, ord="inf", **kw),
+    "block_rms": lambda t, **kw: oc.clip_by_block_rms(t, **kw),
+    "agc": lambda t, **kw: oc.adaptive_grad_clip(t, **kw),
+}
+STACKED_GRADS = [
+    stacked_tree(s, sc) for s, sc in ((1, 0.2), (2, 3.0), (3, 1.0), (4, 0.5))
+]
+STACKED_PARAMS = stacked_tree(0, 1.0)
+
+
+def run_stacked(txs: dict, pick, unstacked: bool):
+    """All transforms of ``txs`` over STACKED_GRADS in one jitted function."""
+    prep = unstack if unstacked else (lambda t: t)
+    params = prep(pick(STACKED_PARAMS))
+
+    @jax.jit
+    def step(grads, states):
+        out = {k: tx.update(grads, states[k], params) for k, tx in txs.items()}
+        return {k: v[0] for k, v in out.items()}, {k: v[1] for k, v in out.items()}
+
+    states = {k: tx.init(params) for k, tx in txs.items()}
+    history = []
+    for g in STACKED_GRADS:
+        updates, states = step(prep(pick(g)), states)
+        history.append((updates, states))
+    return history
+
+
+@pytest.mark.parametrize("prefix", [False, True])
+def test_stacked_axes_equals_unstacked_layers(prefix):
+    if prefix:  # a pytree prefix: only the layer stack has a layer axis
+        stacked_axes = {"layers": 1, "head": 0}
+        pick = dict
+    else:  # an int for every leaf, on a tree of stacked leaves only
+        stacked_axes = 1
+        pick = lambda t: {"layers": t["layers"]}  # noqa: E731
+    cases = [(s, r) for s in STACKED_SCOPES for r in ("number",)]
+    cases += [("tensor", r) for r in RULES if r != "number"] if prefix else []
+
+    def txs(**kw):
+        return {
+            (scope, r): STACKED_SCOPES[scope](
+                (0.05 if scope == "agc" else 1.0) if r == "number" else RULES[r], **kw
+            )
+            for scope, r in cases
+        }
+
+    stacked = run_stacked(txs(stacked_axes=stacked_axes), pick, unstacked=False)
+    plain = run_stacked(txs(), pick, unstacked=True)
+    for step, ((u_s, s_s), (u_p, s_p)) in enumerate(zip(stacked, plain, strict=True)):
+        for case in cases:
+            what = f"{case} step {step}"
+            assert_trees_close(unstack(u_s[case]), u_p[case], f"{what} updates")
+            if case[0] != "agc":  # AGC records one entry per leaf, not per unit
+                assert_trees_close(s_s[case], s_p[case], f"{what} state")
+    n_norms = 2 * N_LAYERS + (1 if prefix else 0)
+    assert stacked[0][1][("tensor", "number")].stats.norm.shape == (n_norms,)
+
+
+def test_stacked_axes_differ_from_whole_stack():
+    """Without stacked_axes the layer stack is one tensor: a different result."""
+    grads = {"layers": STACKED_GRADS[1]["layers"]}
+    tx_whole, tx_layers = oc.clip_by_norm(1.0), oc.clip_by_norm(1.0, stacked_axes=1)
+    whole = tx_whole.update(grads, tx_whole.init(grads))[0]["layers"]["kernel"]
+    layers = tx_layers.update(grads, tx_layers.init(grads))[0]["layers"]["kernel"]
+    assert not np.allclose(np.asarray(whole), np.asarray(layers))
+    np.testing.assert_allclose(
+        np.linalg.norm(np.asarray(layers).reshape(N_LAYERS, -1), axis=1),
+        np.ones(N_LAYERS),
+        rtol=1e-6,
+    )
+
+
+def test_stacked_axes_rejects_bad_values():
+    with pytest.raises(ValueError, match="stacked_axes"):
+        oc.clip_by_norm(1.0, stacked_axes=-1)
+    tx = oc.clip_by_norm(1.0, stacked_axes=3)
+    with pytest.raises(ValueError, match="stacked_axes"):
+        tx.init({"w": jnp.zeros((2, 2))})
