@@ -1,0 +1,298 @@
+"""The adaptive rules: exact semantics, safety, and use at every scope."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import optaxclip as oc
+from optaxclip import rules
+from tests.test_presets import first, make_stream, scanner
+
+RULES = [
+    ("percentile", lambda: rules.percentile(20.0, window=16)),
+    ("zscore", lambda: rules.zscore(warmup=5, max_norm=None, z=1.5)),
+    ("zscore_percentile", lambda: rules.zscore(warmup=5, mode="percentile", z=1.0)),
+    ("ema", lambda: rules.ema(ratio=1.02, beta=0.9)),
+    (
+        "ema_warmup",
+        lambda: rules.ema(ratio=1.1, beta=0.9, warmup=5, warmup_max_norm=2.0),
+    ),
+    ("quantile", lambda: rules.quantile(0.5, 0.2, 1.0)),
+    ("quantile_arithmetic", lambda: rules.quantile(0.8, 0.5, 1.0, geometric=False)),
+]
+RULE_IDS = [r[0] for r in RULES]
+
+SCOPES = [
+    ("global", lambda r: oc.clip_by_global_norm(r)),
+    ("tensor", lambda r: oc.clip_by_norm(r)),
+    ("tensor_l1", lambda r: oc.clip_by_norm(r, ord=1)),
+    ("block_rms", lambda r: oc.clip_by_block_rms(r)),
+    ("element", lambda r: oc.clip_by_value(r)),
+    ("unit", lambda r: oc.adaptive_grad_clip(r)),
+]
+
+
+def scan_many(txs, stream, params=None):
+    """Runs every transform of ``txs`` side by side over the stream, in one scan."""
+    states = tuple(tx.init(first(stream if params is None else params)) for tx in txs)
+
+    def body(states, xs):
+        grads, p = xs
+        results, new = [], []
+        for tx, state in zip(txs, states, strict=True):
+            out, state = tx.update(grads, state, p)
+            results.append((out, oc.stats(state)[0]))
+            new.append(state)
+        return tuple(new), results
+
+    run = jax.jit(lambda s, x, p: jax.lax.scan(body, s, (x, p))[1])
+    return run(states, stream, params)
+
+
+def drive(rule, norms):
+    """Feeds ``norms[t]`` to ``rule`` step by step in one scan; returns thresholds."""
+    state = rule.init(jnp.zeros(norms.shape[1:], norms.dtype))
+
+    def body(state, xs):
+        n, t = xs
+        threshold, state = rule.update(state, n, t)
+        return state, threshold
+
+    steps = jnp.arange(norms.shape[0], dtype=jnp.int32)
+    return jax.jit(lambda s, n: jax.lax.scan(body, s, (n, steps)))(state, norms)
+
+
+# ---------------------------------------------------------------------------
+# percentile: the bounded buffer
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "p,window", [(10.0, 40), (50.0, 7), (97.5, 100), (0.0, 5), (100.0, 5)]
+)
+def test_percentile_is_exact_full_history_then_a_sliding_window(p, window):
+    rng = np.random.default_rng(0)
+    norms = np.abs(rng.standard_cauchy(size=(120, 3))).astype(np.float32)
+    norms[5:9, 1] = 0.0
+    _, got = drive(rules.percentile(p, window=window), jnp.asarray(norms))
+    history = norms.astype(np.float64)
+    for t in range(120):
+        # exact full-history percentile while t + 1 <= window, then the last `window`
+        want = np.percentile(history[max(0, t + 1 - window) : t + 1], p, axis=0)
+        np.testing.assert_allclose(got[t], want, rtol=1e-5)
+
+
+def test_percentile_default_window_keeps_1024_norms():
+    rule = rules.percentile(10.0)
+    assert rule.init(jnp.zeros(())).buffer.shape == (1024,)
+    assert rule.init(jnp.zeros((3,))).buffer.shape == (3, 1024)
+
+
+def test_percentile_on_tensor_scope_is_per_tensor():
+    """``clip_by_norm(rules.percentile(...))``: bitsandbytes-style clipping."""
+    stream = make_stream(20, steps=60)
+    tx = oc.clip_by_norm(rules.percentile(5.0, window=30))
+    _, (_, stats) = scanner(tx)(tx.init(first(stream)), stream, None)
+    norms = np.asarray(stats.norm, np.float64)
+    good = np.isfinite(norms).all(axis=1)
+    history = norms[good]
+    want = np.stack(
+        [
+            np.percentile(history[max(0, t - 29) : t + 1], 5.0, axis=0)
+            for t in range(len(history))
+        ]
+    )
+    np.testing.assert_allclose(np.asarray(stats.threshold)[good], want, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# Non-finite steps never happened; no absorbing zero
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scope_name,scope", SCOPES[:2], ids=[s[0] for s in SCOPES[:2]])
+def test_nonfinite_steps_are_as_if_they_had_not_happened(scope_name, scope):
+    stream = make_stream(21, steps=50)
+    bad = np.array(
+        [
+            not all(np.all(np.isfinite(np.asarray(x[t]))) for x in stream.values())
+            for t in range(50)
+        ]
+    )
+    assert 3 <= bad.sum() < 10
+    clean = jax.tree.map(lambda x: x[~bad], stream)
+    txs = [scope(make()) for _, make in RULES]
+    with_bad = scan_many(txs, stream)
+    without = scan_many(txs, clean)
+    for name, (outs, stats), (clean_outs, clean_stats) in zip(
+        RULE_IDS, with_bad, without, strict=True
+    ):
+        for k in outs:
+            np.testing.assert_array_equal(outs[k][bad], 0.0)
+            np.testing.assert_array_equal(outs[k][~bad], clean_outs[k], err_msg=name)
+        np.testing.assert_array_equal(stats.threshold[~bad], clean_stats.threshold)
+        assert int(stats.nonfinite_count[-1]) == bad.sum()
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        rules.ema(ratio=1.0, beta=0.9),
+        rules.ema(ratio=1.05, beta=0.99, warmup=4, warmup_max_norm=1.0),
+        rules.zscore(warmup=3, max_norm=None),
+        rules.zscore(warmup=3, max_norm=None, mode="percentile"),
+    ],
+    ids=["olmo", "adagc", "zscore", "zscore_percentile"],
+)
+def test_no_absorbing_zero(rule):
+    """A tensor whose gradient is exactly zero at first is not clipped to zero later."""
+    rng = np.random.default_rng(1)
+    g = rng.normal(size=(30, 2, 3)).astype(np.float32)
+    g[:8, 0] = 0.0  # tensor "a" is zero through warm-up and the first steps
+    stream = {"a": jnp.asarray(g[:, 0]), "b": jnp.asarray(g[:, 1])}
+    tx = oc.clip_by_norm(rule)
+    _, (outs, stats) = scanner(tx)(tx.init(first(stream)), stream, None)
+    assert np.all(np.asarray(stats.threshold)[8:, 0] > 0)
+    assert np.all(np.abs(np.asarray(outs["a"])[8:]).sum(axis=1) > 0)
+    # and its first non-zero gradient passes unclipped: the statistic starts there
+    np.testing.assert_allclose(outs["a"][8], g[8, 0], rtol=1e-6)
+
+
+def test_zscore_all_zero_warmup_does_not_clip_to_zero_forever():
+    norms = jnp.asarray(np.r_[np.zeros(10), np.linspace(1, 2, 30)].astype(np.float32))
+    _, thresholds = drive(rules.zscore(warmup=3, max_norm=None), norms)
+    assert np.all(np.asarray(thresholds)[10:] > 0.5)
+
+
+def test_ema_warmup_is_a_global_clip_and_running_min():
+    norms = jnp.asarray([[3.0, 4.0], [0.3, 0.4], [6.0, 8.0], [1.0, 1.0]], jnp.float32)
+    rule = rules.ema(ratio=2.0, beta=0.5, warmup=3, warmup_max_norm=1.0)
+    state, thresholds = drive(rule, norms)
+    # warm-up: each tensor's bound is its share of the global clip to norm 1
+    np.testing.assert_allclose(thresholds[0], [0.6, 0.8], rtol=1e-6)
+    np.testing.assert_allclose(thresholds[1], [0.3, 0.4], rtol=1e-6)
+    np.testing.assert_allclose(thresholds[2], [0.6, 0.8], rtol=1e-6)
+    # after warm-up: ratio x running min of the clipped norms (0.3, 0.4)
+    np.testing.assert_allclose(thresholds[3], [0.6, 0.8], rtol=1e-6)
+    np.testing.assert_allclose(
+        state.average, [0.5 * 0.3 + 0.5 * 0.6, 0.5 * 0.4 + 0.5 * 0.8]
+    )
+
+
+def test_quantile_bound_stays_positive_or_floored():
+    norms = jnp.full((200,), 1e-3, jnp.float32)
+    _, geometric = drive(rules.quantile(0.0, 1.0, 1.0), norms)
+    _, arithmetic = drive(rules.quantile(0.0, 1.0, 1.0, geometric=False), norms)
+    assert np.all(np.asarray(geometric) > 0)
+    assert np.all(np.asarray(arithmetic) >= 0) and float(arithmetic[-1]) == 0.0
+
+
+# ---------------------------------------------------------------------------
+# Every rule at every scope; jit, vmap, traced hyperparameters
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scope_name,scope", SCOPES, ids=[s[0] for s in SCOPES])
+def test_every_rule_at_every_scope(scope_name, scope):
+    stream = make_stream(22, steps=24)
+    params = jax.tree.map(
+        lambda x: jnp.where(jnp.isfinite(x), x, 1.0), make_stream(23, 24)
+    )
+    results = scan_many([scope(make()) for _, make in RULES], stream, params)
+    for name, (outs, stats) in zip(RULE_IDS, results, strict=True):
+        thresholds = np.asarray(stats.threshold)
+        finite = np.isfinite(np.asarray(stats.norm)).reshape(24, -1).all(axis=1)
+        assert np.all(thresholds[finite] >= 0), name
+        assert int(jnp.sum(stats.clipped)) > 0, (scope_name, name)
+        for o in jax.tree.leaves(outs):
+            assert bool(jnp.all(jnp.isfinite(o))), (scope_name, name)
+
+
+def test_traced_hyperparameters_do_not_retrace_and_vmap():
+    traces = []
+
+    def run(z, alpha, ratio, p, target):
+        traces.append(1)
+        norms = jnp.abs(jnp.sin(jnp.arange(40.0))) + jnp.where(
+            jnp.arange(40) % 9 == 8, 5.0, 0.0
+        )
+        out = []
+        for rule in [
+            rules.zscore(alpha, z, 4, max_norm=None),
+            rules.ema(ratio, alpha),
+            rules.percentile(p, window=8),
+            rules.quantile(target, 0.1, 1.0),
+        ]:
+            out.append(drive(rule, norms)[1])
+        return out
+
+    fn = jax.jit(run)
+    a = fn(2.0, 0.9, 1.1, 10.0, 0.5)
+    b = fn(1.0, 0.8, 1.5, 90.0, 0.9)
+    assert len(traces) == 1
+    for x, y in zip(a, b, strict=True):
+        assert not np.allclose(x, y)
+    # vmap over hyperparameter settings equals separate runs
+    batched = jax.vmap(run)(
+        jnp.array([2.0, 1.0]),
+        jnp.array([0.9, 0.8]),
+        jnp.array([1.1, 1.5]),
+        jnp.array([10.0, 90.0]),
+        jnp.array([0.5, 0.9]),
+    )
+    for x, y, z in zip(a, b, batched, strict=True):
+        np.testing.assert_allclose(z[0], x, rtol=1e-6)
+        np.testing.assert_allclose(z[1], y, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name,make", RULES, ids=RULE_IDS)
+def test_rules_are_frozen_and_states_are_arrays(name, make):
+    rule = make()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        rule.p = 1.0  # type: ignore[misc]
+    state = rule.init(jnp.zeros((3,), jnp.float32))
+    for leaf in jax.tree.leaves(state):
+        assert isinstance(leaf, jax.Array)
+        assert leaf.dtype in (jnp.float32, jnp.int32)
+    assert isinstance(rule, rules.Rule)
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: rules.percentile(-1.0), "`p`.*-1.0"),
+        (lambda: rules.percentile(50.0, window=2.5), "`window`.*2.5"),
+        (lambda: rules.percentile("10"), "`p`.*'10'"),
+        (lambda: rules.zscore(alpha=-0.1), "`alpha`.*-0.1"),
+        (lambda: rules.zscore(warmup=0), "`warmup`.*0"),
+        (lambda: rules.zscore(max_norm=-1.0), "`max_norm`.*-1.0"),
+        (lambda: rules.zscore(eps=float("inf")), "`eps`.*inf"),
+        (lambda: rules.zscore(clip_factor=-2.0), "`clip_factor`.*-2.0"),
+        (lambda: rules.ema(ratio=0.0), "`ratio`.*0.0"),
+        (lambda: rules.ema(beta=1.5), "`beta`.*1.5"),
+        (lambda: rules.ema(warmup=-3), "`warmup`.*-3"),
+        (lambda: rules.ema(eps=-1e-6), "`eps`.*-1e-06"),
+        (lambda: rules.quantile(target=-0.5), "`target`.*-0.5"),
+        (lambda: rules.quantile(learning_rate=-1.0), "`learning_rate`.*-1.0"),
+        (lambda: rules.quantile(initial=-1.0, geometric=False), "`initial`.*-1.0"),
+    ],
+)
+def test_bad_rule_arguments_raise_value_error(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_float16_gradients_keep_rule_state_in_float32():
+    grads = {"w": jnp.full((8,), 300.0, jnp.float16)}
+    for name, make in RULES:
+        tx = oc.clip_by_global_norm(make())
+        state = tx.init(grads)
+        for leaf in jax.tree.leaves(state.rule_state):
+            assert leaf.dtype in (jnp.float32, jnp.int32), name
+        _, state = tx.update(grads, state)
+        np.testing.assert_allclose(state.stats.norm, 300.0 * 8**0.5, rtol=1e-6)
