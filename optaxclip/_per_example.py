@@ -6,10 +6,153 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from . import _norms
+from ._stats import ClipState, ClipStats
+from .rules import Rule, as_rule, quantile
 
-__all__ = ["per_example_global_norm_clip", "per_example_layer_norm_clip"]
+__all__ = [
+    "clip_per_example",
+    "per_example_global_norm_clip",
+    "per_example_layer_norm_clip",
+]
+
+_NONFINITE = ("zero", "propagate")
+
+
+def clip_per_example(
+    l2_norm_clip: Any, *, nonfinite: str = "zero"
+) -> optax.GradientTransformationExtraArgs:
+    """Clips each example's gradient to an L2 bound and sums over the batch.
+
+    The transform form of :func:`per_example_global_norm_clip`, for a
+    threshold that is a number, an ``optax.Schedule`` or a rule. Its
+    ``update`` takes per-example gradients (every leaf with a leading batch
+    axis, e.g. from ``jax.vmap(jax.grad(loss), in_axes=(None, 0))``) and
+    returns the sum over the batch of each example's gradient scaled by
+    ``min(1, C / |g_b|)``, without the batch axis. ``init`` takes the
+    parameters (no batch axis). Works under ``jit`` for batch sizes from 1
+    and leaves of any rank; integer leaves are returned untouched.
+
+    ``rules.quantile`` sees the vector of per-example norms and moves the
+    bound by the fraction of unclipped examples (the adaptive clipping of
+    Andrew et al.); any other rule learns from the batch's mean per-example
+    norm. One bound is used for the whole batch.
+
+    The transform adds no noise. For DP-SGD, follow it with Gaussian noise of
+    standard deviation ``noise_multiplier * C`` on the sum (``C`` is
+    ``stats.threshold``; with an adaptive rule the noise must follow the
+    current ``C`` and the quantile's fraction should itself be noised, as in
+    the paper), then divide by the batch size.
+    ``optax.contrib.differentially_private_aggregate(C, noise_multiplier)``
+    does exactly this for a fixed ``C`` (its clipping is
+    :func:`per_example_global_norm_clip`); privacy accounting is left to
+    libraries such as jax-privacy or dp-accounting.
+
+    Args:
+      l2_norm_clip: the bound ``C``: a number, a scalar array, an
+        ``optax.Schedule`` of the step count, or a rule from
+        :mod:`optaxclip.rules` (e.g. ``rules.quantile(target=0.5)``).
+      nonfinite: keyword-only. ``"zero"`` (default): an example whose norm is
+        NaN or infinite contributes zero to the sum (the other examples are
+        kept), the step is counted in ``stats.nonfinite_count``, and the
+        rule's statistics are left untouched. ``"propagate"``: such an example
+        is passed through unscaled (as optax does), so NaN reaches the sum.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is a
+      :class:`~optaxclip.ClipState`. Its stats are scalars: ``norm`` is the
+      mean per-example norm, ``scale`` the mean multiplier and ``clipped`` the
+      number of examples clipped on the latest step.
+
+    Raises:
+      ValueError: at construction for a negative threshold or an unknown
+        ``nonfinite``; in ``update`` if the leaves do not share a leading batch
+        axis (the message names the offending leaf path and shapes).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import optaxclip as oc
+      >>> tx = oc.clip_per_example(1.0)
+      >>> per_example = {"w": jnp.array([[3.0, 4.0], [0.3, 0.4]])}
+      >>> summed, state = tx.update(per_example, tx.init({"w": jnp.zeros(2)}))
+      >>> print(summed["w"], state.stats.clipped, state.stats.norm)
+      [0.90000004 1.2       ] 1 2.75
+
+    References:
+      Abadi et al., `Deep Learning with Differential Privacy
+      <https://arxiv.org/abs/1607.00133>`_, 2016.
+
+      Andrew et al., `Differentially Private Learning with Adaptive Clipping
+      <https://arxiv.org/abs/1905.03871>`_, 2021.
+    """
+    if nonfinite not in _NONFINITE:
+        raise ValueError(f"`nonfinite` must be one of {_NONFINITE}; got {nonfinite!r}.")
+    rule = as_rule(l2_norm_clip, "l2_norm_clip")
+    zero_nonfinite = nonfinite == "zero"
+
+    def init_fn(params):
+        del params
+        norm_like = jnp.zeros((), jnp.float32)
+        return ClipState(
+            rule_state=rule.init(norm_like), stats=ClipStats.zeros(norm_like)
+        )
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del params, extra_args
+        check_batch(updates, "clip_per_example")
+        leaves = _norms.float_leaves(updates)
+        if not leaves:
+            return updates, state
+        norms = example_norms(leaves)
+        finite = jnp.isfinite(norms)
+        all_finite = jnp.all(finite)
+        n_finite = jnp.sum(finite, dtype=jnp.int32)
+        mean_norm = jnp.sum(jnp.where(finite, norms, 0.0)) / jnp.maximum(
+            n_finite, 1
+        ).astype(norms.dtype)
+        count = state.stats.count
+        seen = norms if _sees_batch(rule) else mean_norm
+        threshold, rule_state = rule.update(state.rule_state, seen, count)
+        threshold = jnp.maximum(jnp.asarray(threshold, norms.dtype), 0)
+        rule_state = jax.tree.map(
+            lambda n, o: jnp.where(all_finite, n, o), rule_state, state.rule_state
+        )
+        multipliers = clip_multipliers(norms, threshold)
+        if zero_nonfinite:
+            multipliers = jnp.where(finite, multipliers, 0.0)
+
+        def clip_sum(g):
+            if not _norms.is_float(g):
+                return g
+            if zero_nonfinite:
+                mask = finite.reshape((-1,) + (1,) * (g.ndim - 1))
+                g = jnp.where(mask, g, jnp.zeros_like(g))
+            return batch_sum(multipliers, g)
+
+        summed = jax.tree.map(clip_sum, updates)
+        stats = ClipStats(
+            norm=mean_norm,
+            threshold=threshold,
+            scale=jnp.mean(multipliers),
+            clipped=jnp.sum(finite & (norms > threshold), dtype=jnp.int32),
+            nonfinite_count=state.stats.nonfinite_count
+            + (~all_finite).astype(jnp.int32),
+            count=optax.safe_increment(count),
+        )
+        return summed, ClipState(rule_state=rule_state, stats=stats)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _sees_batch(rule: Rule) -> bool:
+    """Whether ``rule`` learns from the vector of per-example norms.
+
+    Only the quantile rule defines that (the fraction of unclipped examples);
+    every other rule is elementwise over a scalar measurement.
+    """
+    return isinstance(rule, quantile)
 
 
 def per_example_global_norm_clip(
