@@ -16,6 +16,7 @@ from ._guards import skip_nonfinite as skip_nonfinite
 from ._guards import skip_spikes as skip_spikes
 from ._norms import global_norm as global_norm
 from ._norms import unitwise_norm as unitwise_norm
+from ._per_example import clip_per_example as clip_per_example
 from ._per_example import per_example_global_norm_clip as per_example_global_norm_clip
 from ._per_example import per_example_layer_norm_clip as per_example_layer_norm_clip
 from ._presets import adagc as adagc
@@ -47,6 +48,7 @@ __all__ = [
     "clip_by_global_norm",
     "clip_by_norm",
     "clip_by_value",
+    "clip_per_example",
     "clippy",
     "global_norm",
     "olmo_adaptive_clip",
