@@ -103,4 +103,13 @@ def _unwrap(obj: Any) -> Any:
 
 def _materialize(s: ClipStats) -> ClipStats:
     # nnx wraps every array of the optimizer state in a Variable.
-    return ClipStats(*(getattr(f, "value", f) for f in s))
+    return ClipStats(*(_variable_value(f) for f in s))
+
+
+def _variable_value(field: Any) -> Any:
+    if isinstance(field, jax.Array):
+        return field
+    get_value = getattr(field, "get_value", None)  # flax >= 0.11
+    if callable(get_value):
+        return get_value()
+    return getattr(field, "value", field)
