@@ -1,0 +1,620 @@
+"""Speed, bandwidth and compile-time benchmarks for optaxclip.
+
+Run from the repository root::
+
+    python benchmarks/run.py            # full run (see README, "Performance")
+    python benchmarks/run.py --quick    # small sizes, under a minute
+
+Every table compares implementations measured side by side in one process:
+each row's candidates are warmed up, then timed in interleaved rounds (one
+call of each per round, ``block_until_ready`` around every call), and the
+median of the rounds is reported. Absolute times drift with machine load;
+the ratios are what to compare across runs.
+
+Sections:
+
+1. Global-norm clipping of float32 trees (sizes x leaf counts): optaxclip vs
+   ``optax.clip_by_global_norm`` vs ``torch.nn.utils.clip_grad_norm_`` (only
+   if torch is installed) vs two bandwidth references: the plain jitted
+   "measure + scale" and a jitted copy of the same bytes. Effective GB/s
+   counts 2 reads + 1 write of the gradient bytes. Also with buffer donation,
+   with the peak memory of the donated executable relative to its input.
+2. Each scope and each adaptive rule inside a jitted
+   ``optax.chain(clip, optax.adamw(...))`` step, as a ratio to bare adamw.
+3. Trace + compile time (and peak compiler memory) of that jitted step for
+   growing leaf counts, optaxclip vs optax, each in a fresh subprocess.
+4. bfloat16 and float16 gradients: float32 accumulation vs the references.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import optaxclip as oc
+
+try:  # torch is optional: its rows read "n/a" when it is missing
+    import torch
+except ImportError:  # pragma: no cover - depends on the environment
+    torch = None
+else:
+    # One intra-op thread: on a small shared machine torch's spinning OpenMP
+    # pool, competing with XLA's threads, is tens of times slower than this.
+    torch.set_num_threads(int(os.environ.get("BENCH_TORCH_THREADS", "1")))
+
+TORCH_NA = "n/a (torch not installed)"
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+FULL = {
+    "sizes": [100_000, 1_000_000, 10_000_000, 50_000_000],
+    "leaves": [1, 16, 256],
+    "repeats": 21,
+    "step_size": 10_000_000,
+    "compile_leaves": [10, 100, 1000, 5000],
+    "compile_timeout": 240.0,
+    "lowp_size": 10_000_000,
+}
+QUICK = {
+    "sizes": [100_000, 1_000_000],
+    "leaves": [1, 16],
+    "repeats": 20,
+    "step_size": 100_000,
+    "compile_leaves": [10, 40],
+    "compile_timeout": 60.0,
+    "lowp_size": 100_000,
+}
+
+
+# ---------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------
+
+
+def _block(x: Any) -> Any:
+    return jax.block_until_ready(x)
+
+
+def time_side_by_side(
+    candidates: dict[str, Callable[[], Any]],
+    repeats: int,
+    warmup: int = 2,
+    prepare: dict[str, Callable[[], Any]] | None = None,
+) -> dict[str, float]:
+    """Median seconds per call of each candidate, timed in interleaved rounds.
+
+    ``prepare[name]()`` (untimed) builds the argument of each call, for
+    candidates that consume their input (buffer donation); the candidate is
+    then called as ``fn(arg)``.
+    """
+    prepare = prepare or {}
+
+    def call(name: str) -> float:
+        fn = candidates[name]
+        if name in prepare:
+            arg = _block(prepare[name]())
+            start = time.perf_counter()
+            _block(fn(arg))
+        else:
+            start = time.perf_counter()
+            _block(fn())
+        return time.perf_counter() - start
+
+    for name in candidates:
+        for _ in range(warmup):
+            call(name)
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(repeats):
+        for name in candidates:
+            samples[name].append(call(name))
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+# ---------------------------------------------------------------------------
+# Trees
+# ---------------------------------------------------------------------------
+
+
+def split_sizes(total: int, leaves: int) -> list[int]:
+    """``leaves`` sizes summing to ``total``, as even as possible."""
+    base, extra = divmod(total, leaves)
+    return [base + (1 if i < extra else 0) for i in range(leaves)]
+
+
+def make_tree(
+    total: int, leaves: int, dtype: Any, seed: int = 0
+) -> dict[str, jax.Array]:
+    """A dict of ``leaves`` 1-D arrays with ``total`` normal entries in all."""
+    key = jax.random.PRNGKey(seed)
+    tree = {}
+    for i, n in enumerate(split_sizes(total, leaves)):
+        key, sub = jax.random.split(key)
+        tree[f"p{i:05d}"] = jax.random.normal(sub, (n,), jnp.float32).astype(dtype)
+    return _block(tree)
+
+
+def make_matrix_tree(total: int, leaves: int, seed: int = 0) -> dict[str, jax.Array]:
+    """A dict of ``leaves`` float32 ``(rows, 256)`` kernels (units for AGC)."""
+    cols = 256
+    rows = max(total // (leaves * cols), 1)
+    key = jax.random.PRNGKey(seed)
+    tree = {}
+    for i in range(leaves):
+        key, sub = jax.random.split(key)
+        tree[f"w{i:03d}"] = jax.random.normal(sub, (rows, cols), jnp.float32)
+    return _block(tree)
+
+
+def nbytes(tree: Any) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+# ---------------------------------------------------------------------------
+# The candidates of sections 1 and 4
+# ---------------------------------------------------------------------------
+
+
+def reference_clip(tree: Any, max_norm: float) -> Any:
+    """The plain "measure + scale": one reduction per leaf, one scaling pass."""
+    leaves = jax.tree.leaves(tree)
+    total = sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves)
+    norm = jnp.sqrt(total)
+    scale = jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-30))
+    return jax.tree.map(lambda x: (x.astype(jnp.float32) * scale).astype(x.dtype), tree)
+
+
+def copy_tree(tree: Any) -> Any:
+    """A real read + write of every byte (a negation XLA cannot elide)."""
+    return jax.tree.map(jnp.negative, tree)
+
+
+def clip_candidates(
+    tree: Any, donate: bool
+) -> tuple[dict[str, Callable[..., Any]], dict[str, Any]]:
+    """Jitted clip functions over ``tree``; with ``donate`` they consume it."""
+    ours = oc.clip_by_global_norm(1.0)
+    theirs = optax.clip_by_global_norm(1.0)
+    our_state = ours.init(tree)
+    their_state = theirs.init(tree)
+    donate_argnums = (0,) if donate else ()
+
+    fns = {
+        "optaxclip": jax.jit(
+            lambda g, s: ours.update(g, s), donate_argnums=donate_argnums
+        ),
+        "optax": jax.jit(
+            lambda g, s: theirs.update(g, s), donate_argnums=donate_argnums
+        ),
+        "ref measure+scale": jax.jit(
+            lambda g, s: reference_clip(g, 1.0), donate_argnums=donate_argnums
+        ),
+        "ref copy": jax.jit(lambda g, s: copy_tree(g), donate_argnums=donate_argnums),
+    }
+    states = {
+        "optaxclip": our_state,
+        "optax": their_state,
+        "ref measure+scale": None,
+        "ref copy": None,
+    }
+    return fns, states
+
+
+def torch_candidate(tree: Any) -> Callable[[], Any] | None:
+    """``clip_grad_norm_(foreach=True)`` on CPU gradients holding the same data."""
+    if torch is None:
+        return None
+    dtype = {
+        "float32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "float16": torch.float16,
+    }[jnp.dtype(jax.tree.leaves(tree)[0].dtype).name]
+    grads = [
+        torch.from_numpy(np.array(x, dtype=np.float32)).to(dtype)
+        for x in jax.tree.leaves(tree)
+    ]
+    originals = [g.clone() for g in grads]
+    params = []
+    for g in grads:
+        p = torch.empty_like(g).requires_grad_()
+        p.grad = g
+        params.append(p)
+
+    def run():
+        return torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+
+    def restore():
+        # Clipping is in place: the data is restored before every (untimed)
+        # call, so each timed call clips the same gradient.
+        for g, o in zip(grads, originals, strict=True):
+            g.copy_(o)
+
+    run.restore = restore  # type: ignore[attr-defined]
+    return run
+
+
+def time_torch(run: Callable[[], Any], repeats: int) -> float:
+    samples = []
+    for i in range(repeats + 2):
+        run.restore()  # type: ignore[attr-defined]
+        start = time.perf_counter()
+        run()
+        elapsed = time.perf_counter() - start
+        if i >= 2:
+            samples.append(elapsed)
+    return statistics.median(samples)
+
+
+def donated_peak_ratio(fn: Callable[..., Any], tree: Any, state: Any) -> float | None:
+    """Peak bytes of a donated executable (inputs, temps, new outputs) / input."""
+    try:
+        analysis = fn.lower(tree, state).compile().memory_analysis()
+    except Exception:  # noqa: BLE001  (not every backend reports it)
+        return None
+    if analysis is None:
+        return None
+    peak = (
+        analysis.argument_size_in_bytes
+        + analysis.temp_size_in_bytes
+        + analysis.output_size_in_bytes
+        - analysis.alias_size_in_bytes
+    )
+    return peak / nbytes(tree)
+
+
+# ---------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------
+
+
+def section_global(
+    cfg: dict, dtypes: Sequence[Any], sizes: Sequence[int], title: str, section: int
+):
+    rows = []
+    print(f"\n## {title}\n")
+    header = (
+        "| dtype | params | leaves | mode | impl | time (ms) | GB/s | "
+        "vs optax | % of bandwidth ref | peak / input |"
+    )
+    print(header)
+    print("|" + "---|" * 10)
+    for dtype in dtypes:
+        for size in sizes:
+            for leaves in cfg["leaves"]:
+                tree = make_tree(size, leaves, dtype)
+                moved = 3 * nbytes(tree)  # 2 reads + 1 write
+                for donate in (False, True):
+                    rows.extend(
+                        _global_rows(
+                            cfg, tree, dtype, size, leaves, donate, moved, section
+                        )
+                    )
+                del tree
+    return rows
+
+
+def _global_rows(cfg, tree, dtype, size, leaves, donate, moved, section):
+    fns, states = clip_candidates(tree, donate)
+    names = list(fns)
+    if donate:
+        candidates = {n: (lambda g, n=n: fns[n](g, states[n])) for n in names}
+        prepare = {n: (lambda: jax.tree.map(jnp.copy, tree)) for n in names}
+    else:
+        candidates = {n: (lambda n=n: fns[n](tree, states[n])) for n in names}
+        prepare = None
+    times = time_side_by_side(candidates, cfg["repeats"], prepare=prepare)
+    mode = "donated" if donate else "plain"
+    if not donate:
+        run = torch_candidate(tree)
+        times["torch foreach"] = time_torch(run, cfg["repeats"]) if run else None
+    # The floor: measuring + scaling moves 3x the bytes, a copy 2x.
+    floor = min(times["ref measure+scale"], 1.5 * times["ref copy"])
+    peak = (
+        donated_peak_ratio(fns["optaxclip"], tree, states["optaxclip"])
+        if donate
+        else None
+    )
+    rows = []
+    for name in [*names, "torch foreach"]:
+        if name not in times:
+            continue
+        t = times[name]
+        row = {
+            "section": section,
+            "dtype": jnp.dtype(dtype).name,
+            "params": size,
+            "leaves": leaves,
+            "mode": mode,
+            "impl": name,
+        }
+        if t is None:
+            cells = [TORCH_NA, "", "", "", ""]
+            row["time_s"] = None
+        else:
+            gbs = (2 if name == "ref copy" else 3) * moved / 3 / t / 1e9
+            cells = [
+                f"{t * 1e3:.3f}",
+                f"{gbs:.1f}",
+                f"{t / times['optax']:.2f}",
+                f"{100 * floor / t:.0f}%" if name != "ref copy" else "",
+                f"{peak:.2f}" if (peak is not None and name == "optaxclip") else "",
+            ]
+            row.update(time_s=t, gb_s=gbs, vs_optax=t / times["optax"], of_bw=floor / t)
+            if name == "optaxclip" and peak is not None:
+                row["peak_over_input"] = peak
+        print(
+            f"| {row['dtype']} | {size:.0e} | {leaves} | {mode} | {name} | "
+            + " | ".join(cells)
+            + " |"
+        )
+        rows.append(row)
+    return rows
+
+
+def step_transforms() -> dict[str, Callable[[], optax.GradientTransformation]]:
+    """Clipping transforms put in front of adamw in section 2."""
+    out: dict[str, Callable[[], Any]] = {
+        "bare adamw": lambda: optax.identity(),
+        "value (clip_by_value)": lambda: oc.clip_by_value(1.0),
+        "per-tensor (clip_by_norm)": lambda: oc.clip_by_norm(1.0),
+        "global (clip_by_global_norm)": lambda: oc.clip_by_global_norm(1.0),
+        "block RMS (clip_by_block_rms)": lambda: oc.clip_by_block_rms(1.0),
+        "AGC (adaptive_grad_clip)": lambda: oc.adaptive_grad_clip(0.01),
+        "optax.clip_by_global_norm": lambda: optax.clip_by_global_norm(1.0),
+    }
+    # Adaptive rules, whichever this version of optaxclip provides.
+    rules = {
+        "percentile": lambda r: r(10.0),
+        "zscore": lambda r: r(),
+        "ema": lambda r: r(),
+        "quantile": lambda r: r(),
+    }
+    for name, build in rules.items():
+        rule = getattr(oc.rules, name, None)
+        if rule is not None:
+            out[f"global + rules.{name}"] = lambda rule=rule, build=build: (
+                oc.clip_by_global_norm(build(rule))
+            )
+            out[f"per-tensor + rules.{name}"] = lambda rule=rule, build=build: (
+                oc.clip_by_norm(build(rule))
+            )
+    return out
+
+
+def section_step(cfg: dict):
+    size = cfg["step_size"]
+    print(
+        f"\n## 2. Each scope and rule in a jitted chain(clip, adamw) step, "
+        f"{size:.0e} params\n"
+    )
+    params = make_matrix_tree(size, 16, seed=1)
+    grads = make_matrix_tree(size, 16, seed=2)
+    steps, states = {}, {}
+    for name, build in step_transforms().items():
+        tx = optax.chain(build(), optax.adamw(1e-3))
+        states[name] = tx.init(params)
+        steps[name] = jax.jit(tx.update)
+    candidates = {n: (lambda n=n: steps[n](grads, states[n], params)) for n in steps}
+    times = time_side_by_side(candidates, cfg["repeats"])
+    bare = times["bare adamw"]
+    fixed_global = times["global (clip_by_global_norm)"]
+    fixed_tensor = times["per-tensor (clip_by_norm)"]
+    print(
+        "| clip in front of adamw | time (ms) | vs bare adamw | vs fixed same scope |"
+    )
+    print("|---|---|---|---|")
+    rows = []
+    for name, t in times.items():
+        ref = fixed_tensor if name.startswith("per-tensor +") else fixed_global
+        vs_fixed = f"{t / ref:.3f}" if "+ rules." in name else ""
+        print(f"| {name} | {t * 1e3:.2f} | {t / bare:.3f} | {vs_fixed} |")
+        rows.append(
+            {
+                "section": 2,
+                "impl": name,
+                "time_s": t,
+                "vs_bare": t / bare,
+                "params": size,
+            }
+        )
+    return rows
+
+
+# Leaf shapes cycling like the parameters of a transformer block, so the
+# compile benchmark sees a realistic mix of repeated and distinct shapes.
+_BLOCK_SHAPES = [(64,), (64,), (64, 192), (64, 64), (64,), (64,), (64, 256), (256, 64)]
+
+
+def compile_worker(impl: str, leaf_counts: Sequence[int]) -> None:
+    """Child process: compiles the chain(impl, adamw) step for each leaf count."""
+    import resource
+
+    for n in leaf_counts:
+        params = {
+            f"l{i:05d}": jnp.zeros(_BLOCK_SHAPES[i % len(_BLOCK_SHAPES)], jnp.float32)
+            for i in range(n)
+        }
+        clip = {
+            "optaxclip global": lambda: oc.clip_by_global_norm(1.0),
+            "optax global": lambda: optax.clip_by_global_norm(1.0),
+            "optaxclip per-tensor": lambda: oc.clip_by_norm(1.0),
+            "optaxclip block RMS": lambda: oc.clip_by_block_rms(1.0),
+            "optax block RMS": lambda: optax.clip_by_block_rms(1.0),
+            "bare adamw": lambda: optax.identity(),
+        }[impl]()
+        tx = optax.chain(clip, optax.adamw(1e-3))
+        state = tx.init(params)
+        start = time.perf_counter()
+        lowered = jax.jit(tx.update).lower(params, state, params)
+        traced = time.perf_counter()
+        lowered.compile()
+        done = time.perf_counter()
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(
+            json.dumps(
+                {
+                    "leaves": n,
+                    "trace_s": traced - start,
+                    "compile_s": done - traced,
+                    "peak_rss_mb": peak_mb,
+                }
+            ),
+            flush=True,
+        )
+
+
+COMPILE_IMPLS = [
+    "bare adamw",
+    "optax global",
+    "optaxclip global",
+    "optaxclip per-tensor",
+    "optax block RMS",
+    "optaxclip block RMS",
+]
+
+
+def section_compile(cfg: dict):
+    counts = cfg["compile_leaves"]
+    print(
+        "\n## 3. Trace + compile of a jitted chain(clip, adamw) update "
+        "(fresh process per implementation; peak RSS of that process)\n"
+    )
+    print(
+        "| impl | leaves | trace (s) | compile (s) | total vs optax global "
+        "| peak RSS (MB) |"
+    )
+    print("|---|---|---|---|---|---|")
+    results: dict[str, dict[int, dict | None]] = {}
+    for impl in COMPILE_IMPLS:
+        results[impl] = _run_compile_worker(impl, counts, cfg["compile_timeout"])
+    rows = []
+    for impl in COMPILE_IMPLS:
+        for n in counts:
+            r = results[impl].get(n)
+            base = results["optax global"].get(n)
+            row = {"section": 3, "impl": impl, "leaves": n}
+            if r is None:
+                cells = [f"> {cfg['compile_timeout']:.0f} s (stopped)", "", "", ""]
+            else:
+                total = r["trace_s"] + r["compile_s"]
+                vs = (
+                    f"{total / (base['trace_s'] + base['compile_s']):.2f}"
+                    if base
+                    else "(optax stopped)"
+                )
+                cells = [
+                    f"{r['trace_s']:.2f}",
+                    f"{r['compile_s']:.2f}",
+                    vs,
+                    f"{r['peak_rss_mb']:.0f}",
+                ]
+                row.update(r)
+            print(f"| {impl} | {n} | " + " | ".join(cells) + " |")
+            rows.append(row)
+    return rows
+
+
+def _run_compile_worker(impl: str, counts: Sequence[int], timeout: float):
+    cmd = [sys.executable, os.path.abspath(__file__), "--compile-worker", impl]
+    cmd += ["--leaf-counts", ",".join(map(str, counts))]
+    env = dict(os.environ)
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    out: dict[int, dict | None] = {}
+    try:
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False
+        )
+        stdout = proc.stdout
+    except subprocess.TimeoutExpired as e:
+        stdout = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+    for line in stdout.splitlines():
+        if line.startswith("{"):
+            r = json.loads(line)
+            out[r["leaves"]] = r
+    return out
+
+
+def print_versions() -> dict:
+    info = {
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "jaxlib": getattr(__import__("jaxlib"), "__version__", "?"),
+        "optax": optax.__version__,
+        "optaxclip": oc.__version__,
+        "torch": torch.__version__ if torch is not None else "not installed",
+        "device": str(jax.devices()[0].device_kind),
+        "cpu cores": os.cpu_count(),
+        "platform": platform.platform(),
+    }
+    print("Versions: " + ", ".join(f"{k} {v}" for k, v in info.items()))
+    return info
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--quick", action="store_true", help="small sizes, under a minute"
+    )
+    parser.add_argument(
+        "--sections", default="1,2,3,4", help="comma-separated sections to run"
+    )
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per row")
+    parser.add_argument("--json", default=None, help="also write all rows to this file")
+    parser.add_argument("--compile-worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--leaf-counts", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.compile_worker:
+        compile_worker(
+            args.compile_worker, [int(c) for c in args.leaf_counts.split(",")]
+        )
+        return 0
+
+    cfg = dict(QUICK if args.quick else FULL)
+    if args.repeats is not None:
+        cfg["repeats"] = args.repeats
+    sections = {int(s) for s in args.sections.split(",") if s}
+    print(f"# optaxclip benchmarks ({'quick' if args.quick else 'full'} mode)")
+    versions = print_versions()
+    start = time.perf_counter()
+    rows: list[dict] = []
+    if 1 in sections:
+        rows += section_global(
+            cfg,
+            [jnp.float32],
+            cfg["sizes"],
+            "1. Global-norm clipping, float32",
+            section=1,
+        )
+    if 2 in sections:
+        rows += section_step(cfg)
+    if 3 in sections:
+        rows += section_compile(cfg)
+    if 4 in sections:
+        rows += section_global(
+            {**cfg, "leaves": [16]},
+            [jnp.bfloat16, jnp.float16],
+            [cfg["lowp_size"]],
+            "4. Low-precision gradients (float32 accumulation)",
+            section=4,
+        )
+    print(f"\nTotal benchmark time: {time.perf_counter() - start:.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"versions": versions, "config": cfg, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

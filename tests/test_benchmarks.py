@@ -1,0 +1,132 @@
+"""Smoke test of the benchmark suite: the quick mode runs and reports every row."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import pytest
+
+import optaxclip as oc
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_SPEC = importlib.util.spec_from_file_location(
+    "optaxclip_benchmarks", os.path.join(ROOT, "benchmarks", "run.py")
+)
+bench = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(bench)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "rows.json"
+    env = dict(os.environ)
+    # The suite's simulated devices are for the sharding tests; the
+    # benchmark measures one real CPU device.
+    flags = env.get("XLA_FLAGS", "").split()
+    env["XLA_FLAGS"] = " ".join(
+        f for f in flags if "xla_force_host_platform_device_count" not in f
+    )
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "run.py"), "--quick"]
+        + ["--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=ROOT,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    with open(out) as f:
+        data = json.load(f)
+    return proc.stdout, data
+
+
+def _rows(data, section):
+    return [r for r in data["rows"] if r["section"] == section]
+
+
+def test_quick_config_is_small():
+    cfg = bench.QUICK
+    assert cfg["repeats"] >= 20
+    assert max(cfg["sizes"]) <= 1_000_000
+    assert bench.FULL["sizes"] == [100_000, 1_000_000, 10_000_000, 50_000_000]
+    assert bench.FULL["leaves"] == [1, 16, 256]
+    assert bench.FULL["compile_leaves"] == [10, 100, 1000, 5000]
+    assert bench.FULL["repeats"] >= 20
+
+
+def test_split_sizes_cover_the_total():
+    sizes = bench.split_sizes(1_000_003, 16)
+    assert sum(sizes) == 1_000_003 and len(sizes) == 16
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_reference_clip_matches_optaxclip():
+    tree = bench.make_tree(1000, 4, jnp.float32)
+    tx = oc.clip_by_global_norm(1.0)
+    ours, _ = tx.update(tree, tx.init(tree))
+    ref = bench.reference_clip(tree, 1.0)
+    for key in tree:
+        assert jnp.allclose(ours[key], ref[key], rtol=1e-5, atol=0)
+
+
+def test_section_1_reports_every_row(report):
+    _, data = report
+    cfg = data["config"]
+    rows = _rows(data, 1)
+    impls = ["optaxclip", "optax", "ref measure+scale", "ref copy"]
+    for size in cfg["sizes"]:
+        for leaves in cfg["leaves"]:
+            for mode in ("plain", "donated"):
+                got = {
+                    r["impl"]
+                    for r in rows
+                    if (r["params"], r["leaves"], r["mode"]) == (size, leaves, mode)
+                }
+                expected = set(impls) | (
+                    {"torch foreach"} if mode == "plain" else set()
+                )
+                assert got == expected, (size, leaves, mode, got)
+    for r in rows:
+        if r["impl"] == "torch foreach" and r["time_s"] is None:
+            continue
+        assert r["time_s"] > 0 and r["gb_s"] > 0 and r["vs_optax"] > 0
+        if r["impl"] == "optaxclip" and r["mode"] == "donated":
+            assert r["peak_over_input"] > 0
+
+
+def test_section_2_reports_every_scope_and_rule(report):
+    _, data = report
+    names = {r["impl"] for r in _rows(data, 2)}
+    for scope in ("value", "per-tensor", "global", "block RMS", "AGC"):
+        assert any(n.startswith(scope + " (") for n in names), scope
+    assert "bare adamw" in names
+    for rule in ("percentile", "zscore", "ema", "quantile"):
+        if hasattr(oc.rules, rule):
+            assert f"global + rules.{rule}" in names
+            assert f"per-tensor + rules.{rule}" in names
+    assert all(r["vs_bare"] > 0 for r in _rows(data, 2))
+
+
+def test_section_3_reports_every_compile(report):
+    stdout, data = report
+    rows = _rows(data, 3)
+    for impl in bench.COMPILE_IMPLS:
+        for n in data["config"]["compile_leaves"]:
+            matches = [r for r in rows if (r["impl"], r["leaves"]) == (impl, n)]
+            assert len(matches) == 1, (impl, n)
+            # The quick sizes compile well within the time limit.
+            assert matches[0]["compile_s"] > 0 and matches[0]["peak_rss_mb"] > 0
+
+
+def test_section_4_reports_low_precision(report):
+    stdout, data = report
+    rows = _rows(data, 4)
+    assert {r["dtype"] for r in rows} == {"bfloat16", "float16"}
+    assert {r["impl"] for r in rows} >= {"optaxclip", "optax", "ref measure+scale"}
+    assert "Total benchmark time" in stdout
+    assert "Versions:" in stdout
