@@ -550,11 +550,17 @@ def _cross_device_vector(vector, counts, groups, p):
         return vector
     if len(distinct) == 1:
         return cross_device(vector, distinct[0], p)
+    everywhere = tuple(dict.fromkeys(n for g in distinct for n in g))
     out = None
     for names in distinct:
         mask = np.concatenate(
             [np.full(c, g == names) for c, g in zip(counts, groups, strict=True)]
         )
         piece = cross_device(jnp.where(mask, vector, 0), names, p)
+        # The piece is equal on every device of the remaining axes (its
+        # leaves are replicated there); a pmax says so to shard_map's
+        # replication check, so the result can leave with out_specs=P().
+        rest = tuple(n for n in everywhere if n not in names)
+        piece = jax.lax.pmax(piece, rest) if rest else piece
         out = piece if out is None else _join(out, piece, p)
     return out

@@ -239,7 +239,6 @@ def shard_map_cases(cases, specs, mesh, axis_name, grads_seq, **kw):
         mesh=mesh,
         in_specs=(specs, state_specs, specs),
         out_specs=(update_specs, state_specs),
-        check_vma=False,
     )
     def step(grads, states, params):
         out = {case: tx.update(grads, states[case], params) for case, tx in txs.items()}
