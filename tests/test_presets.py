@@ -95,6 +95,31 @@ def run_stream(tx, stream, params=None):
     return outs, stats
 
 
+def scan_many(txs, stream, params=None):
+    """Runs every transform of ``txs`` side by side over the stream, in one scan."""
+    states = tuple(tx.init(first(stream if params is None else params)) for tx in txs)
+
+    def body(states, xs):
+        grads, p = xs
+        results, new = [], []
+        for tx, state in zip(txs, states, strict=True):
+            out, state = tx.update(grads, state, p)
+            results.append((out, oc.stats(state)[0]))
+            new.append(state)
+        return tuple(new), results
+
+    run = jax.jit(lambda s, x, p: jax.lax.scan(body, s, (x, p))[1])
+    return run(states, stream, params)
+
+
+def check_preset(make, settings, reference, stream, params=None):
+    """Each setting's run (all in one scan) against ``reference(kwargs)``."""
+    results = scan_many([make(**kw) for kw in settings], stream, params)
+    for kw, (outs, stats) in zip(settings, results, strict=True):
+        check_against(outs, stats, reference(kw))
+        assert int(jnp.sum(stats.clipped)) > 5, kw
+
+
 def check_against(outs, stats, expected):
     """``expected[t]``: None on a skipped step, else ``(threshold, scale, outputs)``."""
     out_leaves = [np.asarray(outs[k]) for k in sorted(outs)]
@@ -181,13 +206,17 @@ AUTOCLIP = [
 ]
 
 
-@pytest.mark.parametrize("kwargs", AUTOCLIP)
-def test_autoclip_matches_reference(kwargs):
+def test_autoclip_matches_reference():
     stream = make_stream(0)
-    outs, stats = run_stream(oc.autoclip(**kwargs), stream)
-    ref = RefAutoClip(kwargs["percentile"], kwargs.get("history"))
-    check_against(outs, stats, global_reference(ref, np_steps(stream)))
-    assert int(jnp.sum(stats.clipped)) > 10
+    steps = np_steps(stream)
+    check_preset(
+        oc.autoclip,
+        AUTOCLIP,
+        lambda kw: global_reference(
+            RefAutoClip(kw["percentile"], kw.get("history")), steps
+        ),
+        stream,
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -261,12 +290,12 @@ ZCLIP = [
 ]
 
 
-@pytest.mark.parametrize("kwargs", ZCLIP)
-def test_zclip_matches_reference(kwargs):
+def test_zclip_matches_reference():
     stream = make_stream(1)
-    outs, stats = run_stream(oc.zclip(**kwargs), stream)
-    check_against(outs, stats, global_reference(RefZClip(**kwargs), np_steps(stream)))
-    assert int(jnp.sum(stats.clipped)) > 5
+    steps = np_steps(stream)
+    check_preset(
+        oc.zclip, ZCLIP, lambda kw: global_reference(RefZClip(**kw), steps), stream
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -325,12 +354,12 @@ ADAGC = [
 ]
 
 
-@pytest.mark.parametrize("kwargs", ADAGC)
-def test_adagc_matches_reference(kwargs):
+def test_adagc_matches_reference():
     stream = make_stream(2)
-    outs, stats = run_stream(oc.adagc(**kwargs), stream)
-    check_against(outs, stats, tensor_reference(RefAdaGC(**kwargs), np_steps(stream)))
-    assert int(jnp.sum(stats.clipped)) > 10
+    steps = np_steps(stream)
+    check_preset(
+        oc.adagc, ADAGC, lambda kw: tensor_reference(RefAdaGC(**kw), steps), stream
+    )
 
 
 OLMO = [
@@ -340,12 +369,15 @@ OLMO = [
 ]
 
 
-@pytest.mark.parametrize("kwargs", OLMO)
-def test_olmo_matches_reference(kwargs):
+def test_olmo_matches_reference():
     stream = make_stream(3)
-    outs, stats = run_stream(oc.olmo_adaptive_clip(**kwargs), stream)
-    check_against(outs, stats, tensor_reference(RefOLMo(**kwargs), np_steps(stream)))
-    assert int(jnp.sum(stats.clipped)) > 10
+    steps = np_steps(stream)
+    check_preset(
+        oc.olmo_adaptive_clip,
+        OLMO,
+        lambda kw: tensor_reference(RefOLMo(**kw), steps),
+        stream,
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -383,12 +415,14 @@ QUANTILE = [
 ]
 
 
-@pytest.mark.parametrize("kwargs", QUANTILE)
-def test_quantile_clip_matches_reference(kwargs):
+def test_quantile_clip_matches_reference():
     stream = make_stream(4)
-    outs, stats = run_stream(oc.quantile_clip(**kwargs), stream)
-    check_against(
-        outs, stats, global_reference(RefQuantile(**kwargs), np_steps(stream))
+    steps = np_steps(stream)
+    check_preset(
+        oc.quantile_clip,
+        QUANTILE,
+        lambda kw: global_reference(RefQuantile(**kw), steps),
+        stream,
     )
 
 
@@ -450,13 +484,10 @@ SPAM = [
 ]
 
 
-@pytest.mark.parametrize("kwargs", SPAM)
-def test_spam_clip_matches_reference(kwargs):
+def test_spam_clip_matches_reference():
     stream = make_stream(6)
-    outs, stats = run_stream(oc.spam_clip(**kwargs), stream)
-    expected, _ = spam_reference(np_steps(stream), **kwargs)
-    check_against(outs, stats, expected)
-    assert int(jnp.sum(stats.clipped)) > 5
+    steps = np_steps(stream)
+    check_preset(oc.spam_clip, SPAM, lambda kw: spam_reference(steps, **kw)[0], stream)
 
 
 def stable_spam_reference(steps, beta=0.999):
@@ -485,12 +516,16 @@ def stable_spam_reference(steps, beta=0.999):
     return expected
 
 
-@pytest.mark.parametrize("beta", [0.999, 0.9, 0.5])
-def test_stable_spam_clip_matches_reference(beta):
+def test_stable_spam_clip_matches_reference():
     stream = make_stream(7)
-    outs, stats = run_stream(oc.stable_spam_clip(beta), stream)
-    check_against(outs, stats, stable_spam_reference(np_steps(stream), beta))
-    assert int(jnp.sum(stats.clipped)) > 5
+    steps = np_steps(stream)
+    settings = [dict(beta=0.999), dict(beta=0.9), dict(beta=0.5)]
+    check_preset(
+        oc.stable_spam_clip,
+        settings,
+        lambda kw: stable_spam_reference(steps, kw["beta"]),
+        stream,
+    )
 
 
 def test_spam_second_moment_equals_adams_before_adam():
@@ -530,15 +565,17 @@ def clippy_reference(steps, param_steps, relative=0.1, absolute=1e-7):
 CLIPPY = [dict(), dict(relative=0.01, absolute=0.0), dict(relative=0.5, absolute=1e-3)]
 
 
-@pytest.mark.parametrize("kwargs", CLIPPY)
-def test_clippy_matches_reference(kwargs):
+def test_clippy_matches_reference():
     stream = jax.tree.map(lambda x: x * 0.05, make_stream(9))
-    params = make_stream(10)
-    params = jax.tree.map(lambda x: jnp.where(jnp.isfinite(x), x, 1.0), params)
-    outs, stats = run_stream(oc.clippy(**kwargs), stream, params)
-    expected = clippy_reference(np_steps(stream), np_steps(params), **kwargs)
-    check_against(outs, stats, expected)
-    assert int(jnp.sum(stats.clipped)) > 5
+    params = finite_params(10, T)
+    steps, weights = np_steps(stream), np_steps(params)
+    check_preset(
+        oc.clippy,
+        CLIPPY,
+        lambda kw: clippy_reference(steps, weights, **kw),
+        stream,
+        params,
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -554,26 +591,28 @@ HOMOGENEOUS = [
 ]
 
 
-@pytest.mark.parametrize("name,make", HOMOGENEOUS, ids=[h[0] for h in HOMOGENEOUS])
-def test_scale_homogeneous(name, make):
+def test_scale_homogeneous():
+    """Multiplying every gradient by c multiplies every threshold by c."""
     c = 7.25
     stream = make_stream(11, steps=200)
     both = jax.tree.map(lambda x: jnp.stack([x, x * c]), stream)
-    tx = make()
-    state = tx.init(first(stream))
-    _, (_, stats) = jax.vmap(scanner(tx), in_axes=(None, 0, None))(state, both, None)
-    finite = np.isfinite(np.asarray(stats.norm[0])).reshape(200, -1).all(axis=1)
-    assert int(jnp.sum(stats.clipped[0])) > 5
-    np.testing.assert_allclose(
-        np.asarray(stats.threshold[1])[finite],
-        c * np.asarray(stats.threshold[0])[finite],
-        rtol=RTOL,
-    )
-    np.testing.assert_allclose(
-        np.asarray(stats.scale[1])[finite],
-        np.asarray(stats.scale[0])[finite],
-        rtol=RTOL,
-    )
+    txs = [make() for _, make in HOMOGENEOUS]
+    results = jax.vmap(lambda s: scan_many(txs, s))(both)
+    finite = ~np.array([not is_finite(x) for x in np_steps(stream)])
+    for (name, _), (_, stats) in zip(HOMOGENEOUS, results, strict=True):
+        assert int(jnp.sum(stats.clipped[0])) > 5, name
+        np.testing.assert_allclose(
+            np.asarray(stats.threshold[1])[finite],
+            c * np.asarray(stats.threshold[0])[finite],
+            rtol=RTOL,
+            err_msg=name,
+        )
+        np.testing.assert_allclose(
+            np.asarray(stats.scale[1])[finite],
+            np.asarray(stats.scale[0])[finite],
+            rtol=RTOL,
+            err_msg=name,
+        )
 
 
 def test_float64_matches_reference_to_1e_10():
@@ -634,30 +673,39 @@ PRESETS = [
 ]
 
 
-@pytest.mark.parametrize("name,make", PRESETS, ids=[p[0] for p in PRESETS])
-def test_save_restore_vmap_and_jit(name, make):
+def test_save_restore_vmap_and_jit():
     """Checkpointed mid-stream state continues identically; vmap runs independently."""
     import flax.serialization
 
     streams = [make_stream(s, steps=40) for s in (14, 16)]
     params = finite_params(15, 40)
-    tx = make()
-    go = scanner(tx)
+    txs = [make() for _, make in PRESETS]
+    states0 = tuple(tx.init(first(params)) for tx in txs)
+
+    def body(states, xs):
+        grads, p = xs
+        new, outs = [], []
+        for tx, state in zip(txs, states, strict=True):
+            out, state = tx.update(grads, state, p)
+            new.append(state)
+            outs.append(out)
+        return tuple(new), outs
+
+    go = jax.jit(lambda s, x, p: jax.lax.scan(body, s, (x, p)))
     half = lambda tree, h: jax.tree.map(lambda x: x[20 * h : 20 * (h + 1)], tree)  # noqa: E731
-    state0 = tx.init(first(params))
-    mid, _ = go(state0, half(streams[0], 0), half(params, 0))
+    mid, _ = go(states0, half(streams[0], 0), half(params, 0))
     end, second = go(mid, half(streams[0], 1), half(params, 1))
-    restored = flax.serialization.from_bytes(state0, flax.serialization.to_bytes(mid))
+    restored = flax.serialization.from_bytes(states0, flax.serialization.to_bytes(mid))
     end2, second2 = go(restored, half(streams[0], 1), half(params, 1))
     for x, y in zip(
         jax.tree.leaves((end, second)), jax.tree.leaves((end2, second2)), strict=True
     ):
         np.testing.assert_array_equal(x, y)
-    assert len(oc.stats(end)) == 1
+    assert [len(oc.stats(s)) for s in end] == [1] * len(PRESETS)
 
-    first_half = [go(state0, half(s, 0), half(params, 0)) for s in streams]
+    first_half = [go(states0, half(s, 0), half(params, 0)) for s in streams]
     both = jax.tree.map(lambda *x: jnp.stack(x), *[half(s, 0) for s in streams])
-    batched = jax.vmap(go, in_axes=(None, 0, None))(state0, both, half(params, 0))
+    batched = jax.vmap(go, in_axes=(None, 0, None))(states0, both, half(params, 0))
     for i, single in enumerate(first_half):
         for x, y in zip(jax.tree.leaves(single), jax.tree.leaves(batched), strict=True):
             np.testing.assert_allclose(y[i], x, rtol=1e-6)
@@ -687,7 +735,7 @@ def test_inject_hyperparams_changes_thresholds_without_retracing():
     np.testing.assert_allclose(bounds, [0.5, 0.6, 0.7], rtol=1e-6)
 
     p = jax.tree.map(lambda x: x[1], stream)
-    for factory2, kwargs in [
+    factories = [
         (oc.autoclip, dict(percentile=20.0)),
         (oc.quantile_clip, dict(target_quantile=0.3, learning_rate=0.1, initial=1.0)),
         (oc.adagc, dict(lambda_rel=1.1, warmup_steps=2)),
@@ -695,16 +743,15 @@ def test_inject_hyperparams_changes_thresholds_without_retracing():
         (oc.spam_clip, dict(threshold=100.0, guard_steps=2)),
         (oc.stable_spam_clip, dict(beta=0.9)),
         (oc.clippy, dict(relative=0.2)),
-    ]:
-        tx = optax.inject_hyperparams(factory2)(**kwargs)
-        state, (outs, stats) = scanner(tx)(
-            tx.init(p),
-            stream,
-            jax.tree.map(lambda x: jnp.broadcast_to(x, (12, *x.shape)), p),
-        )
+    ]
+    txs = [optax.inject_hyperparams(f)(**kw) for f, kw in factories]
+    params = jax.tree.map(lambda x: jnp.broadcast_to(x, (12, *x.shape)), p)
+    for (f, _), (outs, stats) in zip(
+        factories, scan_many(txs, stream, params), strict=True
+    ):
         assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(outs))
         assert int(stats.count[-1]) == 12
-        assert int(jnp.sum(stats.clipped)) > 0, factory2.__name__
+        assert int(jnp.sum(stats.clipped)) > 0, f.__name__
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ import pytest
 
 import optaxclip as oc
 from optaxclip import rules
-from tests.test_presets import first, make_stream, scanner
+from tests.test_presets import first, make_stream, scan_many, scanner
 
 RULES = [
     ("percentile", lambda: rules.percentile(20.0, window=16)),
@@ -35,23 +35,6 @@ SCOPES = [
     ("element", lambda r: oc.clip_by_value(r)),
     ("unit", lambda r: oc.adaptive_grad_clip(r)),
 ]
-
-
-def scan_many(txs, stream, params=None):
-    """Runs every transform of ``txs`` side by side over the stream, in one scan."""
-    states = tuple(tx.init(first(stream if params is None else params)) for tx in txs)
-
-    def body(states, xs):
-        grads, p = xs
-        results, new = [], []
-        for tx, state in zip(txs, states, strict=True):
-            out, state = tx.update(grads, state, p)
-            results.append((out, oc.stats(state)[0]))
-            new.append(state)
-        return tuple(new), results
-
-    run = jax.jit(lambda s, x, p: jax.lax.scan(body, s, (x, p))[1])
-    return run(states, stream, params)
 
 
 def drive(rule, norms):
