@@ -74,7 +74,7 @@ def methods(clip_norm: float, clip_value: float) -> dict[str, Method]:
     ]:
         factory = _optional(name)
         if factory is not None:
-            measures = "per-tensor norm" if name == "adagc" else "global norm"
+            measures = "largest tensor norm" if name == "adagc" else "global norm"
             table[name] = Method(name, label, factory, measures)
     return table
 
