@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -68,11 +69,13 @@ def stats(opt_state: Any) -> tuple[ClipStats, ...]:
     Works through ``optax.chain``, ``optax.masked``, ``optax.MultiSteps``,
     ``optax.inject_hyperparams``, ``optax.multi_transform``, the optaxclip
     guards, flax ``TrainState.opt_state`` and ``nnx.Optimizer`` (whose state
-    wraps arrays in variables): anything that is a pytree.
+    wraps arrays in variables): anything that is a pytree. Stats stored as
+    mappings of their field names (``nnx.state(optimizer)``, a checkpoint
+    restored without a template) are found too.
 
     Args:
-      opt_state: an optimizer state, a flax ``TrainState`` or an
-        ``nnx.Optimizer``.
+      opt_state: an optimizer state, a flax ``TrainState``, an
+        ``nnx.Optimizer`` or its ``nnx.state``.
 
     Returns:
       A tuple of the :class:`ClipStats` found, in pytree order (empty if none).
@@ -89,8 +92,19 @@ def stats(opt_state: Any) -> tuple[ClipStats, ...]:
       5.0 1.0 0.2 1
     """
     opt_state = _unwrap(opt_state)
-    found = jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, ClipStats))
-    return tuple(_materialize(x) for x in found if isinstance(x, ClipStats))
+    found = jax.tree.leaves(opt_state, is_leaf=_is_stats)
+    return tuple(_materialize(x) for x in found if _is_stats(x))
+
+
+_FIELDS = frozenset(ClipStats._fields)
+
+
+def _is_stats(x: Any) -> bool:
+    # ``nnx.state(optimizer)`` and checkpoints restored without a template
+    # hold the stats as a mapping of the field names.
+    if isinstance(x, ClipStats):
+        return True
+    return isinstance(x, Mapping) and set(x.keys()) == _FIELDS
 
 
 def _unwrap(obj: Any) -> Any:
@@ -101,8 +115,10 @@ def _unwrap(obj: Any) -> Any:
     return obj
 
 
-def _materialize(s: ClipStats) -> ClipStats:
+def _materialize(s: Any) -> ClipStats:
     # nnx wraps every array of the optimizer state in a Variable.
+    if not isinstance(s, ClipStats):
+        s = ClipStats(**{name: s[name] for name in ClipStats._fields})
     return ClipStats(*(_variable_value(f) for f in s))
 
 

@@ -304,7 +304,8 @@ def test_nnx_optimizer_and_stats():
     )
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     assert losses[-1] < losses[0]
-    for found in (oc.stats(optimizer), oc.stats(optimizer.opt_state)):
+    sources = (optimizer, optimizer.opt_state, nnx.state(optimizer))
+    for found in map(oc.stats, sources):
         (s,) = found
         assert isinstance(s.norm, jax.Array)  # unwrapped from nnx variables
         assert int(s.count) == 4 and int(s.clipped) == 1
