@@ -63,17 +63,21 @@ FULL = {
     "leaves": [1, 16, 256],
     "repeats": 21,
     "step_size": 10_000_000,
+    "step_leaves": 16,
     "compile_leaves": [10, 100, 1000, 5000],
-    "compile_timeout": 240.0,
+    "compile_timeout": 200.0,
+    "compile_shared_process": False,
     "lowp_size": 10_000_000,
 }
 QUICK = {
-    "sizes": [100_000, 1_000_000],
+    "sizes": [100_000],
     "leaves": [1, 16],
     "repeats": 20,
     "step_size": 100_000,
+    "step_leaves": 4,
     "compile_leaves": [10, 40],
-    "compile_timeout": 60.0,
+    "compile_timeout": 120.0,
+    "compile_shared_process": True,
     "lowp_size": 100_000,
 }
 
@@ -398,8 +402,8 @@ def section_step(cfg: dict):
         f"\n## 2. Each scope and rule in a jitted chain(clip, adamw) step, "
         f"{size:.0e} params\n"
     )
-    params = make_matrix_tree(size, 16, seed=1)
-    grads = make_matrix_tree(size, 16, seed=2)
+    params = make_matrix_tree(size, cfg["step_leaves"], seed=1)
+    grads = make_matrix_tree(size, cfg["step_leaves"], seed=2)
     steps, states = {}, {}
     for name, build in step_transforms().items():
         tx = optax.chain(build(), optax.adamw(1e-3))
@@ -436,8 +440,13 @@ def section_step(cfg: dict):
 _BLOCK_SHAPES = [(64,), (64,), (64, 192), (64, 64), (64,), (64,), (64, 256), (256, 64)]
 
 
-def compile_worker(impl: str, leaf_counts: Sequence[int]) -> None:
+def compile_worker(impls: Sequence[str], leaf_counts: Sequence[int]) -> None:
     """Child process: compiles the chain(impl, adamw) step for each leaf count."""
+    for impl in impls:
+        _compile_one(impl, leaf_counts)
+
+
+def _compile_one(impl: str, leaf_counts: Sequence[int]) -> None:
     import resource
 
     for n in leaf_counts:
@@ -464,6 +473,7 @@ def compile_worker(impl: str, leaf_counts: Sequence[int]) -> None:
         print(
             json.dumps(
                 {
+                    "impl": impl,
                     "leaves": n,
                     "trace_s": traced - start,
                     "compile_s": done - traced,
@@ -479,8 +489,6 @@ COMPILE_IMPLS = [
     "optax global",
     "optaxclip global",
     "optaxclip per-tensor",
-    "optax block RMS",
-    "optaxclip block RMS",
 ]
 
 
@@ -495,9 +503,17 @@ def section_compile(cfg: dict):
         "| peak RSS (MB) |"
     )
     print("|---|---|---|---|---|---|")
-    results: dict[str, dict[int, dict | None]] = {}
-    for impl in COMPILE_IMPLS:
-        results[impl] = _run_compile_worker(impl, counts, cfg["compile_timeout"])
+    results: dict[str, dict[int, dict | None]] = {impl: {} for impl in COMPILE_IMPLS}
+    # One process per implementation (its own peak RSS and time limit); the
+    # quick mode shares one process to save the start-up time.
+    batches = (
+        [COMPILE_IMPLS]
+        if cfg["compile_shared_process"]
+        else [[impl] for impl in COMPILE_IMPLS]
+    )
+    for batch in batches:
+        for r in _run_compile_worker(batch, counts, cfg["compile_timeout"]):
+            results[r["impl"]][r["leaves"]] = r
     rows = []
     for impl in COMPILE_IMPLS:
         for n in counts:
@@ -525,12 +541,13 @@ def section_compile(cfg: dict):
     return rows
 
 
-def _run_compile_worker(impl: str, counts: Sequence[int], timeout: float):
-    cmd = [sys.executable, os.path.abspath(__file__), "--compile-worker", impl]
+def _run_compile_worker(impls: Sequence[str], counts: Sequence[int], timeout: float):
+    cmd = [sys.executable, os.path.abspath(__file__)]
+    cmd += ["--compile-worker", ",".join(impls)]
     cmd += ["--leaf-counts", ",".join(map(str, counts))]
     env = dict(os.environ)
     env.setdefault("JAX_PLATFORMS", "cpu")
-    out: dict[int, dict | None] = {}
+    out = []
     try:
         proc = subprocess.run(
             cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False
@@ -540,8 +557,7 @@ def _run_compile_worker(impl: str, counts: Sequence[int], timeout: float):
         stdout = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
     for line in stdout.splitlines():
         if line.startswith("{"):
-            r = json.loads(line)
-            out[r["leaves"]] = r
+            out.append(json.loads(line))
     return out
 
 
@@ -577,7 +593,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.compile_worker:
         compile_worker(
-            args.compile_worker, [int(c) for c in args.leaf_counts.split(",")]
+            args.compile_worker.split(","),
+            [int(c) for c in args.leaf_counts.split(",")],
         )
         return 0
 

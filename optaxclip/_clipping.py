@@ -524,18 +524,27 @@ class _TensorScope:
         groups = _norms.reduction_groups(
             updates, leaves, self.axis_name, self.partition_specs, reduced
         )
-        norms = _norms.segment_norms(leaves, self.ord, keep, groups, self.normalize)
-        return Measured(norms.astype(_norms.tree_acc_dtype(updates)), (leaves, keep))
+        norms, pieces = _norms.segment_norms(
+            leaves, self.ord, keep, groups, self.normalize, pieces=True
+        )
+        dtype = _norms.tree_acc_dtype(updates)
+        pieces = [piece.astype(dtype) for piece in pieces]
+        return Measured(norms.astype(dtype), (leaves, keep, pieces))
 
     def apply(self, updates, measured, threshold, keep_mask):
-        leaves, keep = measured.parts
+        leaves, keep, pieces = measured.parts
         scale = scale_factor(measured.norms, threshold)
         counts = [_norms.segment_count(x, k) for x, k in zip(leaves, keep, strict=True)]
         offsets = np.cumsum([0, *counts])
 
         def rescale(i, x):
-            s = _norms.segment_view(scale[offsets[i] : offsets[i + 1]], x, keep[i])
-            return scale_leaf(x, s, keep_mask)
+            # Each leaf's own norm piece (not a slice of the norm vector): a
+            # fixed threshold's slice folds to a scalar, so equally shaped
+            # leaves share one compiled kernel.
+            bound = _norms.segment_view(
+                threshold[offsets[i] : offsets[i + 1]], x, keep[i]
+            )
+            return scale_leaf(x, scale_factor(pieces[i], bound), keep_mask)
 
         out = map_float(rescale, updates)
         if keep_mask is not None:

@@ -467,17 +467,25 @@ def segment_norms(
     keep_axes: Sequence[tuple[int, ...]],
     groups: Sequence[tuple[str, ...]],
     normalize: bool = False,
-) -> jax.Array:
+    pieces: bool = False,
+) -> jax.Array | tuple[jax.Array, list[jax.Array]]:
     """One norm per segment, concatenated into a vector.
 
     Leaf ``i`` is reduced over every axis except ``keep_axes[i]`` (leading
     axes: stacked layers or a batch), giving ``prod(shape[keep])`` segments.
     With ``normalize`` the power sum is divided by the segment size first
     (an RMS for ``p = 2``).
+
+    With ``pieces`` also returns each leaf's norms on their own, shaped to
+    broadcast against the leaf (the same values as the vector's entries).
+    Scaling a leaf by its own piece, rather than by a slice of the vector,
+    keeps the per-leaf kernels of equally shaped leaves identical, so XLA
+    compiles one kernel for all of them instead of one per leaf.
     """
     if not leaves:
-        return jnp.zeros((0,), jnp.float32)
-    return dispatch_ord(
+        empty = jnp.zeros((0,), jnp.float32)
+        return (empty, []) if pieces else empty
+    vector, per_leaf = dispatch_ord(
         p,
         functools.partial(
             _segment_norms,
@@ -487,6 +495,7 @@ def segment_norms(
             normalize=normalize,
         ),
     )
+    return (vector, per_leaf) if pieces else vector
 
 
 def _segment_norms(leaves, p, keep_axes, groups, normalize):
@@ -496,41 +505,63 @@ def _segment_norms(leaves, p, keep_axes, groups, normalize):
     # Inside shard_map a leaf holds only its shard: the segment size is the
     # local size times the number of devices the reduced dims are split over.
     split = [math.prod(jax.lax.axis_size(n) for n in g) for g in groups]
-    sizes = np.repeat(
-        [
-            x.size // max(c, 1) * s
-            for x, c, s in zip(leaves, counts, split, strict=True)
-        ],
-        counts,
-    )
+    leaf_sizes = [
+        x.size // max(c, 1) * s for x, c, s in zip(leaves, counts, split, strict=True)
+    ]
+    sizes = np.repeat(leaf_sizes, counts)
 
-    def totals(q, divisor=None):
+    # Without cross-device sums each leaf's piece is its own reduction; with
+    # them, pieces are read back from the combined vector.
+    local = all(not g for g in groups)
+
+    def totals(q, divisors=None):
         parts = []
         for i, x in enumerate(leaves):
             axes = tuple(a for a in range(x.ndim) if a not in keep_axes[i])
-            div = None
-            if divisor is not None:
-                div = segment_view(divisor[offsets[i] : offsets[i + 1]], x, keep_axes[i])
-            part = power_sum(x, q, axes, keepdims=True, divisor=div)
-            parts.append(part.astype(acc).reshape(-1))
-        vector = stack_barrier(parts, concat=True)
+            div = None if divisors is None else divisors[i]
+            parts.append(power_sum(x, q, axes, keepdims=True, divisor=div).astype(acc))
+        vector = stack_barrier([part.reshape(-1) for part in parts], concat=True)
         vector = _cross_device_vector(vector, counts, groups, q)
-        if normalize and not (isinstance(q, float) and q == _INF):
+        mean = normalize and not (isinstance(q, float) and q == _INF)
+        if mean:
             vector = vector / jnp.asarray(np.maximum(sizes, 1), acc)
-        return vector
+        if local:
+            if mean:
+                parts = [
+                    part / jnp.asarray(max(int(leaf_sizes[i]), 1), acc)
+                    for i, part in enumerate(parts)
+                ]
+            return vector, parts
+        return vector, [
+            segment_view(vector[offsets[i] : offsets[i + 1]], x, keep_axes[i])
+            for i, x in enumerate(leaves)
+        ]
 
-    total = totals(p)
+    total, total_parts = totals(p)
     if isinstance(p, float) and p == _INF:
-        return total
+        return total, total_parts
     norms = safe_root(total, p)
+    norm_parts = [safe_root(t, p) for t in total_parts]
 
     def rescaled(_):
-        largest = totals(_INF)
-        safe = jnp.where(largest > 0, largest, jnp.ones_like(largest))
-        scaled = safe * safe_root(totals(p, safe), p)
-        return jnp.where(jnp.isfinite(largest), scaled, largest)
+        def rescale(largest, scaled):
+            return jnp.where(jnp.isfinite(largest), scaled, largest)
 
-    return jax.lax.cond(jnp.any(jnp.isposinf(total)), rescaled, lambda _: norms, None)
+        largest, largest_parts = totals(_INF)
+        safe = [
+            jnp.where(m > 0, m, jnp.ones_like(m)) for m in [largest, *largest_parts]
+        ]
+        scaled, scaled_parts = totals(p, safe[1:])
+        vector = rescale(largest, safe[0] * safe_root(scaled, p))
+        parts = [
+            rescale(m, d * safe_root(t, p))
+            for m, d, t in zip(largest_parts, safe[1:], scaled_parts, strict=True)
+        ]
+        return vector, parts
+
+    return jax.lax.cond(
+        jnp.any(jnp.isposinf(total)), rescaled, lambda _: (norms, norm_parts), None
+    )
 
 
 def segment_count(x: jax.Array, keep: tuple[int, ...]) -> int:
