@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import os
 import time
 from collections.abc import Callable
 
@@ -168,6 +170,27 @@ class Result:
     seconds: float
 
 
+@functools.cache
+def setup(cfg: Config):
+    """The models (one per seed) and the test set, shared by every method."""
+
+    def init(key):
+        model = TanhRNN(cfg.hidden, cfg.recurrent_scale, rngs=nnx.Rngs(key))
+        return model, nnx.state(model, nnx.Param)
+
+    graphdef, _ = nnx.split(
+        nnx.eval_shape(lambda: init(jax.random.key(0))[0]), nnx.Param
+    )
+
+    @jax.jit
+    def start(keys):
+        params = jax.vmap(lambda k: init(k)[1])(keys)
+        return params, adding_batch(jax.random.key(10_000), cfg.test_size, cfg.seq_len)
+
+    params, test = start(jax.vmap(jax.random.key)(jnp.asarray(cfg.seeds)))
+    return graphdef, params, test
+
+
 def train(method: Method, cfg: Config, progress=None) -> Result:
     """Trains one model per seed with ``method``; returns the recorded history."""
     if cfg.optimizer == "adam":
@@ -176,21 +199,8 @@ def train(method: Method, cfg: Config, progress=None) -> Result:
         optimizer = optax.sgd(cfg.learning_rate, momentum=cfg.momentum)
     tx = optimizer if method.make is None else optax.chain(method.make(), optimizer)
 
-    def init(key):
-        model = TanhRNN(cfg.hidden, cfg.recurrent_scale, rngs=nnx.Rngs(key))
-        return model, nnx.state(model, nnx.Param)
-
-    seeds = jnp.asarray(cfg.seeds)
-    base = jax.vmap(jax.random.key)(seeds)
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: init(base[0])[0]), nnx.Param)
-
-    @jax.jit
-    def start(keys):
-        params = jax.vmap(lambda k: init(k)[1])(keys)
-        test = adding_batch(jax.random.key(10_000), cfg.test_size, cfg.seq_len)
-        return params, jax.vmap(tx.init)(params), test
-
-    params, opt_state, (test_x, test_y) = start(base)
+    graphdef, params, (test_x, test_y) = setup(cfg)
+    opt_state = jax.jit(jax.vmap(tx.init))(params)
 
     def loss_fn(params, x, y):
         model = nnx.merge(graphdef, params)
@@ -225,6 +235,7 @@ def train(method: Method, cfg: Config, progress=None) -> Result:
         return batched(params, opt_state, data_keys, first, length)
 
     run_chunk = jax.jit(run_chunk, static_argnums=4)
+    base = jax.vmap(jax.random.key)(jnp.asarray(cfg.seeds))
     n_chunks = -(-cfg.steps // cfg.eval_every)
     data_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(base)
     history, mses, eval_steps = [], [], []
@@ -447,6 +458,13 @@ def main(argv: list[str] | None = None) -> list[Result]:
         clip_value=args.clip_value,
     )
     if args.quick:
+        # Compile time dominates a smoke test; skip XLA's slower CPU optimizations.
+        # (Read when the backend starts, i.e. at the first computation below.)
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "")
+            + " --xla_backend_optimization_level=0"
+            + " --xla_llvm_disable_expensive_passes=true"
+        )
         cfg = dataclasses.replace(
             cfg,
             steps=40,

@@ -11,6 +11,7 @@ no extra cost (they are part of the optimizer state).
 from __future__ import annotations
 
 import argparse
+import os
 
 import jax
 import jax.numpy as jnp
@@ -70,6 +71,13 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="a few steps (smoke test)")
     args = parser.parse_args(argv)
     steps = 20 if args.quick else args.steps
+    if args.quick:
+        # Compile time dominates a smoke test; skip XLA's slower CPU optimizations.
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "")
+            + " --xla_backend_optimization_level=0"
+            + " --xla_llvm_disable_expensive_passes=true"
+        )
 
     x, y = make_data(jax.random.key(0))
     model = MLP()

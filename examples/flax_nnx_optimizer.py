@@ -10,6 +10,7 @@ state, so the jitted step can return the pre-clip gradient norm for logging.
 from __future__ import annotations
 
 import argparse
+import os
 
 import jax
 import jax.numpy as jnp
@@ -69,6 +70,13 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="a few steps (smoke test)")
     args = parser.parse_args(argv)
     steps = 20 if args.quick else args.steps
+    if args.quick:
+        # Compile time dominates a smoke test; skip XLA's slower CPU optimizations.
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "")
+            + " --xla_backend_optimization_level=0"
+            + " --xla_llvm_disable_expensive_passes=true"
+        )
 
     x, y = make_data(jax.random.key(0))
     model = MLP(64, rngs=nnx.Rngs(1))

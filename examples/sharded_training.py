@@ -13,11 +13,17 @@ parameters keep their shardings.
 from __future__ import annotations
 
 import os
+import sys
 
 # Simulated CPU devices must be requested before JAX is imported.
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 )
+if "--quick" in sys.argv[1:]:
+    # Compile time dominates a smoke test; skip XLA's slower CPU optimizations.
+    os.environ["XLA_FLAGS"] += (
+        " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    )
 
 import argparse  # noqa: E402
 
