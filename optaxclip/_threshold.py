@@ -161,10 +161,11 @@ def plot_norm_history(
       >>> import numpy as np
       >>> import optaxclip as oc
       >>> norms = np.exp(np.random.default_rng(0).normal(size=200))
-      >>> out = os.path.join(tempfile.mkdtemp(), "norms.png")
-      >>> _ = oc.plot_norm_history(norms, out, {"p10": 0.3, "fixed": 1.0})
-      >>> os.path.getsize(out) > 0
-      True
+      >>> with tempfile.TemporaryDirectory() as folder:
+      ...     out = os.path.join(folder, "norms.png")
+      ...     path = oc.plot_norm_history(norms, out, {"p10": 0.3, "fixed": 1.0})
+      ...     print(path == out, os.path.getsize(out) > 0)
+      True True
     """
     values = _as_history(norms, "norms")
     lines = _threshold_lines(thresholds, values.size)
