@@ -48,13 +48,9 @@ class Method:
     measures: str = "global norm"
 
 
-def _optional(name: str) -> Callable[..., optax.GradientTransformation] | None:
-    return getattr(oc, name, None)
-
-
 def methods(clip_norm: float, clip_value: float) -> dict[str, Method]:
     """Every method of the demo, by name; adaptive ones use their paper defaults."""
-    table = {
+    return {
         "none": Method("none", "no clipping", None),
         "global_norm": Method(
             "global_norm",
@@ -67,18 +63,13 @@ def methods(clip_norm: float, clip_value: float) -> dict[str, Method]:
             lambda: oc.clip_by_value(clip_value),
             measures="largest |entry|",
         ),
+        "autoclip": Method("autoclip", "AutoClip (p=10)", oc.autoclip),
+        "zclip": Method("zclip", "ZClip", oc.zclip),
+        "quantile_clip": Method("quantile_clip", "quantile tracking", oc.quantile_clip),
+        "adagc": Method(
+            "adagc", "AdaGC (per tensor)", oc.adagc, measures="largest tensor norm"
+        ),
     }
-    for name, label in [
-        ("autoclip", "AutoClip (p=10)"),
-        ("zclip", "ZClip"),
-        ("quantile_clip", "quantile tracking"),
-        ("adagc", "AdaGC (per tensor)"),
-    ]:
-        factory = _optional(name)
-        if factory is not None:
-            measures = "largest tensor norm" if name == "adagc" else "global norm"
-            table[name] = Method(name, label, factory, measures)
-    return table
 
 
 # ---------------------------------------------------------------------------
