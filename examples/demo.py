@@ -415,7 +415,9 @@ def main(argv: list[str] | None = None) -> list[Result]:
         default=",".join(available),
         help=f"comma-separated subset of: {', '.join(available)}",
     )
-    parser.add_argument("--out", default="demo.png", help="where to save the PNG")
+    parser.add_argument(
+        "--out", default=os.path.join("out", "demo.png"), help="where to save the PNG"
+    )
     parser.add_argument("--lr", type=float, default=defaults.learning_rate)
     parser.add_argument(
         "--optimizer", choices=["sgd", "adam"], default=defaults.optimizer
@@ -487,6 +489,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
             results.append(train(available[name], cfg, bar))
     print()
     print(table(results))
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     plot(results, args.out, cfg)
     print(f"\nsaved {args.out}")
     threshold_report(results, args.out, cfg)
