@@ -45,10 +45,19 @@ class ClipStats(NamedTuple):
 
     @classmethod
     def zeros(cls, norm_like: jax.Array) -> ClipStats:
-        """Initial stats for a measurement shaped like ``norm_like``."""
-        zero = jnp.zeros_like(norm_like)
-        int0 = jnp.zeros((), jnp.int32)
-        return cls(zero, zero, jnp.ones_like(norm_like), int0, int0, int0)
+        """Initial stats for a measurement shaped like ``norm_like``.
+
+        Every field is its own buffer, so the state can be donated to a
+        jitted step right after ``init``.
+        """
+        return cls(
+            norm=jnp.zeros_like(norm_like),
+            threshold=jnp.zeros_like(norm_like),
+            scale=jnp.ones_like(norm_like),
+            clipped=jnp.zeros((), jnp.int32),
+            nonfinite_count=jnp.zeros((), jnp.int32),
+            count=jnp.zeros((), jnp.int32),
+        )
 
 
 class ClipState(NamedTuple):

@@ -450,3 +450,14 @@ def _check_stats_found_in_nested_states():
         np.testing.assert_allclose(float(found[-1].norm), 5.0, rtol=1e-6)
         assert int(found[-1].count) == 1
     assert oc.stats(optax.adam(1e-3).init(params)) == ()
+
+
+def test_state_can_be_donated_right_after_init():
+    tx = optax.chain(oc.clip_by_norm(1.0), optax.sgd(0.1))
+    params = {"w": jnp.ones(3), "b": jnp.ones(2)}
+    step = jax.jit(lambda g, s: tx.update(g, s, params), donate_argnums=1)
+    state = tx.init(params)
+    _, state = step(params, state)
+    (s,) = oc.stats(state)
+    # leaves in pytree order: "b" then "w"
+    np.testing.assert_allclose(np.asarray(s.norm), [np.sqrt(2), np.sqrt(3)], rtol=1e-6)
