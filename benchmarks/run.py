@@ -65,7 +65,7 @@ FULL = {
     "step_size": 10_000_000,
     "step_leaves": 16,
     "compile_leaves": [10, 100, 1000, 5000],
-    "compile_timeout": 200.0,
+    "compile_timeout": 120.0,
     "compile_shared_process": False,
     "lowp_size": 10_000_000,
 }
@@ -446,9 +446,25 @@ def compile_worker(impls: Sequence[str], leaf_counts: Sequence[int]) -> None:
         _compile_one(impl, leaf_counts)
 
 
-def _compile_one(impl: str, leaf_counts: Sequence[int]) -> None:
+def _peak_rss_mb() -> float:
+    """High-water mark of this process's resident memory, in MB.
+
+    Read from ``/proc`` (reset by ``exec``, unlike ``ru_maxrss``, which a
+    child started from a large parent inherits); ``ru_maxrss`` elsewhere.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     import resource
 
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _compile_one(impl: str, leaf_counts: Sequence[int]) -> None:
     for n in leaf_counts:
         params = {
             f"l{i:05d}": jnp.zeros(_BLOCK_SHAPES[i % len(_BLOCK_SHAPES)], jnp.float32)
@@ -469,7 +485,7 @@ def _compile_one(impl: str, leaf_counts: Sequence[int]) -> None:
         traced = time.perf_counter()
         lowered.compile()
         done = time.perf_counter()
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak_mb = _peak_rss_mb()
         print(
             json.dumps(
                 {
@@ -561,6 +577,43 @@ def _run_compile_worker(impls: Sequence[str], counts: Sequence[int], timeout: fl
     return out
 
 
+def summarize(rows: Sequence[dict]) -> None:
+    """Prints the condensed section-1/4 table used in the README."""
+    print(
+        "| dtype | params | leaves | optaxclip / optax | donated: optaxclip / optax "
+        "| donated: % of bandwidth ref | donated: peak / input "
+        "| donated optaxclip / torch foreach (in place) |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    rows = [r for r in rows if r["section"] in (1, 4)]
+    index = {
+        (r["dtype"], r["params"], r["leaves"], r["mode"], r["impl"]): r for r in rows
+    }
+    keys = sorted(
+        {
+            (r["dtype"], r["params"], r["leaves"])
+            for r in rows
+            if r["section"] in (1, 4)
+        },
+        key=lambda k: (k[0] != "float32", k[0], k[1], k[2]),
+    )
+    for dtype, size, leaves in keys:
+        plain = index[(dtype, size, leaves, "plain", "optaxclip")]
+        donated = index[(dtype, size, leaves, "donated", "optaxclip")]
+        torch_row = index.get((dtype, size, leaves, "plain", "torch foreach"))
+        vs_torch = (
+            f"{donated['time_s'] / torch_row['time_s']:.2f}"
+            if torch_row and torch_row["time_s"]
+            else TORCH_NA
+        )
+        peak = donated.get("peak_over_input")
+        print(
+            f"| {dtype} | {size:.0e} | {leaves} | {plain['vs_optax']:.2f} | "
+            f"{donated['vs_optax']:.2f} | {100 * donated['of_bw']:.0f}% | "
+            f"{'' if peak is None else f'{peak:.2f}'} | {vs_torch} |"
+        )
+
+
 def print_versions() -> dict:
     info = {
         "python": platform.python_version(),
@@ -587,6 +640,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per row")
     parser.add_argument("--json", default=None, help="also write all rows to this file")
+    parser.add_argument(
+        "--compile-timeout",
+        type=float,
+        default=None,
+        help="seconds each section-3 process may run (full: 120, quick: 120)",
+    )
+    parser.add_argument(
+        "--summarize", default=None, help="print the README summary of a --json file"
+    )
     parser.add_argument("--compile-worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--leaf-counts", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -598,9 +660,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 0
 
+    if args.summarize:
+        with open(args.summarize) as f:
+            summarize(json.load(f)["rows"])
+        return 0
+
     cfg = dict(QUICK if args.quick else FULL)
     if args.repeats is not None:
         cfg["repeats"] = args.repeats
+    if args.compile_timeout is not None:
+        cfg["compile_timeout"] = args.compile_timeout
     sections = {int(s) for s in args.sections.split(",") if s}
     print(f"# optaxclip benchmarks ({'quick' if args.quick else 'full'} mode)")
     versions = print_versions()
@@ -626,6 +695,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "4. Low-precision gradients (float32 accumulation)",
             section=4,
         )
+    if {1, 4} & sections:
+        print("\n## Summary of sections 1 and 4 (ratios < 1: optaxclip faster)\n")
+        summarize(rows)
     print(f"\nTotal benchmark time: {time.perf_counter() - start:.0f} s")
     if args.json:
         with open(args.json, "w") as f:

@@ -130,3 +130,4 @@ def test_section_4_reports_low_precision(report):
     assert {r["impl"] for r in rows} >= {"optaxclip", "optax", "ref measure+scale"}
     assert "Total benchmark time" in stdout
     assert "Versions:" in stdout
+    assert "Summary of sections 1 and 4" in stdout
