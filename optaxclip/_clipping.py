@@ -309,16 +309,18 @@ def adaptive_grad_clip(
 # ---------------------------------------------------------------------------
 
 
-def _transform(scope: Any, rule: Rule, nonfinite: str) -> optax.GradientTransformationExtraArgs:
+def _transform(
+    scope: Any, rule: Rule, nonfinite: str
+) -> optax.GradientTransformationExtraArgs:
     if nonfinite not in _NONFINITE:
-        raise ValueError(
-            f"`nonfinite` must be one of {_NONFINITE}; got {nonfinite!r}."
-        )
+        raise ValueError(f"`nonfinite` must be one of {_NONFINITE}; got {nonfinite!r}.")
     zero_nonfinite = nonfinite == "zero"
 
     def init_fn(params):
         norm_like = scope.norm_like(params)
-        return ClipState(rule_state=rule.init(norm_like), stats=ClipStats.zeros(norm_like))
+        return ClipState(
+            rule_state=rule.init(norm_like), stats=ClipStats.zeros(norm_like)
+        )
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
@@ -473,7 +475,9 @@ class _ElementScope:
     def apply(self, updates, measured, threshold, keep):
         def clamp(_, x):
             if jnp.iscomplexobj(x):
-                out = scale_leaf(x, scale_factor(jnp.abs(x), threshold.astype(x.real.dtype)), None)
+                out = scale_leaf(
+                    x, scale_factor(jnp.abs(x), threshold.astype(x.real.dtype)), None
+                )
             else:
                 bound = threshold.astype(x.dtype)
                 out = jnp.clip(x, -bound, bound)
@@ -488,7 +492,9 @@ class _ElementScope:
 
 
 def _stacked_per_leaf(stacked_axes, tree):
-    return _norms.leafwise(stacked_axes, tree, lambda v: isinstance(v, int | np.integer))
+    return _norms.leafwise(
+        stacked_axes, tree, lambda v: isinstance(v, int | np.integer)
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -507,7 +513,8 @@ class _TensorScope:
             k = int(k or 0)
             if k > np.ndim(x):
                 raise ValueError(
-                    f"`stacked_axes`={k} exceeds the rank of a leaf of shape {np.shape(x)}."
+                    f"`stacked_axes`={k} exceeds the rank of a leaf of shape "
+                    f"{np.shape(x)}."
                 )
             out.append(tuple(range(k)))
         return leaves, out
@@ -520,7 +527,10 @@ class _TensorScope:
     def measure(self, updates, params):
         del params
         leaves, keep = self._keep_axes(updates)
-        reduced = [tuple(a for a in range(x.ndim) if a not in k) for x, k in zip(leaves, keep, strict=True)]
+        reduced = [
+            tuple(a for a in range(x.ndim) if a not in k)
+            for x, k in zip(leaves, keep, strict=True)
+        ]
         groups = _norms.reduction_groups(
             updates, leaves, self.axis_name, self.partition_specs, reduced
         )
@@ -581,7 +591,13 @@ class _UnitScope:
                 f"{jax.tree.structure(updates)}."
             )
         leaves = _norms.float_leaves(updates)
-        p_leaves = [p for u, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params), strict=True) if _norms.is_float(u)]
+        p_leaves = [
+            p
+            for u, p in zip(
+                jax.tree.leaves(updates), jax.tree.leaves(params), strict=True
+            )
+            if _norms.is_float(u)
+        ]
         ks = [int(k or 0) for k in _stacked_per_leaf(self.stacked_axes, updates)]
         axes = [self._axes(x, k) for x, k in zip(leaves, ks, strict=True)]
         groups = _norms.reduction_groups(
@@ -590,8 +606,12 @@ class _UnitScope:
         eps = jnp.asarray(self.eps, jnp.float32)
         units = []
         for x, w, ax, names in zip(leaves, p_leaves, axes, groups, strict=True):
-            g_sum = _norms.cross_device(_norms.power_sum(x, 2.0, ax, keepdims=True), names, 2.0)
-            w_sum = _norms.cross_device(_norms.power_sum(w, 2.0, ax, keepdims=True), names, 2.0)
+            g_sum = _norms.cross_device(
+                _norms.power_sum(x, 2.0, ax, keepdims=True), names, 2.0
+            )
+            w_sum = _norms.cross_device(
+                _norms.power_sum(w, 2.0, ax, keepdims=True), names, 2.0
+            )
             g_norm = _norms.safe_root(g_sum, 2.0)
             w_norm = jnp.maximum(_norms.safe_root(w_sum, 2.0), eps.astype(w_sum.dtype))
             units.append((g_norm, w_norm))
@@ -610,7 +630,8 @@ class _UnitScope:
         ]
         everywhere = tuple(dict.fromkeys(n for names in split for n in names))
         unit_groups = [
-            tuple(n for n in s if n not in g) for s, g in zip(split, groups, strict=True)
+            tuple(n for n in s if n not in g)
+            for s, g in zip(split, groups, strict=True)
         ]
         ratios = [jnp.max(g / w).astype(acc) for g, w in units]
         ratios = _norms.cross_device(

@@ -417,7 +417,9 @@ def _measure_total(leaves, p, groups):
         out = None
         for names in dict.fromkeys(groups):
             values = [
-                v.astype(acc) for v, g in zip(per_leaf, groups, strict=True) if g == names
+                v.astype(acc)
+                for v, g in zip(per_leaf, groups, strict=True)
+                if g == names
             ]
             part = _reduce_vector(stack_barrier(values), p)
             part = cross_device(part, names, p)

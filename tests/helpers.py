@@ -44,7 +44,9 @@ def np_leaves(tree):
 
 def np_norm(leaves, p=2.0) -> float:
     """Reference p-norm of all entries (NumPy, float64)."""
-    flat = np.concatenate([np.abs(a).ravel() for a in leaves]) if leaves else np.zeros(0)
+    flat = (
+        np.concatenate([np.abs(a).ravel() for a in leaves]) if leaves else np.zeros(0)
+    )
     if flat.size == 0:
         return 0.0
     if np.isinf(p):

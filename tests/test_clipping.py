@@ -52,7 +52,12 @@ def test_global_norm_bounded_direction_kept(tree, threshold, ord):
         scale = float(state.stats.scale)
         np.testing.assert_allclose(scale, threshold / before, rtol=2e-5)
         for a, b in zip(np_leaves(out), np_leaves(tree), strict=True):
-            np.testing.assert_allclose(a, b * scale, rtol=_tol(tree), atol=1e-30 + _tol(tree) * np.abs(b).max(initial=0) * scale)
+            np.testing.assert_allclose(
+                a,
+                b * scale,
+                rtol=_tol(tree),
+                atol=1e-30 + _tol(tree) * np.abs(b).max(initial=0) * scale,
+            )
     for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(tree), strict=True):
         assert a.dtype == b.dtype and a.shape == b.shape
 
@@ -66,7 +71,10 @@ def test_per_tensor_bounded_and_idempotent(tree, threshold, ord):
     before = _tensor_norms(tree, p)
     np.testing.assert_allclose(np.asarray(state.stats.norm), before, rtol=2e-5)
     for n_after, n_before in zip(_tensor_norms(out, p), before, strict=True):
-        assert n_after <= max(threshold, 0.0) * (1 + _tol(tree)) + 1e-30 or n_after <= n_before
+        assert (
+            n_after <= max(threshold, 0.0) * (1 + _tol(tree)) + 1e-30
+            or n_after <= n_before
+        )
         assert n_after <= threshold * (1 + _tol(tree)) + 1e-30
     twice, _ = run(tx, out)
     for a, b in zip(np_leaves(twice), np_leaves(out), strict=True):
@@ -80,7 +88,9 @@ def test_value_and_block_rms_bounded_idempotent(tree, threshold):
     out, state = run(oc.clip_by_value(threshold), tree)
     largest = max(np.abs(a).max(initial=0) for a in np_leaves(tree))
     np.testing.assert_allclose(float(state.stats.norm), largest, rtol=1e-6)
-    assert all(np.abs(a).max(initial=0) <= threshold * (1 + 1e-3) for a in np_leaves(out))
+    assert all(
+        np.abs(a).max(initial=0) <= threshold * (1 + 1e-3) for a in np_leaves(out)
+    )
     twice, _ = run(oc.clip_by_value(threshold), out)
     for a, b in zip(jax.tree.leaves(twice), jax.tree.leaves(out), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -119,7 +129,9 @@ def test_float16_overflowing_square_is_clipped_not_zeroed():
 def test_float16_tiny_gradients_get_their_norm():
     grads = {"w": jnp.full((100,), 1e-4, jnp.float16)}
     out, state = run(oc.clip_by_global_norm(1e-4), grads)
-    np.testing.assert_allclose(float(state.stats.norm), float(np.float16(1e-4)) * 10, rtol=1e-5)
+    np.testing.assert_allclose(
+        float(state.stats.norm), float(np.float16(1e-4)) * 10, rtol=1e-5
+    )
     np.testing.assert_allclose(np_norm(np_leaves(out)), 1e-4, rtol=2e-3)
 
 
@@ -159,9 +171,9 @@ def test_zero_threshold_zeroes_nonzero_gradient():
 def test_grad_through_agc_of_zero_gradient_is_finite():
     params = {"w": jnp.ones((3, 2))}
     tx = oc.adaptive_grad_clip(0.1)
-    grad = jax.grad(lambda g: jnp.sum(tx.update({"w": g}, tx.init(params), params)[0]["w"]))(
-        jnp.zeros((3, 2))
-    )
+    grad = jax.grad(
+        lambda g: jnp.sum(tx.update({"w": g}, tx.init(params), params)[0]["w"])
+    )(jnp.zeros((3, 2)))
     assert np.all(np.isfinite(np.asarray(grad)))
 
 
@@ -304,7 +316,9 @@ def test_traced_ord_under_inject_hyperparams_matches_static_ord():
         tx = optax.inject_hyperparams(oc.clip_by_global_norm)(max_norm=1.0, ord=ord)
         out, state = jax.jit(tx.update)(grads, tx.init(grads))
         ref, ref_state = run(oc.clip_by_global_norm(1.0, ord=ord), grads)
-        np.testing.assert_allclose(np.asarray(out["w"]), np.asarray(ref["w"]), rtol=1e-6)
+        np.testing.assert_allclose(
+            np.asarray(out["w"]), np.asarray(ref["w"]), rtol=1e-6
+        )
         np.testing.assert_allclose(
             float(oc.stats(state)[0].norm), float(ref_state.stats.norm), rtol=1e-6
         )
@@ -332,9 +346,12 @@ def test_array_threshold_changes_without_retracing():
 
 
 def _torch_clip_grad_norm_reference(grads, max_norm, norm_type):
-    """clip_grad_norm_: total = norm of per-tensor norms; coef = max_norm/(total+1e-6)."""
+    """torch clip_grad_norm_: total = norm of the per-tensor norms;
+    coef = max_norm / (total + 1e-6), capped at 1."""
     per_tensor = [
-        np.abs(g).max() if np.isinf(norm_type) else np.sum(np.abs(g) ** norm_type) ** (1 / norm_type)
+        np.abs(g).max()
+        if np.isinf(norm_type)
+        else np.sum(np.abs(g) ** norm_type) ** (1 / norm_type)
         for g in grads
     ]
     per_tensor = np.asarray(per_tensor)

@@ -24,7 +24,10 @@ def test_global_norm_matches_numpy(ord, seed, n):
 
 def test_float16_large_values_do_not_overflow():
     # sum of squares = 4 * 300**2 * 64 = 23_040_000 > float16 max (65504)
-    tree = {"a": jnp.full((64,), 300.0, jnp.float16), "b": jnp.full((3, 64), -300.0, jnp.float16)}
+    tree = {
+        "a": jnp.full((64,), 300.0, jnp.float16),
+        "b": jnp.full((3, 64), -300.0, jnp.float16),
+    }
     expected = 300.0 * np.sqrt(4 * 64)
     np.testing.assert_allclose(oc.global_norm(tree), expected, rtol=1e-6)
     assert not np.isfinite(float(optax.tree.norm(tree)))  # the failure we fix

@@ -43,16 +43,24 @@ def _pairs():
 @pytest.mark.parametrize("name,ours,theirs", _pairs(), ids=[p[0] for p in _pairs()])
 def test_drop_in_matches_optax(name, ours, theirs, seed, n_leaves, dtype, rtol, jit):
     grads = random_tree(seed, n_leaves, dtype, scale=2.0)
-    params = random_tree(seed + 100, n_leaves, dtype) if name == "adaptive_grad_clip" else None
+    params = (
+        random_tree(seed + 100, n_leaves, dtype)
+        if name == "adaptive_grad_clip"
+        else None
+    )
     # Same shapes for params as for grads (AGC needs matching units).
     if params is not None:
-        params = jax.tree.map(lambda g, p: jnp.resize(p, g.shape).astype(g.dtype), grads, params)
+        params = jax.tree.map(
+            lambda g, p: jnp.resize(p, g.shape).astype(g.dtype), grads, params
+        )
     mine, theirs_tx = ours(), theirs()
     up_mine = jax.jit(mine.update) if jit else mine.update
     up_theirs = jax.jit(theirs_tx.update) if jit else theirs_tx.update
     expected, _ = up_theirs(grads, theirs_tx.init(grads), params)
     actual, _ = up_mine(grads, mine.init(grads if params is None else params), params)
-    assert_trees_close(actual, expected, rtol=rtol, atol=1e-7 if dtype == jnp.float32 else 1e-2)
+    assert_trees_close(
+        actual, expected, rtol=rtol, atol=1e-7 if dtype == jnp.float32 else 1e-2
+    )
 
 
 @pytest.mark.parametrize("name,ours,theirs", _pairs(), ids=[p[0] for p in _pairs()])
@@ -68,12 +76,18 @@ def test_drop_in_matches_optax_float64(name, ours, theirs):
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-@pytest.mark.parametrize("shape", [(5,), (3, 4), (2, 3, 4), (2, 2, 3, 4), (2, 2, 2, 3, 4)])
+@pytest.mark.parametrize(
+    "shape", [(5,), (3, 4), (2, 3, 4), (2, 2, 3, 4), (2, 2, 2, 3, 4)]
+)
 def test_unitwise_norm_matches_optax(shape, seed):
     x = jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
-    np.testing.assert_allclose(oc.unitwise_norm(x), optax.transforms.unitwise_norm(x), rtol=1e-6)
     np.testing.assert_allclose(
-        oc.unitwise_norm(x, axis=-1), optax.transforms.unitwise_norm(x, axis=-1), rtol=1e-6
+        oc.unitwise_norm(x), optax.transforms.unitwise_norm(x), rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        oc.unitwise_norm(x, axis=-1),
+        optax.transforms.unitwise_norm(x, axis=-1),
+        rtol=1e-6,
     )
 
 
@@ -81,11 +95,17 @@ def test_unitwise_norm_matches_optax(shape, seed):
 @pytest.mark.parametrize("bound", [0.0, 0.7, 2.5, np.inf])
 def test_per_example_global_norm_clip_matches_optax(bound, jit):
     rng = np.random.default_rng(0)
-    grads = [jnp.asarray(rng.normal(size=(6, 3)), jnp.float32),
-             jnp.asarray(rng.normal(size=(6, 2, 2)), jnp.float32)]
+    grads = [
+        jnp.asarray(rng.normal(size=(6, 3)), jnp.float32),
+        jnp.asarray(rng.normal(size=(6, 2, 2)), jnp.float32),
+    ]
     grads[0] = grads[0].at[2].set(0.0)
     grads[1] = grads[1].at[2].set(0.0)
-    ours = jax.jit(oc.per_example_global_norm_clip) if jit else oc.per_example_global_norm_clip
+    ours = (
+        jax.jit(oc.per_example_global_norm_clip)
+        if jit
+        else oc.per_example_global_norm_clip
+    )
     expected = optax.per_example_global_norm_clip(grads, bound)
     actual = ours(grads, bound)
     assert_trees_close(actual[0], expected[0], rtol=1e-6, atol=1e-7)
@@ -96,9 +116,11 @@ def test_per_example_global_norm_clip_matches_optax(bound, jit):
 @pytest.mark.parametrize("bound", [0.0, 1.0, 4.0])
 def test_per_example_layer_norm_clip_matches_optax(bound, uniform):
     rng = np.random.default_rng(1)
-    grads = [jnp.asarray(rng.normal(size=(5, 4)), jnp.float32),
-             jnp.asarray(rng.normal(size=(5, 3, 3)), jnp.float32),
-             jnp.asarray(rng.normal(size=(5,)), jnp.float32)]
+    grads = [
+        jnp.asarray(rng.normal(size=(5, 4)), jnp.float32),
+        jnp.asarray(rng.normal(size=(5, 3, 3)), jnp.float32),
+        jnp.asarray(rng.normal(size=(5,)), jnp.float32),
+    ]
     expected = optax.per_example_layer_norm_clip(grads, bound, uniform)
     actual = oc.per_example_layer_norm_clip(grads, bound, uniform)
     assert_trees_close(actual[0], expected[0], rtol=1e-6, atol=1e-7)
@@ -118,9 +140,17 @@ def test_per_example_doctest_values_match_optax_on_integer_input():
 @pytest.mark.parametrize(
     "name,ours,theirs",
     [
-        ("global", oc.clip_by_global_norm(1.0, nonfinite="propagate"), optax.clip_by_global_norm(1.0)),
+        (
+            "global",
+            oc.clip_by_global_norm(1.0, nonfinite="propagate"),
+            optax.clip_by_global_norm(1.0),
+        ),
         ("value", oc.clip(0.5, nonfinite="propagate"), optax.clip(0.5)),
-        ("block_rms", oc.clip_by_block_rms(0.5, nonfinite="propagate"), optax.clip_by_block_rms(0.5)),
+        (
+            "block_rms",
+            oc.clip_by_block_rms(0.5, nonfinite="propagate"),
+            optax.clip_by_block_rms(0.5),
+        ),
     ],
 )
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
