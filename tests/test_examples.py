@@ -108,7 +108,13 @@ def test_llm_spikes_compares_every_method():
     stdout = run_example("llm_spikes.py")
     assert "characters of standard-library source" in stdout
     rows = {r[0]: r for r in table_rows(stdout, "method")}
-    assert set(rows) == {"global_norm(1.0)", "zclip", "autoclip(p=10)", "skip_spikes"}
+    assert set(rows) == {
+        "none",
+        "global_norm(1.0)",
+        "zclip",
+        "autoclip(p=10)",
+        "skip_spikes",
+    }
     for row in rows.values():
         final = float(row[1])
         assert math.isfinite(final) and final < math.log(128)  # below a uniform guess
