@@ -312,9 +312,7 @@ def adaptive_grad_clip(
 def _transform(
     scope: Any, rule: Rule, nonfinite: str
 ) -> optax.GradientTransformationExtraArgs:
-    if nonfinite not in _NONFINITE:
-        raise ValueError(f"`nonfinite` must be one of {_NONFINITE}; got {nonfinite!r}.")
-    zero_nonfinite = nonfinite == "zero"
+    zero_nonfinite = check_nonfinite(nonfinite)
 
     def init_fn(params):
         norm_like = scope.norm_like(params)
@@ -350,6 +348,13 @@ def _transform(
         return new_updates, ClipState(rule_state=rule_state, stats=stats)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def check_nonfinite(nonfinite: str) -> bool:
+    """Validates the ``nonfinite`` policy; True for ``"zero"``."""
+    if nonfinite not in _NONFINITE:
+        raise ValueError(f"`nonfinite` must be one of {_NONFINITE}; got {nonfinite!r}.")
+    return nonfinite == "zero"
 
 
 def keep_if(condition: jax.Array, new: Any, old: Any) -> Any:

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from . import _norms
+from ._clipping import check_nonfinite
 from ._stats import ClipState, ClipStats
 from .rules import Rule, as_rule, quantile
 
@@ -17,8 +18,6 @@ __all__ = [
     "per_example_global_norm_clip",
     "per_example_layer_norm_clip",
 ]
-
-_NONFINITE = ("zero", "propagate")
 
 
 def clip_per_example(
@@ -87,10 +86,8 @@ def clip_per_example(
       Andrew et al., `Differentially Private Learning with Adaptive Clipping
       <https://arxiv.org/abs/1905.03871>`_, 2021.
     """
-    if nonfinite not in _NONFINITE:
-        raise ValueError(f"`nonfinite` must be one of {_NONFINITE}; got {nonfinite!r}.")
+    zero_nonfinite = check_nonfinite(nonfinite)
     rule = as_rule(l2_norm_clip, "l2_norm_clip")
-    zero_nonfinite = nonfinite == "zero"
 
     def init_fn(params):
         del params

@@ -18,9 +18,10 @@ import optax
 
 from . import _norms, rules
 from ._clipping import (
-    _NONFINITE,
+    check_nonfinite,
     clip_by_global_norm,
     clip_by_norm,
+    keep_if,
     map_float,
     scale_leaf,
 )
@@ -412,7 +413,7 @@ def spam_clip(
     rules.check_number(beta2, "beta2", lo=0.0, hi=1.0)
     rules.check_number(reset_interval, "reset_interval", lo=0, integer=True)
     rules.check_number(guard_steps, "guard_steps", lo=0, integer=True)
-    keep_nonfinite = _check_nonfinite(nonfinite)
+    keep_nonfinite = not check_nonfinite(nonfinite)
 
     def init_fn(params):
         nu = map_float(lambda _, x: jnp.zeros(x.shape, _real_acc(x)), params)
@@ -468,7 +469,7 @@ def spam_clip(
         norm, clipped_norm = jnp.sqrt(before), jnp.sqrt(after)
         finite = jnp.isfinite(norm)
         out = _zero_unless(finite, clipped_tree, keep_nonfinite)
-        new_nu = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_nu, state.nu)
+        new_nu = keep_if(finite, new_nu, state.nu)
         scale = jnp.where(norm > 0, clipped_norm / jnp.where(norm > 0, norm, 1), 1)
         stats = _stats(
             state.stats, norm, clipped_norm, scale, n_clipped, finite, keep_nonfinite
@@ -540,7 +541,7 @@ def stable_spam_clip(
             "`beta` must be < 1 (the bias correction divides by 1 - beta**t); "
             f"got {beta!r}."
         )
-    keep_nonfinite = _check_nonfinite(nonfinite)
+    keep_nonfinite = not check_nonfinite(nonfinite)
 
     def init_fn(params):
         n = len(_norms.float_leaves(params))
@@ -651,7 +652,7 @@ def clippy(
     """
     rules.check_number(relative, "relative", lo=0.0)
     rules.check_number(absolute, "absolute", lo=0.0)
-    keep_nonfinite = _check_nonfinite(nonfinite)
+    keep_nonfinite = not check_nonfinite(nonfinite)
 
     def init_fn(params):
         n = len(_norms.float_leaves(params))
@@ -712,12 +713,6 @@ def clippy(
 
 def _log(beta: Any) -> float:
     return math.log(float(beta)) if float(beta) > 0 else -math.inf
-
-
-def _check_nonfinite(nonfinite: str) -> bool:
-    if nonfinite not in _NONFINITE:
-        raise ValueError(f"`nonfinite` must be one of {_NONFINITE}; got {nonfinite!r}.")
-    return nonfinite == "propagate"
 
 
 def _real_acc(x: jax.Array) -> jnp.dtype:

@@ -133,29 +133,23 @@ def as_rule(threshold: Any, name: str = "threshold") -> Rule:
 
 
 def check_threshold(value: Any, name: str) -> None:
-    """Raises ValueError for a concrete negative or NaN ``value``.
+    """Raises for a concrete threshold that is not a number >= 0 (inf allowed).
 
     Traced and device arrays are not checked (that would need a host
     round-trip); Python and NumPy numbers are.
+
+    Raises:
+      TypeError: if ``value`` is not a number or array.
+      ValueError: if it is negative, NaN or not a scalar.
     """
-    if isinstance(value, jax.Array):
-        return
     if isinstance(value, bool) or not isinstance(
-        value, int | float | np.number | np.ndarray
+        value, int | float | np.number | np.ndarray | jax.Array
     ):
         raise TypeError(
             f"`{name}` must be a number, a scalar array, an optax schedule or a "
             f"rule from optaxclip.rules; got {value!r} of type {type(value).__name__}."
         )
-    array = np.asarray(value)
-    if array.ndim != 0:
-        raise ValueError(
-            f"`{name}` must be a scalar; got an array of shape {array.shape}."
-        )
-    if not np.issubdtype(array.dtype, np.number) or math.isnan(float(array)):
-        raise ValueError(f"`{name}` must be a number >= 0; got {value!r}.")
-    if float(array) < 0:
-        raise ValueError(f"`{name}` must be >= 0; got {value!r}.")
+    check_number(value, name, lo=0.0, allow_inf=True)
 
 
 # ---------------------------------------------------------------------------
@@ -648,8 +642,9 @@ def check_number(
     hi: float | None = None,
     lo_open: bool = False,
     integer: bool = False,
+    allow_inf: bool = False,
 ) -> None:
-    """Raises ValueError for a concrete number outside its range.
+    """Raises ValueError for a concrete number outside its range (or NaN).
 
     Traced and device arrays (``optax.inject_hyperparams``) are not checked.
     """
@@ -666,7 +661,7 @@ def check_number(
     if array.ndim != 0 or not np.issubdtype(array.dtype, np.number):
         raise ValueError(f"`{name}` must be a real scalar; got {value!r}.")
     number = float(array)
-    if not math.isfinite(number):
+    if math.isnan(number) or (math.isinf(number) and not allow_inf):
         raise ValueError(f"`{name}` must be finite; got {value!r}.")
     if integer and number != int(number):
         raise ValueError(f"`{name}` must be an integer; got {value!r}.")
