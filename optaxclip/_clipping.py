@@ -332,6 +332,8 @@ def _transform(
         _check_shape(norms, state.stats.norm)
         count = state.stats.count
         threshold, rule_state = rule.update(state.rule_state, norms, count)
+        # A scalar threshold (fixed, scheduled) stays a scalar for scaling;
+        # the stats record it per entry.
         threshold = jnp.maximum(jnp.asarray(threshold, norms.dtype), 0)
         finite = jnp.all(jnp.isfinite(norms))
         rule_state = keep_if(finite, rule_state, state.rule_state)
@@ -339,7 +341,7 @@ def _transform(
         new_updates, scale, clipped = scope.apply(updates, measured, threshold, keep)
         stats = ClipStats(
             norm=norms,
-            threshold=threshold,
+            threshold=jnp.broadcast_to(threshold, norms.shape),
             scale=scale,
             clipped=jnp.asarray(clipped, jnp.int32),
             nonfinite_count=state.stats.nonfinite_count + (~finite).astype(jnp.int32),
@@ -386,12 +388,12 @@ def _check_stacked(stacked_axes: Any) -> Any:
 def scale_factor(norms: jax.Array, threshold: jax.Array) -> jax.Array:
     """``min(1, threshold / norms)`` with no division by zero (and no NaN grads).
 
-    A NaN norm gives a NaN scale, as in optax, so ``nonfinite="propagate"``
-    reproduces optax; the default policy replaces it by zeros.
+    A zero norm gives 1 (0 for a zero threshold: the update is zero either
+    way), an infinite norm 0, and a NaN norm a NaN scale, as in optax, so
+    ``nonfinite="propagate"`` reproduces optax; the default policy replaces
+    it by zeros.
     """
-    over = ~(norms <= threshold)
-    safe = jnp.where(over, norms, jnp.ones_like(norms))
-    return jnp.where(over, threshold / safe, jnp.ones_like(norms))
+    return _norms.piece_scale(norms, threshold, squared=False)
 
 
 def scale_leaf(x: jax.Array, scale: jax.Array, keep: jax.Array | None) -> jax.Array:
@@ -401,11 +403,18 @@ def scale_leaf(x: jax.Array, scale: jax.Array, keep: jax.Array | None) -> jax.Ar
     NaN entry becomes 0 rather than NaN * 0).
     """
     dtype = _norms.compute_dtype(x.dtype)
-    out = x.astype(dtype) * scale.astype(dtype)
-    out = out.astype(x.dtype)
-    if keep is not None:
-        out = jnp.where(keep, out, jnp.zeros_like(out))
-    return out
+    a = x if x.dtype == dtype else jax.lax.convert_element_type(x, dtype)
+    out = a * (scale if scale.dtype == dtype else scale.astype(dtype))
+    out = out if out.dtype == x.dtype else jax.lax.convert_element_type(out, x.dtype)
+    return zero_unless(keep, out)
+
+
+def zero_unless(keep: jax.Array | None, x: jax.Array) -> jax.Array:
+    """``x`` where the scalar ``keep`` holds, else zeros (None: ``x``)."""
+    if keep is None:
+        return x
+    zeros = jax.lax.broadcast(jnp.zeros((), x.dtype), x.shape)
+    return jax.lax.select(jax.lax.broadcast(keep, x.shape), x, zeros)
 
 
 def map_float(fn: Callable[..., jax.Array], tree: Any, *rest: Any) -> Any:
@@ -486,9 +495,7 @@ class _ElementScope:
             else:
                 bound = threshold.astype(x.dtype)
                 out = jnp.clip(x, -bound, bound)
-            if keep is not None:
-                out = jnp.where(keep, out, jnp.zeros_like(out))
-            return out
+            return zero_unless(keep, out)
 
         scale = scale_factor(measured.norms, threshold)
         if keep is not None:
@@ -539,27 +546,33 @@ class _TensorScope:
         groups = _norms.reduction_groups(
             updates, leaves, self.axis_name, self.partition_specs, reduced
         )
-        norms, pieces = _norms.segment_norms(
+        norms, pieces, squared = _norms.segment_norms(
             leaves, self.ord, keep, groups, self.normalize, pieces=True
         )
         dtype = _norms.tree_acc_dtype(updates)
-        pieces = [piece.astype(dtype) for piece in pieces]
-        return Measured(norms.astype(dtype), (leaves, keep, pieces))
+        pieces = [
+            piece if piece.dtype == dtype else piece.astype(dtype) for piece in pieces
+        ]
+        return Measured(norms.astype(dtype), (leaves, keep, pieces, squared))
 
     def apply(self, updates, measured, threshold, keep_mask):
-        leaves, keep, pieces = measured.parts
+        leaves, keep, pieces, squared = measured.parts
         scale = scale_factor(measured.norms, threshold)
         counts = [_norms.segment_count(x, k) for x, k in zip(leaves, keep, strict=True)]
         offsets = np.cumsum([0, *counts])
 
         def rescale(i, x):
-            # Each leaf's own norm piece (not a slice of the norm vector): a
-            # fixed threshold's slice folds to a scalar, so equally shaped
-            # leaves share one compiled kernel.
-            bound = _norms.segment_view(
-                threshold[offsets[i] : offsets[i + 1]], x, keep[i]
+            # Each leaf is scaled from its own measurement, not from a slice
+            # of the norm vector, and a scalar threshold is used as is, so
+            # equally shaped leaves share one compiled kernel.
+            bound = threshold
+            if threshold.ndim:
+                bound = _norms.segment_view(
+                    threshold[offsets[i] : offsets[i + 1]], x, keep[i]
+                )
+            return scale_leaf(
+                x, _norms.piece_scale(pieces[i], bound, squared), keep_mask
             )
-            return scale_leaf(x, scale_factor(pieces[i], bound), keep_mask)
 
         out = map_float(rescale, updates)
         if keep_mask is not None:
@@ -650,7 +663,10 @@ class _UnitScope:
 
         def rescale(i, x):
             g_norm, w_norm = units[i]
-            max_norm = threshold[i].astype(w_norm.dtype) * w_norm
+            # A scalar threshold is used as is (no per-leaf slice), so equally
+            # shaped leaves share one compiled kernel.
+            bound = threshold[i] if threshold.ndim else threshold
+            max_norm = bound.astype(w_norm.dtype) * w_norm
             over = g_norm > max_norm
             s = jnp.where(over, max_norm / jnp.maximum(g_norm, 1e-6), 1.0)
             smallest.append(jnp.min(s, initial=1.0))

@@ -6,9 +6,13 @@ contract lives in one place:
 * sums accumulate in float32, or float64 for float64 leaves under
   ``jax_enable_x64``, whatever the leaf dtype (a float16 leaf of values near 300
   does not overflow, one near 1e-4 does not underflow);
-* if a float32 sum of powers overflows although every entry is finite, the
-  norm is recomputed rescaled by the largest entry (this costs extra passes
-  only on that step);
+* measuring reads each leaf once, with no control flow over the tree; a
+  global 2-norm whose float32 sum of squares overflows is still exact (the
+  per-leaf sums are combined rescaled), but one tensor (or segment) whose own
+  2-norm exceeds ``2**64`` (about 1.8e19) reads as ``inf``: a non-finite step.
+  For ``p`` other than 1, 2 and ``inf``, where ``|x|**p`` overflows for
+  moderate entries (above ~7e3 for ``p = 10``), an overflowing sum is
+  re-measured rescaled by the largest entry (extra passes only on that step);
 * complex leaves use ``|z|``; integer leaves, ``None`` and ``optax.MaskedNode``
   are not measured;
 * roots have a zero-safe derivative: ``jax.grad`` through the norm of a zero
@@ -52,8 +56,9 @@ def global_norm(
 
     The norm is accumulated in float32 (float64 for float64 leaves under
     ``jax_enable_x64``), so float16/bfloat16 trees neither overflow nor
-    underflow, and a float32 sum that overflows although every entry is finite
-    is recomputed with rescaling. Integer leaves, ``None`` and
+    underflow; a global 2-norm whose float32 sum of squares overflows is
+    still exact (one tensor whose own 2-norm exceeds ``2**64`` reads as
+    ``inf``). Integer leaves, ``None`` and
     ``optax.MaskedNode`` are ignored; complex entries count as ``|z|``.
 
     Args:
@@ -211,25 +216,37 @@ def power_sum(
     """``sum |x / divisor|^p`` over ``axes`` (``max |x|`` for ``p = inf``).
 
     Accumulates in :func:`acc_dtype`; the cast fuses into the reduction, so
-    no converted copy of ``x`` is materialized.
+    no converted copy of ``x`` is materialized. Written with ``lax``
+    primitives: this runs once per leaf, and every traced op counts when a
+    model has thousands of leaves.
     """
     acc = acc_dtype(x.dtype)
+    axes = tuple(range(x.ndim)) if axes is None else tuple(axes)
+    kept = tuple(1 if a in axes else d for a, d in enumerate(x.shape))
+    if x.size == 0:
+        shape = (
+            kept
+            if keepdims
+            else tuple(d for a, d in enumerate(x.shape) if a not in axes)
+        )
+        return jnp.zeros(shape, acc)
     if jnp.iscomplexobj(x):
         sq = jnp.square(x.real.astype(acc)) + jnp.square(x.imag.astype(acc))
         if divisor is not None:
             sq = sq / jnp.square(divisor)
         return _reduce_from_square(sq, p, axes, keepdims)
-    a = x.astype(acc)
+    a = x if x.dtype == acc else jax.lax.convert_element_type(x, acc)
     if divisor is not None:
         a = a / divisor
-    if isinstance(p, float):
-        if p == 2.0:
-            return jnp.sum(a * a, axis=axes, keepdims=keepdims)
-        if p == _INF:
-            return jnp.max(jnp.abs(a), axis=axes, keepdims=keepdims, initial=0.0)
-        if p == 1.0:
-            return jnp.sum(jnp.abs(a), axis=axes, keepdims=keepdims)
-    return jnp.sum(jnp.abs(a) ** p, axis=axes, keepdims=keepdims)
+    if _is_static(p, 2.0):
+        out = jax.lax.reduce_sum(jax.lax.mul(a, a), axes)
+    elif _is_static(p, _INF):
+        out = jax.lax.reduce_max(jax.lax.abs(a), axes)
+    elif _is_static(p, 1.0):
+        out = jax.lax.reduce_sum(jax.lax.abs(a), axes)
+    else:
+        out = jax.lax.reduce_sum(jnp.abs(a) ** p, axes)
+    return jax.lax.reshape(out, kept) if keepdims else out
 
 
 def _reduce_from_square(sq, p, axes, keepdims):
@@ -241,16 +258,33 @@ def _reduce_from_square(sq, p, axes, keepdims):
 
 
 def safe_root(total: jax.Array, p: float | jax.Array) -> jax.Array:
-    """``total ** (1/p)`` with a zero-safe derivative (identity for ``inf``)."""
-    if isinstance(p, float) and p == _INF:
+    """``total ** (1/p)`` with a zero-safe derivative (identity for ``inf``).
+
+    NaN and ``inf`` pass through (they mark a non-finite step); at zero the
+    root is taken of 1 and multiplied by 0, so its derivative is 0, not NaN.
+    """
+    if _is_static(p, _INF, 1.0):
         return total
-    if isinstance(p, float) and p == 1.0:
-        return total
-    # NaN must propagate (it marks a non-finite step), so test for zero only.
-    zero = total == 0
-    safe = jnp.where(zero, jnp.ones_like(total), total)
-    root = jnp.sqrt(safe) if (isinstance(p, float) and p == 2.0) else safe ** (1 / p)
-    return jnp.where(zero, jnp.zeros_like(total), root)
+    zero = jax.lax.convert_element_type(total == 0, total.dtype)
+    base = total + zero
+    root = jax.lax.sqrt(base) if _is_static(p, 2.0) else base ** (1 / p)
+    return root * (1 - zero)
+
+
+def piece_scale(piece: jax.Array, bound: jax.Array, squared: bool) -> jax.Array:
+    """``min(1, bound / norm)`` from one leaf's own measurement.
+
+    ``piece`` is the leaf's norm, or with ``squared`` its sum of squares
+    (the root is then taken of that small array only). A norm at or under
+    the bound gives exactly 1 (also a zero norm with a zero bound), an infinite
+    norm 0 and a NaN norm NaN. The division only ever sees a norm above the
+    bound, so the derivative is finite everywhere, also at zero.
+    """
+    over = ~(piece <= (bound * bound if squared else bound))
+    one = jax.lax.broadcast(jnp.ones((), piece.dtype), over.shape)
+    safe = jax.lax.select(over, jnp.broadcast_to(piece, over.shape), one)
+    ratio = bound / (jax.lax.sqrt(safe) if squared else safe)
+    return jax.lax.select(over, ratio, one)
 
 
 def unit_axes(x: jax.Array, axis: int | tuple[int, ...] | None) -> tuple[int, ...]:
@@ -385,6 +419,16 @@ def cross_device(
 # Totals: one pass, robust to float32 overflow, traced ord dispatch
 # ---------------------------------------------------------------------------
 
+# A float32 sum of squares that overflows is at least 2**128; scaled by 2**-64
+# it is at least 2**64, so the entries the scaling flushes to zero (below
+# 2**-85 each) cannot change it. Its square root is rescaled by 2**32.
+_SHIFT = 2.0**-64
+_UNSHIFT_ROOT = 2.0**32
+
+
+def _is_static(p: Any, *values: float) -> bool:
+    return isinstance(p, float) and p in values
+
 
 def measure_total(
     leaves: Sequence[jax.Array],
@@ -409,35 +453,54 @@ def dispatch_ord(p: float | jax.Array, fn: Callable[[float | jax.Array], Any]):
 
 def _measure_total(leaves, p, groups):
     acc = jnp.result_type(*[acc_dtype(x.dtype) for x in leaves])
+    if not _is_static(p, 1.0, 2.0, _INF):
+        # Any other p: |x|**p overflows float32 for moderate entries (7e3 for
+        # p = 10), so each leaf's norm is measured overflow-safe, then the
+        # per-leaf norms are combined.
+        norms, _ = _segment_norms(
+            leaves, p, [()] * len(leaves), groups, normalize=False, parts=None
+        )
+        return _norm_of_norms(norms, p)
 
-    def combine(per_leaf):
-        # Stacking the per-leaf partial sums behind an optimization barrier
-        # keeps XLA from fusing every leaf's reduction into one giant
-        # reduction, whose compile time grows super-linearly with the leaves.
-        out = None
-        for names in dict.fromkeys(groups):
-            values = [
-                v.astype(acc)
-                for v, g in zip(per_leaf, groups, strict=True)
-                if g == names
-            ]
-            part = _reduce_vector(stack_barrier(values), p)
-            part = cross_device(part, names, p)
-            out = part if out is None else _join(out, part, p)
+    # One reduction per leaf, nothing else reads the leaves: no control flow
+    # over the tree, so the step stays one pass to measure and one to scale.
+    # The per-leaf sums are stacked behind an optimization barrier: XLA would
+    # otherwise fuse every leaf's reduction into one giant reduction, whose
+    # compile time grows super-linearly with the number of leaves.
+    sums = [power_sum(x, p).astype(acc) for x in leaves]
+    out = None
+    for names in dict.fromkeys(groups):
+        vector = stack_barrier(
+            [s for s, g in zip(sums, groups, strict=True) if g == names]
+        )
+        if p == _INF:
+            part = jnp.max(vector, initial=0.0)
+        else:
+            # The plain sum and a scaled copy, combined across devices in
+            # one collective; the scaled sum is used only if the plain one
+            # overflows although every leaf's own sum is finite.
+            part = jnp.stack([jnp.sum(vector), jnp.sum(vector * _SHIFT)])
+        part = cross_device(part, names, p)
+        out = part if out is None else _join(out, part, p)
+    if p == _INF:
         return out
-
-    total = combine([power_sum(x, p) for x in leaves])
-    if isinstance(p, float) and p == _INF:
+    total, scaled = out[0], out[1]
+    if p == 1.0:
+        # An L1 sum above float32's range is a norm above it: inf is exact.
         return total
-    norm = safe_root(total, p)
+    return jnp.where(
+        jnp.isposinf(total),
+        safe_root(scaled, 2.0) * _UNSHIFT_ROOT,
+        safe_root(total, 2.0),
+    )
 
-    def rescaled(_):
-        largest = combine([power_sum(x, _INF) for x in leaves])
-        safe = jnp.where(largest > 0, largest, jnp.ones_like(largest))
-        scaled = combine([power_sum(x, p, divisor=safe) for x in leaves])
-        return jnp.where(jnp.isfinite(largest), safe * safe_root(scaled, p), largest)
 
-    return jax.lax.cond(jnp.isposinf(total), rescaled, lambda _: norm, None)
+def _norm_of_norms(norms: jax.Array, p: float | jax.Array) -> jax.Array:
+    """``(sum norms**p)**(1/p)``, scaled by the largest so it cannot overflow."""
+    largest = jnp.max(norms, initial=0.0)
+    safe = jnp.where(largest > 0, largest, jnp.ones_like(largest))
+    total = jnp.sum((norms / safe) ** p)
+    return jnp.where(jnp.isfinite(largest), safe * safe_root(total, p), largest)
 
 
 def stack_barrier(values: Sequence[jax.Array], concat: bool = False) -> jax.Array:
@@ -449,12 +512,6 @@ def stack_barrier(values: Sequence[jax.Array], concat: bool = False) -> jax.Arra
     """
     joined = jnp.concatenate(values) if concat else jnp.stack(values)
     return jax.lax.optimization_barrier(joined)
-
-
-def _reduce_vector(vector: jax.Array, p: float | jax.Array) -> jax.Array:
-    if isinstance(p, float) and p == _INF:
-        return jnp.max(vector, initial=0.0)
-    return jnp.sum(vector)
 
 
 def _join(a: jax.Array, b: jax.Array, p: float | jax.Array) -> jax.Array:
@@ -470,7 +527,7 @@ def segment_norms(
     groups: Sequence[tuple[str, ...]],
     normalize: bool = False,
     pieces: bool = False,
-) -> jax.Array | tuple[jax.Array, list[jax.Array]]:
+) -> jax.Array | tuple[jax.Array, list[jax.Array], bool]:
     """One norm per segment, concatenated into a vector.
 
     Leaf ``i`` is reduced over every axis except ``keep_axes[i]`` (leading
@@ -478,16 +535,19 @@ def segment_norms(
     With ``normalize`` the power sum is divided by the segment size first
     (an RMS for ``p = 2``).
 
-    With ``pieces`` also returns each leaf's norms on their own, shaped to
-    broadcast against the leaf (the same values as the vector's entries).
-    Scaling a leaf by its own piece, rather than by a slice of the vector,
-    keeps the per-leaf kernels of equally shaped leaves identical, so XLA
-    compiles one kernel for all of them instead of one per leaf.
+    With ``pieces`` also returns each leaf's own measurement, shaped to
+    broadcast against the leaf, and whether those are (mean) sums of squares
+    (a static ``p = 2``: no root is taken per leaf) rather than norms; turn
+    one into a scale with :func:`piece_scale`. Scaling a leaf by its own
+    piece, rather than by a slice of the vector, keeps the per-leaf kernels
+    of equally shaped leaves identical, so XLA compiles one kernel for all of
+    them instead of one per leaf.
     """
     if not leaves:
         empty = jnp.zeros((0,), jnp.float32)
-        return (empty, []) if pieces else empty
-    vector, per_leaf = dispatch_ord(
+        return (empty, [], False) if pieces else empty
+    squared = pieces and _is_static(p, 2.0)
+    vector, parts = dispatch_ord(
         p,
         functools.partial(
             _segment_norms,
@@ -495,12 +555,13 @@ def segment_norms(
             keep_axes=keep_axes,
             groups=groups,
             normalize=normalize,
+            parts="squared" if squared else ("norms" if pieces else None),
         ),
     )
-    return (vector, per_leaf) if pieces else vector
+    return (vector, parts, squared) if pieces else vector
 
 
-def _segment_norms(leaves, p, keep_axes, groups, normalize):
+def _segment_norms(leaves, p, keep_axes, groups, normalize, parts):
     acc = jnp.result_type(*[acc_dtype(x.dtype) for x in leaves])
     counts = [segment_count(x, keep) for x, keep in zip(leaves, keep_axes, strict=True)]
     offsets = np.cumsum([0, *counts])
@@ -517,49 +578,68 @@ def _segment_norms(leaves, p, keep_axes, groups, normalize):
     local = all(not g for g in groups)
 
     def totals(q, divisors=None):
-        parts = []
+        own = []
         for i, x in enumerate(leaves):
             axes = tuple(a for a in range(x.ndim) if a not in keep_axes[i])
             div = None if divisors is None else divisors[i]
-            parts.append(power_sum(x, q, axes, keepdims=True, divisor=div).astype(acc))
-        vector = stack_barrier([part.reshape(-1) for part in parts], concat=True)
+            part = power_sum(x, q, axes, keepdims=True, divisor=div)
+            own.append(part if part.dtype == acc else part.astype(acc))
+        vector = stack_barrier(
+            [jax.lax.reshape(part, (part.size,)) for part in own], concat=True
+        )
         vector = _cross_device_vector(vector, counts, groups, q)
-        mean = normalize and not (isinstance(q, float) and q == _INF)
+        mean = normalize and not _is_static(q, _INF)
         if mean:
             vector = vector / jnp.asarray(np.maximum(sizes, 1), acc)
+        if parts is None:
+            return vector, []
         if local:
             if mean:
-                parts = [
-                    part / jnp.asarray(max(int(leaf_sizes[i]), 1), acc)
-                    for i, part in enumerate(parts)
+                own = [
+                    part * (1.0 / max(int(leaf_sizes[i]), 1))
+                    for i, part in enumerate(own)
                 ]
-            return vector, parts
+            return vector, own
         return vector, [
             segment_view(vector[offsets[i] : offsets[i + 1]], x, keep_axes[i])
             for i, x in enumerate(leaves)
         ]
 
     total, total_parts = totals(p)
-    if isinstance(p, float) and p == _INF:
+    if _is_static(p, _INF):
         return total, total_parts
     norms = safe_root(total, p)
+    if parts == "squared":
+        return norms, total_parts
     norm_parts = [safe_root(t, p) for t in total_parts]
+    if _is_static(p, 1.0, 2.0):
+        # A float32 sum of squares (or of moduli) overflows only for a
+        # segment whose norm is above 2**64 (for p = 1, above float32's
+        # range): it reads as infinite, a non-finite step. No re-measuring
+        # branch keeps the step free of control flow over the tree.
+        return norms, norm_parts
 
     def rescaled(_):
         def rescale(largest, scaled):
             return jnp.where(jnp.isfinite(largest), scaled, largest)
 
         largest, largest_parts = totals(_INF)
+        if parts is None:
+            largest_parts = [
+                segment_view(largest[offsets[i] : offsets[i + 1]], x, keep_axes[i])
+                for i, x in enumerate(leaves)
+            ]
         safe = [
             jnp.where(m > 0, m, jnp.ones_like(m)) for m in [largest, *largest_parts]
         ]
         scaled, scaled_parts = totals(p, safe[1:])
         vector = rescale(largest, safe[0] * safe_root(scaled, p))
-        parts = [
+        if parts is None:
+            return vector, []
+        return vector, [
             rescale(m, d * safe_root(t, p))
             for m, d, t in zip(largest_parts, safe[1:], scaled_parts, strict=True)
         ]
-        return vector, parts
 
     return jax.lax.cond(
         jnp.any(jnp.isposinf(total)), rescaled, lambda _: (norms, norm_parts), None

@@ -50,7 +50,11 @@ class Rule(Protocol):
     def update(
         self, state: Any, norm: jax.Array, step: jax.Array
     ) -> tuple[jax.Array, Any]:
-        """Returns the threshold for ``norm`` and the next state."""
+        """Returns the threshold for ``norm`` and the next state.
+
+        The threshold is shaped like ``norm``, or is a scalar that applies to
+        every entry of it.
+        """
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,8 +84,9 @@ class fixed:  # noqa: N801  (a rule reads as a function call: rules.fixed(1.0))
 
     def update(self, state, norm, step):
         del step
-        value = jnp.asarray(self.value, norm.dtype)
-        return jnp.broadcast_to(value, norm.shape), state
+        # A scalar bound applies to every entry; the transform broadcasts it
+        # for the stats only, so per-tensor scaling stays a scalar multiply.
+        return jnp.asarray(self.value, norm.dtype), state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,8 +111,7 @@ class scheduled:  # noqa: N801
         return ()
 
     def update(self, state, norm, step):
-        value = jnp.asarray(self.schedule(step), norm.dtype)
-        return jnp.broadcast_to(value, norm.shape), state
+        return jnp.asarray(self.schedule(step), norm.dtype), state
 
 
 def as_rule(threshold: Any, name: str = "threshold") -> Rule:

@@ -162,6 +162,39 @@ def test_zero_gradient_and_zero_threshold_no_nan(make, threshold):
     assert np.all(np.isfinite(np.asarray(grad)))
 
 
+def test_global_clip_of_an_overflowing_total_keeps_the_direction():
+    # 600 leaves whose float32 sums of squares are finite but whose total
+    # overflows: the update is rescaled to the bound, not zeroed.
+    tree = {f"l{i:03d}": jnp.full((4,), 5e17 * (1 + i % 3)) for i in range(600)}
+    ref = np_leaves(tree)
+    norm = np_norm(ref, 2.0)
+    out, state = run(oc.clip_by_global_norm(2.0), tree)
+    np.testing.assert_allclose(float(state.stats.norm), norm, rtol=1e-5)
+    assert int(state.stats.nonfinite_count) == 0
+    for got, want in zip(np_leaves(out), ref, strict=True):
+        np.testing.assert_allclose(got, want * (2.0 / norm), rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "make", [oc.clip_by_global_norm, oc.clip_by_norm], ids=["global", "tensor"]
+)
+def test_one_tensor_norm_beyond_two_to_the_64_is_a_nonfinite_step(make):
+    # Documented limit: this tensor's own float32 sum of squares overflows.
+    tree = {"w": jnp.array([1e30, 1.0]), "b": jnp.ones(3)}
+    out, state = run(make(1.0), tree)
+    assert int(state.stats.nonfinite_count) == 1
+    assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(out))
+
+
+def test_infinite_threshold_leaves_every_scope_unclipped():
+    tree = {"w": jnp.array([[3e10, -4.0], [1.0, 2.0]]), "b": jnp.array([0.5])}
+    for make in (oc.clip_by_global_norm, oc.clip_by_norm, oc.clip_by_block_rms):
+        out, state = run(make(float("inf")), tree)
+        for got, want in zip(jax.tree.leaves(out), jax.tree.leaves(tree), strict=True):
+            np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(np.asarray(state.stats.scale), 1.0)
+
+
 def test_zero_threshold_zeroes_nonzero_gradient():
     out, state = run(oc.clip_by_global_norm(0.0), {"w": jnp.array([3.0, 4.0])})
     np.testing.assert_array_equal(np.asarray(out["w"]), [0.0, 0.0])

@@ -483,3 +483,27 @@ def test_stacked_axes_rejects_bad_values():
     tx = oc.clip_by_norm(1.0, stacked_axes=3)
     with pytest.raises(ValueError, match="stacked_axes"):
         tx.init({"w": jnp.zeros((2, 2))})
+
+
+def test_shard_map_overflowing_total_is_exact_across_devices():
+    """Each device's sum of squares is finite, the psum of them overflows:
+    the scaled sum travels in the same collective and gives the exact norm."""
+    mesh = Mesh(np.array(jax.devices()[:8]), ("x",))
+    specs = {"w": P("x"), "b": P()}
+    tree = {
+        "w": jnp.full((256, 4), 1e18, jnp.float32),
+        "b": jnp.full((8,), 1e18, jnp.float32),
+    }
+    limit = float(np.finfo(np.float32).max)
+    assert 1e36 * (256 * 4 // 8 + 8) < limit  # one device's partial sum
+    expected = np.sqrt(1e36 * (256 * 4 + 8))
+    assert expected**2 > limit
+
+    fn = jax.shard_map(
+        lambda t: oc.global_norm(t, axis_name="x", partition_specs=specs),
+        mesh=mesh,
+        in_specs=(specs,),
+        out_specs=P(),
+        check_vma=False,
+    )
+    np.testing.assert_allclose(float(jax.jit(fn)(tree)), expected, rtol=1e-5)

@@ -45,11 +45,34 @@ def test_bfloat16_ten_million_ones():
     np.testing.assert_allclose(float(oc.global_norm(tree)), 3162.2777, rtol=1e-3)
 
 
-def test_float32_overflowing_square_is_rescaled():
+def test_float32_overflowing_total_of_finite_leaf_sums_is_exact():
+    # Each leaf's sum of squares (1e36) is finite; their total (6e38)
+    # overflows float32, the norm (~2.4e19) does not.
+    tree = [jnp.full((4,), 5e17, jnp.float32) for _ in range(600)]
+    expected = np_norm(np_leaves(tree), 2.0)
+    assert expected < np.finfo(np.float32).max
+    assert float(expected) ** 2 > float(np.finfo(np.float32).max)
+    np.testing.assert_allclose(oc.global_norm(tree), expected, rtol=1e-5)
+    np.testing.assert_allclose(jax.jit(oc.global_norm)(tree), expected, rtol=1e-5)
+
+
+def test_float32_overflowing_powers_are_rescaled_for_other_orders():
     tree = [jnp.full((3,), 1e30, jnp.float32), jnp.array([2e30], jnp.float32)]
-    for p in (2, 3, 1.5):
+    for p in (3, 1.5, 10):
         expected = np_norm(np_leaves(tree), p)
         np.testing.assert_allclose(oc.global_norm(tree, ord=p), expected, rtol=1e-5)
+    # |x|**10 overflows float32 from ~7e3: a realistic range for p = 10.
+    tree = [jnp.full((5,), 8e3, jnp.float32), jnp.array([-2e4], jnp.float32)]
+    expected = np_norm(np_leaves(tree), 10.0)
+    np.testing.assert_allclose(oc.global_norm(tree, ord=10), expected, rtol=1e-5)
+
+
+def test_one_tensor_above_two_to_the_64_reads_as_inf():
+    # Documented limit: one tensor's own float32 sum of squares overflows.
+    tree = [jnp.array([1e30], jnp.float32), jnp.ones((3,), jnp.float32)]
+    assert np.isposinf(float(oc.global_norm(tree)))
+    # The L1 norm of values near float32's maximum is above float32's range.
+    assert np.isposinf(float(oc.global_norm([jnp.full((3,), 3e38)], ord=1)))
 
 
 def test_genuine_inf_stays_inf_and_nan_stays_nan():
