@@ -15,6 +15,7 @@ import numpy as np
 import optax
 
 from . import _norms, rules
+from ._clipping import keep_if, zero_unless
 from ._stats import ClipStats
 
 __all__ = ["skip_nonfinite", "skip_spikes"]
@@ -251,18 +252,14 @@ def all_finite(tree: Any) -> jax.Array:
 
 
 def _apply_or_skip(inner, apply, updates, inner_state, params, extra_args):
-    def do(operand):
-        u, s = operand
-        return inner.update(u, s, params, **extra_args)
-
-    out_shape = jax.eval_shape(do, (updates, inner_state))
-
-    def skip(operand):
-        _, s = operand
-        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), out_shape[0])
-        return zeros, s
-
-    return jax.lax.cond(apply, do, skip, (updates, inner_state))
+    # The inner update always runs and its results are selected, as in
+    # optax.apply_if_finite: a select fuses into the inner update's own
+    # kernels, while a lax.cond over the whole tree stops that fusion and,
+    # on accelerators, waits for the predicate on the host every step. A
+    # skipped step's NaN results never leave the select.
+    out, new_state = inner.update(updates, inner_state, params, **extra_args)
+    out = jax.tree.map(lambda x: zero_unless(apply, jnp.asarray(x)), out)
+    return out, keep_if(apply, new_state, inner_state)
 
 
 def _history_bound(buffer, count, sigma, min_history):

@@ -83,14 +83,15 @@ def test_skip_nonfinite_matches_apply_if_finite(max_consecutive):
             optax.adam(1e-2), max_consecutive_errors=max_consecutive
         )
         _, (ref_outs, ref_states) = scan_guard(reference, stream)
+        # Equal up to float32 rounding (the two compile to different fusions).
         for k in outs:
-            np.testing.assert_array_equal(outs[k], ref_outs[k])
+            np.testing.assert_allclose(outs[k], ref_outs[k], rtol=1e-6, atol=1e-9)
         for a, b in zip(
             jax.tree.leaves(states.inner_state),
             jax.tree.leaves(ref_states.inner_state),
             strict=True,
         ):
-            np.testing.assert_array_equal(a, b)
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
         skipped = ~np.asarray(ref_states.last_finite)
         skipped &= np.asarray(ref_states.notfinite_count) <= max_consecutive
     assert_unchanged_when_skipped(
