@@ -464,10 +464,12 @@ class _GlobalScope:
         return Measured(norm.astype(_norms.tree_acc_dtype(updates)))
 
     def apply(self, updates, measured, threshold, keep):
-        scale = scale_factor(measured.norms, threshold)
+        # The recorded scale (0 on a zeroed step) is the one the leaves are
+        # multiplied by: one scalar kernel feeds both, which keeps the
+        # single-leaf step within XLA CPU's sequential-execution threshold
+        # (at most 8 kernels), the fast path for small trees.
+        scale = zero_unless(keep, scale_factor(measured.norms, threshold))
         out = map_float(lambda _, x: scale_leaf(x, scale, keep), updates)
-        if keep is not None:
-            scale = jnp.where(keep, scale, jnp.zeros_like(scale))
         return out, scale, measured.norms > threshold
 
 
