@@ -43,9 +43,13 @@ def skip_nonfinite(
 ) -> optax.GradientTransformationExtraArgs:
     """Skips every step whose updates hold a NaN or Inf, like ``optax.apply_if_finite``.
 
-    On a skipped step the output is zero and ``inner``'s state is returned
-    unchanged (bit for bit). With ``max_consecutive`` set, once more than
-    that many steps in a row were non-finite the update is passed to
+    The check reads the updates once: a step is non-finite when its global
+    2-norm is NaN or infinite, which is when an entry is NaN or infinite (or
+    one tensor's own 2-norm exceeds ``2**64``, beyond float32's range for
+    its sum of squares). On a skipped step the output is zero and
+    ``inner``'s state is returned unchanged (bit for bit). With
+    ``max_consecutive`` set, once more than that many steps in a row were
+    non-finite the update is passed to
     ``inner`` anyway (``optax.apply_if_finite``'s ``max_consecutive_errors``);
     with None (default) non-finite steps are always skipped.
 
@@ -84,8 +88,10 @@ def skip_nonfinite(
         )
 
     def update_fn(updates, state, params=None, **extra_args):
-        finite = all_finite(updates)
+        # One pass: the norm is NaN or inf exactly when an entry is (or when
+        # one tensor's 2-norm exceeds 2**64, which also counts as non-finite).
         norm = _norms.global_norm(updates).astype(state.stats.norm.dtype)
+        finite = jnp.isfinite(norm)
         consecutive = jnp.where(
             finite, jnp.zeros((), jnp.int32), optax.safe_increment(state.consecutive)
         )
@@ -214,7 +220,7 @@ def skip_spikes(
     def update_fn(updates, state, params=None, **extra_args):
         acc = state.norms.dtype
         norm = _norms.global_norm(updates).astype(acc)
-        finite = jnp.isfinite(norm) & all_finite(updates)
+        finite = jnp.isfinite(norm)
         sig = jnp.asarray(sigma, acc)
         bound, active = _history_bound(state.norms, state.norm_count, sig, min_history)
         spike = active & (norm > bound)
@@ -241,14 +247,6 @@ def skip_spikes(
         )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def all_finite(tree: Any) -> jax.Array:
-    """Whether every float entry of ``tree`` is finite (one reduction per leaf)."""
-    leaves = _norms.float_leaves(tree)
-    if not leaves:
-        return jnp.ones((), jnp.bool_)
-    return jnp.all(_norms.stack_barrier([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
 def _apply_or_skip(inner, apply, updates, inner_state, params, extra_args):

@@ -106,6 +106,26 @@ def test_skip_nonfinite_matches_apply_if_finite(max_consecutive):
     )
 
 
+def test_skip_nonfinite_reads_inf_nan_and_overflowing_tensors_as_nonfinite():
+    tx = oc.skip_nonfinite(optax.sgd(1.0, momentum=0.9))
+    params = {"w": jnp.zeros(2), "b": jnp.zeros(3)}
+    cases = {
+        "nan": ({"w": jnp.array([1.0, jnp.nan]), "b": jnp.ones(3)}, False),
+        "inf": ({"w": jnp.array([1.0, -jnp.inf]), "b": jnp.ones(3)}, False),
+        # documented: this tensor's float32 sum of squares overflows
+        "1e30": ({"w": jnp.array([1e30, 1.0]), "b": jnp.ones(3)}, False),
+        # every tensor's sum is finite, only the total overflows: applied
+        "large": ({"w": jnp.full((2,), 1.2e19), "b": jnp.full((3,), 1e19)}, True),
+    }
+    for name, (grads, applied) in cases.items():
+        out, state = jax.jit(tx.update)(grads, tx.init(params), params)
+        assert int(state.stats.clipped) == (0 if applied else 1), name
+        if applied:
+            np.testing.assert_allclose(out["w"], -np.asarray(grads["w"]), rtol=1e-6)
+        else:
+            assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(out))
+
+
 # ---------------------------------------------------------------------------
 # skip_spikes
 # ---------------------------------------------------------------------------
