@@ -388,10 +388,10 @@ def _check_stacked(stacked_axes: Any) -> Any:
 def scale_factor(norms: jax.Array, threshold: jax.Array) -> jax.Array:
     """``min(1, threshold / norms)`` with no division by zero (and no NaN grads).
 
-    A zero norm gives 1 (0 for a zero threshold: the update is zero either
-    way), an infinite norm 0, and a NaN norm a NaN scale, as in optax, so
-    ``nonfinite="propagate"`` reproduces optax; the default policy replaces
-    it by zeros.
+    A norm at or under the threshold gives exactly 1 (a zero norm with a
+    zero threshold too), an infinite norm 0, and a NaN norm a NaN scale, as
+    in optax, so ``nonfinite="propagate"`` reproduces optax; the default
+    policy replaces it by zeros.
     """
     return _norms.piece_scale(norms, threshold, squared=False)
 

@@ -475,6 +475,9 @@ def _measure_total(leaves, p, groups):
         )
         if p == _INF:
             part = jnp.max(vector, initial=0.0)
+        elif p == 1.0:
+            # An L1 sum above float32's range is a norm above it: inf is exact.
+            part = jnp.sum(vector)
         else:
             # The plain sum and a scaled copy, combined across devices in
             # one collective; the scaled sum is used only if the plain one
@@ -482,12 +485,9 @@ def _measure_total(leaves, p, groups):
             part = jnp.stack([jnp.sum(vector), jnp.sum(vector * _SHIFT)])
         part = cross_device(part, names, p)
         out = part if out is None else _join(out, part, p)
-    if p == _INF:
+    if p != 2.0:
         return out
     total, scaled = out[0], out[1]
-    if p == 1.0:
-        # An L1 sum above float32's range is a norm above it: inf is exact.
-        return total
     return jnp.where(
         jnp.isposinf(total),
         safe_root(scaled, 2.0) * _UNSHIFT_ROOT,
