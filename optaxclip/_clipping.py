@@ -500,8 +500,7 @@ class _ElementScope:
             return zero_unless(keep, out)
 
         scale = scale_factor(measured.norms, threshold)
-        if keep is not None:
-            scale = jnp.where(keep, scale, jnp.zeros_like(scale))
+        scale = zero_unless(keep, scale)
         return map_float(clamp, updates), scale, measured.norms > threshold
 
 
@@ -577,8 +576,7 @@ class _TensorScope:
             )
 
         out = map_float(rescale, updates)
-        if keep_mask is not None:
-            scale = jnp.where(keep_mask, scale, jnp.zeros_like(scale))
+        scale = zero_unless(keep_mask, scale)
         return out, scale, jnp.sum(measured.norms > threshold)
 
 
@@ -681,8 +679,7 @@ class _UnitScope:
         scale = _norms.stack_barrier(smallest).astype(measured.norms.dtype)
         if everywhere:
             scale = jax.lax.pmin(scale, everywhere)
-        if keep is not None:
-            scale = jnp.where(keep, scale, jnp.zeros_like(scale))
+        scale = zero_unless(keep, scale)
         clipped = _norms._cross_device_vector(
             _norms.stack_barrier(clipped), [1] * len(units), unit_groups, 2.0
         )

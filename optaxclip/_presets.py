@@ -24,6 +24,7 @@ from ._clipping import (
     keep_if,
     map_float,
     scale_leaf,
+    zero_unless,
 )
 from ._stats import ClipStats
 
@@ -722,7 +723,7 @@ def _real_acc(x: jax.Array) -> jnp.dtype:
 def _zero_unless(finite: jax.Array, tree: Any, keep_nonfinite: bool) -> Any:
     if keep_nonfinite:
         return tree
-    return map_float(lambda _, x: jnp.where(finite, x, jnp.zeros_like(x)), tree)
+    return map_float(lambda _, x: zero_unless(finite, x), tree)
 
 
 def _stats(old, norm, threshold, scale, clipped, finite, keep_nonfinite) -> ClipStats:
