@@ -8,8 +8,10 @@ Run from the repository root::
 Every table compares implementations measured side by side in one process:
 each row's candidates are warmed up, then timed in interleaved rounds (one
 call of each per round, ``block_until_ready`` around every call), and the
-median of the rounds is reported. Absolute times drift with machine load;
-the ratios are what to compare across runs.
+median of the rounds is reported: at least ``--repeats`` rounds, more (up
+to 400) where a row's rounds are cheap enough to fit in a few seconds.
+Absolute times drift with machine load; the ratios are what to compare
+across runs.
 
 Sections:
 
@@ -18,7 +20,9 @@ Sections:
    if torch is installed) vs two bandwidth references: the plain jitted
    "measure + scale" and a jitted copy of the same bytes. Effective GB/s
    counts 2 reads + 1 write of the gradient bytes. Also with buffer donation,
-   with the peak memory of the donated executable relative to its input.
+   with the peak memory of the donated executable relative to its input;
+   torch, which clips in place, is timed in the same rounds as the donated
+   (in-place) JAX calls.
 2. Each scope and each adaptive rule inside a jitted
    ``optax.chain(clip, optax.adamw(...))`` step, as a ratio to bare adamw.
 3. Trace + compile time (and peak compiler memory) of that jitted step for
@@ -63,6 +67,7 @@ FULL = {
     "sizes": [100_000, 1_000_000, 10_000_000, 50_000_000],
     "leaves": [1, 16, 256],
     "repeats": 21,
+    "row_budget_s": 3.0,
     "step_size": 10_000_000,
     "step_leaves": 16,
     "compile_leaves": [10, 100, 1000, 5000],
@@ -74,6 +79,7 @@ QUICK = {
     "sizes": [100_000],
     "leaves": [1, 16],
     "repeats": 20,
+    "row_budget_s": 0.0,
     "step_size": 100_000,
     "step_leaves": 4,
     "compile_leaves": [10, 40],
@@ -93,16 +99,23 @@ def _block(x: Any) -> Any:
 
 
 def time_side_by_side(
-    candidates: dict[str, Callable[[], Any]],
+    candidates: dict[str, Callable[..., Any]],
     repeats: int,
     warmup: int = 2,
     prepare: dict[str, Callable[[], Any]] | None = None,
-) -> dict[str, float]:
+    budget_s: float = 0.0,
+    max_rounds: int = 400,
+) -> tuple[dict[str, float], int]:
     """Median seconds per call of each candidate, timed in interleaved rounds.
 
     ``prepare[name]()`` (untimed) builds the argument of each call, for
-    candidates that consume their input (buffer donation); the candidate is
-    then called as ``fn(arg)``.
+    candidates that consume or modify their input (buffer donation, torch's
+    in-place clip); the candidate is then called as ``fn(arg)``.
+
+    Runs ``repeats`` rounds, or more (up to ``max_rounds``) when a round is
+    cheap enough that ``budget_s`` seconds allow it: small rows get more
+    samples, which steadies their medians on a noisy machine. Returns the
+    medians and the number of rounds.
     """
     prepare = prepare or {}
 
@@ -117,14 +130,17 @@ def time_side_by_side(
             _block(fn())
         return time.perf_counter() - start
 
+    round_start = time.perf_counter()
     for name in candidates:
         for _ in range(warmup):
             call(name)
+    per_round = (time.perf_counter() - round_start) / warmup
+    rounds = max(repeats, min(max_rounds, int(budget_s / max(per_round, 1e-9))))
     samples: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(repeats):
+    for _ in range(rounds):
         for name in candidates:
             samples[name].append(call(name))
-    return {name: statistics.median(s) for name, s in samples.items()}
+    return {name: statistics.median(s) for name, s in samples.items()}, rounds
 
 
 # ---------------------------------------------------------------------------
@@ -216,8 +232,14 @@ def clip_candidates(
     return fns, states
 
 
-def torch_candidate(tree: Any) -> Callable[[], Any] | None:
-    """``clip_grad_norm_(foreach=True)`` on CPU gradients holding the same data."""
+def torch_candidate(
+    tree: Any,
+) -> tuple[Callable[[Any], None], Callable[[], None]] | None:
+    """``clip_grad_norm_(foreach=True)`` on CPU gradients holding the same data.
+
+    Returns the clip and a ``restore`` to run (untimed) before each call:
+    torch clips in place, so every timed call clips the same gradient.
+    """
     if torch is None:
         return None
     dtype = {
@@ -236,29 +258,15 @@ def torch_candidate(tree: Any) -> Callable[[], Any] | None:
         p.grad = g
         params.append(p)
 
-    def run():
-        return torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+    def run(_: Any) -> None:
+        # CPU torch is synchronous: the clip is done when this returns.
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
 
-    def restore():
-        # Clipping is in place: the data is restored before every (untimed)
-        # call, so each timed call clips the same gradient.
+    def restore() -> None:
         for g, o in zip(grads, originals, strict=True):
             g.copy_(o)
 
-    run.restore = restore  # type: ignore[attr-defined]
-    return run
-
-
-def time_torch(run: Callable[[], Any], repeats: int) -> float:
-    samples = []
-    for i in range(repeats + 2):
-        run.restore()  # type: ignore[attr-defined]
-        start = time.perf_counter()
-        run()
-        elapsed = time.perf_counter() - start
-        if i >= 2:
-            samples.append(elapsed)
-    return statistics.median(samples)
+    return run, restore
 
 
 def donated_peak_ratio(fn: Callable[..., Any], tree: Any, state: Any) -> float | None:
@@ -318,11 +326,17 @@ def _global_rows(cfg, tree, dtype, size, leaves, donate, moved, section):
     else:
         candidates = {n: (lambda n=n: fns[n](tree, states[n])) for n in names}
         prepare = None
-    times = time_side_by_side(candidates, cfg["repeats"], prepare=prepare)
+    torch_run = torch_candidate(tree) if donate else None
+    if torch_run is not None:
+        # torch clips in place: it is timed with the donated (in-place) JAX
+        # calls, in the same interleaved rounds, so load drift hits all alike.
+        candidates["torch foreach"], prepare["torch foreach"] = torch_run
+    times, rounds = time_side_by_side(
+        candidates, cfg["repeats"], prepare=prepare, budget_s=cfg["row_budget_s"]
+    )
     mode = "donated" if donate else "plain"
-    if not donate:
-        run = torch_candidate(tree)
-        times["torch foreach"] = time_torch(run, cfg["repeats"]) if run else None
+    if donate and torch_run is None:
+        times["torch foreach"] = None
     # The floor: measuring + scaling moves 3x the bytes, a copy 2x.
     floor = min(times["ref measure+scale"], 1.5 * times["ref copy"])
     # Peak memory of the donated executables, optaxclip's and optax's, so
@@ -344,6 +358,7 @@ def _global_rows(cfg, tree, dtype, size, leaves, donate, moved, section):
             "leaves": leaves,
             "mode": mode,
             "impl": name,
+            "rounds": rounds,
         }
         if t is None:
             cells = [TORCH_NA, "", "", "", ""]
@@ -413,7 +428,9 @@ def section_step(cfg: dict):
         states[name] = tx.init(params)
         steps[name] = jax.jit(tx.update)
     candidates = {n: (lambda n=n: steps[n](grads, states[n], params)) for n in steps}
-    times = time_side_by_side(candidates, cfg["repeats"])
+    times, _ = time_side_by_side(
+        candidates, cfg["repeats"], budget_s=cfg["row_budget_s"]
+    )
     bare = times["bare adamw"]
     fixed_global = times["global (clip_by_global_norm)"]
     fixed_tensor = times["per-tensor (clip_by_norm)"]
@@ -612,7 +629,7 @@ def summarize(rows: Sequence[dict]) -> None:
     for dtype, size, leaves in keys:
         plain = index[(dtype, size, leaves, "plain", "optaxclip")]
         donated = index[(dtype, size, leaves, "donated", "optaxclip")]
-        torch_row = index.get((dtype, size, leaves, "plain", "torch foreach"))
+        torch_row = index.get((dtype, size, leaves, "donated", "torch foreach"))
         vs_torch = (
             f"{donated['time_s'] / torch_row['time_s']:.2f}"
             if torch_row and torch_row["time_s"]

@@ -88,7 +88,7 @@ def test_section_1_reports_every_row(report):
                     if (r["params"], r["leaves"], r["mode"]) == (size, leaves, mode)
                 }
                 expected = set(impls) | (
-                    {"torch foreach"} if mode == "plain" else set()
+                    {"torch foreach"} if mode == "donated" else set()
                 )
                 assert got == expected, (size, leaves, mode, got)
     for r in rows:
