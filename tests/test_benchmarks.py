@@ -6,7 +6,9 @@ import os
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import optaxclip as oc
@@ -72,6 +74,35 @@ def test_reference_clip_matches_optaxclip():
     ref = bench.reference_clip(tree, 1.0)
     for key in tree:
         assert jnp.allclose(ours[key], ref[key], rtol=1e-5, atol=0)
+
+
+def test_in_place_candidates_clip_the_original_data_in_the_same_buffers():
+    # Every donated round must clip the original gradient (not the previous
+    # round's clipped output) and reuse its buffers, as torch's restored
+    # in-place clip does; the caller's tree must survive the donations.
+    tree = bench.make_tree(3000, 3, jnp.float32)
+    original = {k: np.asarray(v) for k, v in tree.items()}
+    expected = bench.reference_clip(tree, 1.0)
+    fns, states = bench.clip_candidates(tree, donate=True)
+    candidates, prepare = bench.in_place_candidates(fns, states, tree)
+    assert set(candidates) == set(prepare) == set(fns)
+    for name in fns:
+        for _ in range(3):
+            grads = prepare[name]()
+            for key in tree:
+                np.testing.assert_array_equal(np.asarray(grads[key]), original[key])
+            pointers = [x.unsafe_buffer_pointer() for x in jax.tree.leaves(grads)]
+            updates = candidates[name](grads)[0]
+            assert [
+                x.unsafe_buffer_pointer() for x in jax.tree.leaves(updates)
+            ] == pointers, name
+            if name != "ref copy":
+                for key in tree:
+                    np.testing.assert_allclose(
+                        np.asarray(updates[key]), np.asarray(expected[key]), rtol=1e-5
+                    )
+    for key in tree:
+        np.testing.assert_array_equal(np.asarray(tree[key]), original[key])
 
 
 def test_section_1_reports_every_row(report):
