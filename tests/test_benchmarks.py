@@ -162,3 +162,21 @@ def test_section_4_reports_low_precision(report):
     assert "Total benchmark time" in stdout
     assert "Versions:" in stdout
     assert "Summary of sections 1 and 4" in stdout
+
+
+def test_summary_has_a_full_line_per_size(report):
+    stdout, data = report
+    summary = stdout.split("Summary of sections 1 and 4")[1]
+    lines = [line for line in summary.splitlines() if line.startswith("| ")]
+    header, body = lines[0], lines[1:]
+    assert "state dropped" in header and "torch foreach" in header
+    columns = header.count("|")
+    keys = {
+        (r["dtype"], r["params"], r["leaves"])
+        for r in data["rows"]
+        if r["section"] in (1, 4)
+    }
+    assert len(body) == len(keys)
+    for line in body:
+        assert line.count("|") == columns, line
+        assert "nan" not in line.lower()
