@@ -464,13 +464,18 @@ class _GlobalScope:
         return Measured(norm.astype(_norms.tree_acc_dtype(updates)))
 
     def apply(self, updates, measured, threshold, keep):
-        # The recorded scale (0 on a zeroed step) is the one the leaves are
-        # multiplied by: one scalar kernel feeds both, which keeps the
-        # single-leaf step within XLA CPU's sequential-execution threshold
-        # (at most 8 kernels), the fast path for small trees.
-        scale = zero_unless(keep, scale_factor(measured.norms, threshold))
-        out = map_float(lambda _, x: scale_leaf(x, scale, keep), updates)
-        return out, scale, measured.norms > threshold
+        # One scalar kernel computes both the recorded scale and the leaves'
+        # factor: 0 on a zeroed step, where a select on ``factor > 0`` zeroes
+        # the entries (NaN * 0 is NaN). The per-entry loops then read this
+        # one scalar only; reading the norm as well, XLA would evaluate its
+        # finiteness again for every entry (up to a fifth of the scaling
+        # pass on CPU). One kernel for both also keeps a one-leaf step within
+        # XLA CPU's in-line execution threshold (at most 8 kernels), the
+        # fast path for small trees.
+        factor = _norms.piece_scale(measured.norms, threshold, False, keep)
+        kept = None if keep is None else factor > 0
+        out = map_float(lambda _, x: scale_leaf(x, factor, kept), updates)
+        return out, factor, measured.norms > threshold
 
 
 @dataclasses.dataclass(frozen=True)

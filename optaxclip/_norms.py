@@ -271,20 +271,38 @@ def safe_root(total: jax.Array, p: float | jax.Array) -> jax.Array:
     return root * (1 - zero)
 
 
-def piece_scale(piece: jax.Array, bound: jax.Array, squared: bool) -> jax.Array:
+def piece_scale(
+    piece: jax.Array,
+    bound: jax.Array,
+    squared: bool,
+    keep: jax.Array | None = None,
+) -> jax.Array:
     """``min(1, bound / norm)`` from one leaf's own measurement.
 
     ``piece`` is the leaf's norm, or with ``squared`` its sum of squares
     (the root is then taken of that small array only). A norm at or under
     the bound gives exactly 1 (also a zero norm with a zero bound), an infinite
     norm 0 and a NaN norm NaN. The division only ever sees a norm above the
-    bound, so the derivative is finite everywhere, also at zero.
+    bound, so the derivative is finite everywhere, also at zero. With the
+    scalar flag ``keep`` given, the scale is 0 where it is False.
+
+    The result is one division (``1 / 1`` where nothing is clipped): XLA
+    does not fuse a division into the per-entry loops that read the scale,
+    so it is computed once, where a select at the root would be evaluated
+    again for every entry.
     """
     over = ~(piece <= (bound * bound if squared else bound))
     one = jax.lax.broadcast(jnp.ones((), piece.dtype), over.shape)
-    safe = jax.lax.select(over, jnp.broadcast_to(piece, over.shape), one)
-    ratio = bound / (jax.lax.sqrt(safe) if squared else safe)
-    return jax.lax.select(over, ratio, one)
+    otherwise = one
+    if keep is not None:
+        keep = jax.lax.broadcast(keep, over.shape)
+        over = over & keep
+        otherwise = jax.lax.select(keep, one, jnp.zeros_like(one))
+    num = jax.lax.select(
+        over, jnp.broadcast_to(bound, over.shape).astype(one.dtype), otherwise
+    )
+    den = jax.lax.select(over, jnp.broadcast_to(piece, over.shape), one)
+    return num / (jax.lax.sqrt(den) if squared else den)
 
 
 def unit_axes(x: jax.Array, axis: int | tuple[int, ...] | None) -> tuple[int, ...]:
