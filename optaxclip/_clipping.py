@@ -385,15 +385,18 @@ def _check_stacked(stacked_axes: Any) -> Any:
     return stacked_axes
 
 
-def scale_factor(norms: jax.Array, threshold: jax.Array) -> jax.Array:
+def scale_factor(
+    norms: jax.Array, threshold: jax.Array, keep: jax.Array | None = None
+) -> jax.Array:
     """``min(1, threshold / norms)`` with no division by zero (and no NaN grads).
 
     A norm at or under the threshold gives exactly 1 (a zero norm with a
     zero threshold too), an infinite norm 0, and a NaN norm a NaN scale, as
     in optax, so ``nonfinite="propagate"`` reproduces optax; the default
-    policy replaces it by zeros.
+    policy passes ``keep`` (the step's finiteness), which makes the scale 0
+    on a non-finite step.
     """
-    return _norms.piece_scale(norms, threshold, squared=False)
+    return _norms.piece_scale(norms, threshold, False, keep)
 
 
 def scale_leaf(x: jax.Array, scale: jax.Array, keep: jax.Array | None) -> jax.Array:
@@ -472,7 +475,7 @@ class _GlobalScope:
         # pass on CPU). One kernel for both also keeps a one-leaf step within
         # XLA CPU's in-line execution threshold (at most 8 kernels), the
         # fast path for small trees.
-        factor = _norms.piece_scale(measured.norms, threshold, False, keep)
+        factor = scale_factor(measured.norms, threshold, keep)
         kept = None if keep is None else factor > 0
         out = map_float(lambda _, x: scale_leaf(x, factor, kept), updates)
         return out, factor, measured.norms > threshold
@@ -504,8 +507,7 @@ class _ElementScope:
                 out = jnp.clip(x, -bound, bound)
             return zero_unless(keep, out)
 
-        scale = scale_factor(measured.norms, threshold)
-        scale = zero_unless(keep, scale)
+        scale = scale_factor(measured.norms, threshold, keep)
         return map_float(clamp, updates), scale, measured.norms > threshold
 
 
@@ -563,7 +565,6 @@ class _TensorScope:
 
     def apply(self, updates, measured, threshold, keep_mask):
         leaves, keep, pieces, squared = measured.parts
-        scale = scale_factor(measured.norms, threshold)
         counts = [_norms.segment_count(x, k) for x, k in zip(leaves, keep, strict=True)]
         offsets = np.cumsum([0, *counts])
 
@@ -581,7 +582,7 @@ class _TensorScope:
             )
 
         out = map_float(rescale, updates)
-        scale = zero_unless(keep_mask, scale)
+        scale = scale_factor(measured.norms, threshold, keep_mask)
         return out, scale, jnp.sum(measured.norms > threshold)
 
 
