@@ -63,6 +63,21 @@ else:
     # pool, competing with XLA's threads, is tens of times slower than this.
     torch.set_num_threads(int(os.environ.get("BENCH_TORCH_THREADS", "1")))
 
+
+def torch_device() -> str:
+    """Where torch's gradients live: the GPU when JAX runs on one, else CPU."""
+    if torch is not None and jax.default_backend() == "gpu":
+        if torch.cuda.is_available():
+            return "cuda"
+    return "cpu"
+
+
+def _torch_sync(device: str) -> None:
+    """Waits for torch's queued work (CPU torch is synchronous already)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 TORCH_NA = "n/a (torch not installed)"
 UPDATES_ONLY = "optaxclip, state dropped"
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -78,6 +93,7 @@ FULL = {
     "compile_timeout": 120.0,
     "compile_shared_process": False,
     "lowp_size": 10_000_000,
+    "copy_bytes": 2**31,
 }
 QUICK = {
     "sizes": [100_000],
@@ -90,6 +106,7 @@ QUICK = {
     "compile_timeout": 120.0,
     "compile_shared_process": True,
     "lowp_size": 100_000,
+    "copy_bytes": 2**24,
 }
 
 
@@ -287,20 +304,23 @@ def in_place_candidates(
 def torch_candidate(
     tree: Any,
 ) -> tuple[Callable[[Any], None], Callable[[], None]] | None:
-    """``clip_grad_norm_(foreach=True)`` on CPU gradients holding the same data.
+    """``clip_grad_norm_(foreach=True)`` on gradients holding the same data.
 
-    Returns the clip and a ``restore`` to run (untimed) before each call:
-    torch clips in place, so every timed call clips the same gradient.
+    The gradients live on the GPU when JAX runs on one (``torch_device``),
+    else on the CPU. Returns the clip and a ``restore`` to run (untimed)
+    before each call: torch clips in place, so every timed call clips the
+    same gradient. Both wait for the device before returning.
     """
     if torch is None:
         return None
+    device = torch_device()
     dtype = {
         "float32": torch.float32,
         "bfloat16": torch.bfloat16,
         "float16": torch.float16,
     }[jnp.dtype(jax.tree.leaves(tree)[0].dtype).name]
     grads = [
-        torch.from_numpy(np.array(x, dtype=np.float32)).to(dtype)
+        torch.from_numpy(np.array(x, dtype=np.float32)).to(device=device, dtype=dtype)
         for x in jax.tree.leaves(tree)
     ]
     originals = [g.clone() for g in grads]
@@ -311,14 +331,27 @@ def torch_candidate(
         params.append(p)
 
     def run(_: Any) -> None:
-        # CPU torch is synchronous: the clip is done when this returns.
         torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+        _torch_sync(device)
 
     def restore() -> None:
         for g, o in zip(grads, originals, strict=True):
             g.copy_(o)
+        _torch_sync(device)
 
     return run, restore
+
+
+def copy_bandwidth(n_bytes: int, repeats: int) -> float:
+    """GB/s of a jitted copy of one ``n_bytes`` float32 array (read + write).
+
+    The device's practical memory bandwidth, the ceiling the absolute GB/s
+    of the other rows are read against.
+    """
+    x = jax.random.normal(jax.random.PRNGKey(3), (n_bytes // 4,), jnp.float32)
+    copy = jax.jit(jnp.negative)
+    times, _ = time_side_by_side({"copy": lambda: copy(x)}, repeats)
+    return 2 * x.size * 4 / times["copy"] / 1e9
 
 
 def donated_peak_ratio(fn: Callable[..., Any], tree: Any, state: Any) -> float | None:
@@ -641,7 +674,11 @@ def _run_compile_worker(impls: Sequence[str], counts: Sequence[int], timeout: fl
     cmd += ["--compile-worker", ",".join(impls)]
     cmd += ["--leaf-counts", ",".join(map(str, counts))]
     env = dict(os.environ)
-    env.setdefault("JAX_PLATFORMS", "cpu")
+    if jax.default_backend() == "cpu":
+        env.setdefault("JAX_PLATFORMS", "cpu")
+    # On a GPU this process already holds most of the device memory (JAX
+    # preallocates it): the compiling child allocates only what it uses.
+    env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     out = []
     try:
         proc = subprocess.run(
@@ -701,6 +738,38 @@ def summarize(rows: Sequence[dict]) -> None:
         )
 
 
+def summarize_bandwidth(rows: Sequence[dict], copy_gb_s: float) -> None:
+    """Absolute GB/s of the donated rows, against the device's copy bandwidth."""
+    print(f"Device copy bandwidth (jitted copy, read + write): {copy_gb_s:.0f} GB/s\n")
+    impls = ["optaxclip", "optax", "torch foreach", "ref measure+scale", "ref copy"]
+    print(
+        "| dtype | params | leaves | "
+        + " | ".join(f"{i} GB/s" for i in impls)
+        + " | optaxclip % of device copy |"
+    )
+    print("|---|---|---|" + "---|" * (len(impls) + 1))
+    index = {
+        (r["dtype"], r["params"], r["leaves"], r["impl"]): r
+        for r in rows
+        if r["section"] in (1, 4) and r["mode"] == "donated"
+    }
+    keys = sorted(
+        {k[:3] for k in index},
+        key=lambda k: (k[0] != "float32", k[0], k[1], k[2]),
+    )
+    for key in keys:
+        cells = []
+        for impl in impls:
+            r = index.get((*key, impl))
+            cells.append(f"{r['gb_s']:.0f}" if r and r.get("gb_s") else "n/a")
+        ours = index[(*key, "optaxclip")]["gb_s"]
+        print(
+            f"| {key[0]} | {key[1]:.0e} | {key[2]} | "
+            + " | ".join(cells)
+            + f" | {100 * ours / copy_gb_s:.0f}% |"
+        )
+
+
 def print_versions() -> dict:
     info = {
         "python": platform.python_version(),
@@ -709,6 +778,7 @@ def print_versions() -> dict:
         "optax": optax.__version__,
         "optaxclip": oc.__version__,
         "torch": torch.__version__ if torch is not None else "not installed",
+        "torch device": torch_device() if torch is not None else "n/a",
         "device": str(jax.devices()[0].device_kind),
         "cpu cores": os.cpu_count(),
         "platform": platform.platform(),
@@ -736,6 +806,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--summarize", default=None, help="print the README summary of a --json file"
     )
+    parser.add_argument(
+        "--sizes", default=None, help="section 1 sizes, e.g. 1e5,1e6 (overrides)"
+    )
+    parser.add_argument(
+        "--leaves", default=None, help="section 1 leaf counts, e.g. 1,16,256"
+    )
+    parser.add_argument(
+        "--compile-leaves", default=None, help="section 3 leaf counts, e.g. 10,100"
+    )
+    parser.add_argument(
+        "--row-budget",
+        type=float,
+        default=None,
+        help="seconds of extra timed rounds per row (full: 3, quick: 0)",
+    )
     parser.add_argument("--compile-worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--leaf-counts", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -749,7 +834,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.summarize:
         with open(args.summarize) as f:
-            summarize(json.load(f)["rows"])
+            data = json.load(f)
+        summarize(data["rows"])
+        if data.get("copy_gb_s"):
+            print()
+            summarize_bandwidth(data["rows"], data["copy_gb_s"])
         return 0
 
     cfg = dict(QUICK if args.quick else FULL)
@@ -757,39 +846,85 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg["repeats"] = args.repeats
     if args.compile_timeout is not None:
         cfg["compile_timeout"] = args.compile_timeout
-    sections = {int(s) for s in args.sections.split(",") if s}
+    if args.row_budget is not None:
+        cfg["row_budget_s"] = args.row_budget
+    for key, value in (
+        ("sizes", args.sizes),
+        ("leaves", args.leaves),
+        ("compile_leaves", args.compile_leaves),
+    ):
+        if value is not None:
+            cfg[key] = _int_list(value, "--" + key.replace("_", "-"))
+    # Sections run in the order given, so a time-limited run can put the
+    # ones it needs most first; the JSON is rewritten after each one.
+    order = _int_list(args.sections, "--sections")
+    if not set(order) <= {1, 2, 3, 4}:
+        parser.error(f"--sections takes 1, 2, 3 and 4, got {args.sections!r}")
     print(f"# optaxclip benchmarks ({'quick' if args.quick else 'full'} mode)")
     versions = print_versions()
     start = time.perf_counter()
     rows: list[dict] = []
-    if 1 in sections:
-        rows += section_global(
-            cfg,
-            [jnp.float32],
-            cfg["sizes"],
-            "1. Global-norm clipping, float32",
-            section=1,
-        )
-    if 2 in sections:
-        rows += section_step(cfg)
-    if 3 in sections:
-        rows += section_compile(cfg)
-    if 4 in sections:
-        rows += section_global(
-            {**cfg, "leaves": [16]},
-            [jnp.bfloat16, jnp.float16],
-            [cfg["lowp_size"]],
-            "4. Low-precision gradients (float32 accumulation)",
-            section=4,
-        )
-    if {1, 4} & sections:
+    copy_gb_s = None
+
+    def save() -> None:
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(
+                    {
+                        "versions": versions,
+                        "config": cfg,
+                        "copy_gb_s": copy_gb_s,
+                        "rows": rows,
+                    },
+                    f,
+                    indent=1,
+                )
+
+    for section in order:
+        if section in (1, 4) and copy_gb_s is None:
+            copy_gb_s = copy_bandwidth(cfg["copy_bytes"], cfg["repeats"])
+            print(f"\nDevice copy bandwidth: {copy_gb_s:.0f} GB/s")
+        if section == 1:
+            rows += section_global(
+                cfg,
+                [jnp.float32],
+                cfg["sizes"],
+                "1. Global-norm clipping, float32",
+                section=1,
+            )
+        elif section == 2:
+            rows += section_step(cfg)
+        elif section == 3:
+            rows += section_compile(cfg)
+        else:
+            rows += section_global(
+                {**cfg, "leaves": [16]},
+                [jnp.bfloat16, jnp.float16],
+                [cfg["lowp_size"]],
+                "4. Low-precision gradients (float32 accumulation)",
+                section=4,
+            )
+        save()
+    if {1, 4} & set(order):
         print("\n## Summary of sections 1 and 4 (ratios < 1: optaxclip faster)\n")
         summarize(rows)
+        print()
+        summarize_bandwidth(rows, copy_gb_s)
     print(f"\nTotal benchmark time: {time.perf_counter() - start:.0f} s")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"versions": versions, "config": cfg, "rows": rows}, f, indent=1)
     return 0
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    """``"1e5,16"`` -> ``[100000, 16]``; a clear error for anything else."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise SystemExit(
+            f"{flag} takes comma-separated numbers, got {text!r}"
+        ) from None
+    if not values or any(v <= 0 or v != int(v) for v in values):
+        raise SystemExit(f"{flag} takes positive whole numbers, got {text!r}")
+    return [int(v) for v in values]
 
 
 if __name__ == "__main__":

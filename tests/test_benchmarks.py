@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -167,6 +168,7 @@ def test_section_4_reports_low_precision(report):
 def test_summary_has_a_full_line_per_size(report):
     stdout, data = report
     summary = stdout.split("Summary of sections 1 and 4")[1]
+    summary = summary.split("Device copy bandwidth (jitted copy")[0]
     lines = [line for line in summary.splitlines() if line.startswith("| ")]
     header, body = lines[0], lines[1:]
     assert "state dropped" in header and "torch foreach" in header
@@ -180,3 +182,71 @@ def test_summary_has_a_full_line_per_size(report):
     for line in body:
         assert line.count("|") == columns, line
         assert "nan" not in line.lower()
+
+
+def test_device_copy_bandwidth_and_absolute_table(report):
+    stdout, data = report
+    assert data["copy_gb_s"] > 0
+    table = stdout.split("Device copy bandwidth (jitted copy, read + write)")[1]
+    lines = [line for line in table.splitlines() if line.startswith("| ")]
+    header, body = lines[0], lines[1:]
+    assert "optaxclip % of device copy" in header and "torch foreach GB/s" in header
+    keys = {
+        (r["dtype"], r["params"], r["leaves"])
+        for r in data["rows"]
+        if r["section"] in (1, 4)
+    }
+    assert len(body) == len(keys)
+    rows = {
+        (r["dtype"], r["params"], r["leaves"]): r
+        for r in data["rows"]
+        if r["section"] in (1, 4)
+        and r["mode"] == "donated"
+        and r["impl"] == "optaxclip"
+    }
+    for line in body:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert len(cells) == header.count("|") - 1, line
+        dtype, params, leaves = cells[0], float(cells[1]), int(cells[2])
+        ours = rows[(dtype, int(params), leaves)]
+        # The optaxclip cell and its share of the copy bandwidth agree with
+        # the row's own numbers.
+        assert float(cells[3]) == pytest.approx(ours["gb_s"], abs=0.51)
+        share = 100 * ours["gb_s"] / data["copy_gb_s"]
+        assert float(cells[-1].rstrip("%")) == pytest.approx(share, abs=0.51)
+
+
+def test_torch_gradients_live_on_the_cpu_without_a_gpu():
+    if jax.default_backend() == "cpu":
+        assert bench.torch_device() == "cpu"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"), [("1e5,16", [100_000, 16]), ("3", [3]), ("1,2,", [1, 2])]
+)
+def test_number_lists_parse(text, expected):
+    assert bench._int_list(text, "--sizes") == expected
+
+
+@pytest.mark.parametrize("text", ["", "a,1", "0", "1.5", "-2"])
+def test_bad_number_lists_name_the_flag_and_value(text):
+    with pytest.raises(SystemExit, match=f"--sizes .*{text!r}"):
+        bench._int_list(text, "--sizes")
+
+
+def test_bad_section_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--sections", "1,5"])
+    assert "'1,5'" in capsys.readouterr().err
+
+
+def test_gpu_script_is_valid_and_uses_existing_options():
+    script = os.path.join(ROOT, "benchmarks", "gpu.sh")
+    subprocess.run(["bash", "-n", script], check=True)
+    with open(script) as f:
+        flags = set(re.findall(r"(--[a-z][a-z-]+)", f.read()))
+    with open(os.path.join(ROOT, "benchmarks", "run.py")) as f:
+        source = f.read()
+    assert {"--sections", "--json", "--compile-leaves", "--row-budget"} <= flags
+    for flag in flags:
+        assert f'"{flag}"' in source, flag

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The full benchmark on a GPU machine, in one go, most important rows first.
+#
+#   bash benchmarks/gpu.sh OUTDIR
+#
+# Runs from the repository root with the machine's python3 (jax with CUDA,
+# optax, chex; torch with CUDA for the torch rows) and this checkout on
+# PYTHONPATH. Sections 1, 4 and 2 run in one process (their JSON is
+# rewritten after each section, so a stopped run keeps what it finished);
+# section 3, the compile times, runs last under its own time limit.
+# Writes OUTDIR/gpu.json, gpu.log, gpu_compile.json, gpu_compile.log and
+# nvidia-smi.txt. Tables for the README: --summarize OUTDIR/gpu.json.
+# BENCH_ARGS adds options to both runs (--quick tries the script anywhere).
+set -u
+out=${1:?usage: bash benchmarks/gpu.sh OUTDIR}
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+py=${PYTHON:-python3}
+
+nvidia-smi >"$out/nvidia-smi.txt" 2>&1 || true
+"$py" -c 'import jax; print(jax.devices())' 2>&1 | tee "$out/gpu.log"
+
+timeout "${BENCH_MAIN_S:-330}" "$py" benchmarks/run.py --sections 1,4,2 \
+    --row-budget 2 --json "$out/gpu.json" ${BENCH_ARGS:-} 2>&1 | tee -a "$out/gpu.log"
+echo "sections 1, 4, 2 exit status: ${PIPESTATUS[0]}" | tee -a "$out/gpu.log"
+
+timeout "${BENCH_COMPILE_S:-170}" "$py" benchmarks/run.py --sections 3 \
+    --compile-leaves 10,100,1000 --compile-timeout 20 \
+    --json "$out/gpu_compile.json" ${BENCH_ARGS:-} 2>&1 | tee "$out/gpu_compile.log"
+echo "section 3 exit status: ${PIPESTATUS[0]}" | tee -a "$out/gpu_compile.log"
