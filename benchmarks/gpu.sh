@@ -21,11 +21,11 @@ py=${PYTHON:-python3}
 nvidia-smi >"$out/nvidia-smi.txt" 2>&1 || true
 "$py" -c 'import jax; print(jax.devices())' 2>&1 | tee "$out/gpu.log"
 
-timeout "${BENCH_MAIN_S:-330}" "$py" benchmarks/run.py --sections 1,4,2 \
-    --row-budget 2 --json "$out/gpu.json" ${BENCH_ARGS:-} 2>&1 | tee -a "$out/gpu.log"
+timeout "${BENCH_MAIN_S:-380}" "$py" benchmarks/run.py --sections 1,4,2 \
+    --row-budget 1.5 --json "$out/gpu.json" ${BENCH_ARGS:-} 2>&1 | tee -a "$out/gpu.log"
 echo "sections 1, 4, 2 exit status: ${PIPESTATUS[0]}" | tee -a "$out/gpu.log"
 
-timeout "${BENCH_COMPILE_S:-170}" "$py" benchmarks/run.py --sections 3 \
-    --compile-leaves 10,100,1000 --compile-timeout 20 \
+timeout "${BENCH_COMPILE_S:-120}" "$py" benchmarks/run.py --sections 3 \
+    --compile-leaves 10,100,1000 --compile-timeout 15 \
     --json "$out/gpu_compile.json" ${BENCH_ARGS:-} 2>&1 | tee "$out/gpu_compile.log"
 echo "section 3 exit status: ${PIPESTATUS[0]}" | tee -a "$out/gpu_compile.log"

@@ -377,9 +377,16 @@ def donated_peak_ratio(fn: Callable[..., Any], tree: Any, state: Any) -> float |
 
 
 def section_global(
-    cfg: dict, dtypes: Sequence[Any], sizes: Sequence[int], title: str, section: int
-):
-    rows = []
+    cfg: dict,
+    dtypes: Sequence[Any],
+    sizes: Sequence[int],
+    title: str,
+    section: int,
+    rows: list[dict],
+    save: Callable[[], None] = lambda: None,
+) -> None:
+    """Appends the rows of every (dtype, size, leaves) to ``rows``, calling
+    ``save`` after each, so a run stopped part-way keeps what it measured."""
     print(f"\n## {title}\n")
     header = (
         "| dtype | params | leaves | mode | impl | time (ms) | GB/s | "
@@ -399,7 +406,7 @@ def section_global(
                         )
                     )
                 del tree
-    return rows
+                save()
 
 
 def _global_rows(cfg, tree, dtype, size, leaves, donate, moved, section):
@@ -885,24 +892,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             copy_gb_s = copy_bandwidth(cfg["copy_bytes"], cfg["repeats"])
             print(f"\nDevice copy bandwidth: {copy_gb_s:.0f} GB/s")
         if section == 1:
-            rows += section_global(
+            section_global(
                 cfg,
                 [jnp.float32],
                 cfg["sizes"],
                 "1. Global-norm clipping, float32",
-                section=1,
+                1,
+                rows,
+                save,
             )
         elif section == 2:
             rows += section_step(cfg)
         elif section == 3:
             rows += section_compile(cfg)
         else:
-            rows += section_global(
+            section_global(
                 {**cfg, "leaves": [16]},
                 [jnp.bfloat16, jnp.float16],
                 [cfg["lowp_size"]],
                 "4. Low-precision gradients (float32 accumulation)",
-                section=4,
+                4,
+                rows,
+                save,
             )
         save()
     if {1, 4} & set(order):
