@@ -151,11 +151,14 @@ def time_side_by_side(
             _block(fn())
         return time.perf_counter() - start
 
-    round_start = time.perf_counter()
     for name in candidates:
         for _ in range(warmup):
             call(name)
-    per_round = (time.perf_counter() - round_start) / warmup
+    # The cost of a round, read after the warm-up (whose first calls compile).
+    round_start = time.perf_counter()
+    for name in candidates:
+        call(name)
+    per_round = time.perf_counter() - round_start
     rounds = max(repeats, min(max_rounds, int(budget_s / max(per_round, 1e-9))))
     samples: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(rounds):

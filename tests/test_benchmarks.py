@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -250,3 +251,21 @@ def test_gpu_script_is_valid_and_uses_existing_options():
     assert {"--sections", "--json", "--compile-leaves", "--row-budget"} <= flags
     for flag in flags:
         assert f'"{flag}"' in source, flag
+
+
+def test_cheap_rows_get_more_rounds_despite_a_slow_first_call():
+    # The first call of a jitted candidate compiles; the number of rounds a
+    # row's budget allows must come from the calls after it.
+    calls = []
+
+    def candidate():
+        calls.append(None)
+        time.sleep(0.3 if len(calls) == 1 else 0.001)
+
+    times, rounds = bench.time_side_by_side(
+        {"c": candidate}, repeats=21, budget_s=0.2, max_rounds=400
+    )
+    assert 60 <= rounds <= 200, rounds
+    assert times["c"] < 0.01
+    _, rounds = bench.time_side_by_side({"c": candidate}, repeats=21, budget_s=0.0)
+    assert rounds == 21
