@@ -21,16 +21,22 @@ Sections:
    "measure + scale" and a jitted copy of the same bytes. Effective GB/s
    counts 2 reads + 1 write of the gradient bytes. Also with buffer donation,
    with the peak memory of the donated executable relative to its input;
-   torch, which clips in place, is timed in the same rounds as the donated
-   (in-place) JAX calls. A diagnostic candidate runs optaxclip's clip with
-   its new state dropped, which isolates the cost of the ``ClipStats``
-   outputs.
+   torch, which clips in place (on the GPU when JAX runs on one), is timed
+   in the same rounds as the donated (in-place) JAX calls. A diagnostic
+   candidate runs optaxclip's clip with its new state dropped, which
+   isolates the cost of the ``ClipStats`` outputs. The absolute GB/s of the
+   donated rows are also printed against the device's copy bandwidth (a
+   jitted copy of one large array, measured first).
 2. Each scope and each adaptive rule inside a jitted
    ``optax.chain(clip, optax.adamw(...))`` step, as a ratio to bare adamw.
 3. Trace + compile time (and peak compiler memory) of that jitted step for
    growing leaf counts, optaxclip vs optax, each in a fresh subprocess; and
    of the clip transform jitted on its own.
 4. bfloat16 and float16 gradients: float32 accumulation vs the references.
+
+``--sections`` runs them in the order given, and ``--json`` is rewritten
+after each row group, so a run stopped part-way keeps what it measured
+(``benchmarks/gpu.sh`` runs the whole suite on a GPU machine that way).
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import platform
 import statistics
@@ -349,12 +356,23 @@ def copy_bandwidth(n_bytes: int, repeats: int) -> float:
     """GB/s of a jitted copy of one ``n_bytes`` float32 array (read + write).
 
     The device's practical memory bandwidth, the ceiling the absolute GB/s
-    of the other rows are read against.
+    of the other rows are read against: the faster of a copy into a fresh
+    output and one in place (donated, as the donated rows run; on a CPU a
+    fresh output also pays for its first page touches).
     """
     x = jax.random.normal(jax.random.PRNGKey(3), (n_bytes // 4,), jnp.float32)
     copy = jax.jit(jnp.negative)
-    times, _ = time_side_by_side({"copy": lambda: copy(x)}, repeats)
-    return 2 * x.size * 4 / times["copy"] / 1e9
+    in_place = jax.jit(jnp.negative, donate_argnums=0)
+    held = [x.copy()]
+
+    def copy_in_place() -> Any:
+        held[0] = in_place(held[0])
+        return held[0]
+
+    times, _ = time_side_by_side(
+        {"fresh": lambda: copy(x), "in place": copy_in_place}, repeats
+    )
+    return 2 * x.size * 4 / min(times.values()) / 1e9
 
 
 def donated_peak_ratio(fn: Callable[..., Any], tree: Any, state: Any) -> float | None:
@@ -936,7 +954,7 @@ def _int_list(text: str, flag: str) -> list[int]:
         raise SystemExit(
             f"{flag} takes comma-separated numbers, got {text!r}"
         ) from None
-    if not values or any(v <= 0 or v != int(v) for v in values):
+    if not values or any(not math.isfinite(v) or v <= 0 or v != int(v) for v in values):
         raise SystemExit(f"{flag} takes positive whole numbers, got {text!r}")
     return [int(v) for v in values]
 

@@ -229,7 +229,7 @@ def test_number_lists_parse(text, expected):
     assert bench._int_list(text, "--sizes") == expected
 
 
-@pytest.mark.parametrize("text", ["", "a,1", "0", "1.5", "-2"])
+@pytest.mark.parametrize("text", ["", "a,1", "0", "1.5", "-2", "inf", "nan,1"])
 def test_bad_number_lists_name_the_flag_and_value(text):
     with pytest.raises(SystemExit, match=f"--sizes .*{text!r}"):
         bench._int_list(text, "--sizes")
