@@ -8,8 +8,8 @@
 # PYTHONPATH. Sections 1, 4 and 2 run in one process, section 1 with one
 # size more than on the CPU, 2e8 parameters (800 MB in float32, many times
 # a GPU's L2 cache); their JSON is rewritten after each row group, so a
-# stopped run keeps what it finished.
-# section 3, the compile times, runs last under its own time limit.
+# stopped run keeps what it finished. Section 3, the compile times, runs
+# last under its own time limit.
 # Writes OUTDIR/gpu.json, gpu.log, gpu_compile.json, gpu_compile.log and
 # nvidia-smi.txt. Tables for the README: --summarize OUTDIR/gpu.json.
 # BENCH_ARGS adds options to both runs (--quick tries the script anywhere).

@@ -217,8 +217,14 @@ def test_device_copy_bandwidth_and_absolute_table(report):
         assert float(cells[-1].rstrip("%")) == pytest.approx(share, abs=0.51)
 
 
-def test_torch_gradients_live_on_the_cpu_without_a_gpu():
-    if jax.default_backend() == "cpu":
+def test_torch_gradients_follow_jax_to_the_gpu(monkeypatch):
+    monkeypatch.setattr(bench.jax, "default_backend", lambda: "cpu")
+    assert bench.torch_device() == "cpu"
+    if bench.torch is not None:
+        monkeypatch.setattr(bench.jax, "default_backend", lambda: "gpu")
+        monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: True)
+        assert bench.torch_device() == "cuda"
+        monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: False)
         assert bench.torch_device() == "cpu"
 
 
