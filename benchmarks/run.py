@@ -280,7 +280,10 @@ def _refill(held: Any, tree: Any) -> Any:
 
 
 def in_place_candidates(
-    fns: dict[str, Callable[..., Any]], states: dict[str, Any], tree: Any
+    fns: dict[str, Callable[..., Any]],
+    states: dict[str, Any],
+    tree: Any,
+    feed_state: Sequence[str] = (),
 ) -> tuple[dict[str, Callable[[Any], Any]], dict[str, Callable[[], Any]]]:
     """Donated calls that clip the same buffers over and over, as torch does.
 
@@ -289,7 +292,9 @@ def in_place_candidates(
     buffers, and the call's output (which reuses the donated memory) is kept
     for the next round. A fresh buffer per call would also time the
     allocator and the first touch of new pages, which torch's in-place clip,
-    restored the same way, does not pay.
+    restored the same way, does not pay. The candidates named in
+    ``feed_state`` donate their state too: each call's new state (in
+    ``states``) is the next call's input, as in a training step.
     """
     held = {name: jax.tree.map(jnp.copy, tree) for name in fns}
 
@@ -304,6 +309,8 @@ def in_place_candidates(
         def run(grads: Any) -> Any:
             out = fns[name](grads, states[name])
             held[name] = out[0]
+            if name in feed_state:
+                states[name] = out[1]
             return out
 
         return run

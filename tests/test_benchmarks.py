@@ -275,3 +275,16 @@ def test_cheap_rows_get_more_rounds_despite_a_slow_first_call():
     assert times["c"] < 0.01
     _, rounds = bench.time_side_by_side({"c": candidate}, repeats=21, budget_s=0.0)
     assert rounds == 21
+
+
+def test_in_place_candidates_feed_a_donated_state_forward():
+    # A candidate that donates its state gets the previous call's new state:
+    # the step count advances, and no call reads a donated buffer.
+    tree = bench.make_tree(300, 2, jnp.float32)
+    tx = oc.clip_by_global_norm(1.0)
+    fns = {"fed": jax.jit(tx.update, donate_argnums=(0, 1))}
+    states = {"fed": tx.init(tree)}
+    run, prepare = bench.in_place_candidates(fns, states, tree, feed_state=["fed"])
+    for step in range(1, 4):
+        run["fed"](prepare["fed"]())
+        assert int(states["fed"].stats.count) == step

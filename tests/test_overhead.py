@@ -39,10 +39,16 @@ def test_kernel_count_skips_parameters_constants_and_plumbing():
 
 
 def test_overhead_reports_every_variant(tmp_path):
-    out = tmp_path / "ov.json"
+    out, hlo = tmp_path / "ov.json", tmp_path / "ov.txt"
     overhead.main(
         ["--sizes", "1e3", "--leaves", "1,2", "--repeats", "3", "--json", str(out)]
+        + ["--hlo", str(hlo)]
     )
+    # The optimized HLO of the one-leaf programs, one module per variant.
+    text = hlo.read_text()
+    for name in ("optax", "optaxclip", "state dropped"):
+        assert f"#### 1e+03 params, {name}\n" in text
+    assert text.count("ENTRY") == 3
     with open(out) as f:
         rows = json.load(f)["rows"]
     names = {"optax", "optaxclip", "state dropped", "state donated", "norm only"}
