@@ -20,7 +20,7 @@ import optax
 
 from . import _norms
 from ._stats import ClipState, ClipStats
-from .rules import Rule, as_rule, check_threshold
+from .rules import Rule, as_rule, check_threshold, fixed, scheduled
 
 __all__ = [
     "adaptive_grad_clip",
@@ -322,6 +322,8 @@ def _transform(
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
+        if state is None or isinstance(state, optax.EmptyState):
+            state = fresh_state(rule, state, lambda: init_fn(updates))
         if not isinstance(state, ClipState):
             raise TypeError(
                 f"Expected the state of an optaxclip transform (ClipState); got "
@@ -350,6 +352,24 @@ def _transform(
         return new_updates, ClipState(rule_state=rule_state, stats=stats)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def fresh_state(rule: Rule, given: Any, init: Callable[[], Any]) -> Any:
+    """The state to use when ``update`` is given ``None`` / ``EmptyState()``.
+
+    optax's stateless transforms accept ``tx.update(g, None)``; so does a
+    transform whose threshold has no history (a number or a schedule, which
+    is then read at step 0): its state is created fresh. A rule that learns
+    from the run refuses: its history would restart every step.
+    """
+    if isinstance(rule, fixed | scheduled):
+        return init()
+    raise ValueError(
+        f"`update` got state {given!r}, but this transform's threshold rule "
+        f"({type(rule).__name__}) learns from the norms of earlier steps, which "
+        "would restart on every step. Call `state = tx.init(params)` once and "
+        "pass the state that each `update` returns to the next one."
+    )
 
 
 def check_nonfinite(nonfinite: str) -> bool:
@@ -413,11 +433,19 @@ def scale_leaf(x: jax.Array, scale: jax.Array, keep: jax.Array | None) -> jax.Ar
 
 
 def zero_unless(keep: jax.Array | None, x: jax.Array) -> jax.Array:
-    """``x`` where the scalar ``keep`` holds, else zeros (None: ``x``)."""
+    """``x`` where ``keep`` holds, else zeros (None: ``x``).
+
+    ``keep`` is a scalar or broadcasts against ``x`` (one flag per example,
+    say). A select, so a NaN entry becomes 0 rather than NaN * 0. The zeros
+    and a broadcast flag are built from ``x`` (``zeros_like``), so they carry
+    its sharding: on meshes with Explicit axes a select needs operands of
+    one sharding.
+    """
     if keep is None:
         return x
-    zeros = jax.lax.broadcast(jnp.zeros((), x.dtype), x.shape)
-    return jax.lax.select(jax.lax.broadcast(keep, x.shape), x, zeros)
+    if jnp.ndim(keep):
+        keep = jnp.logical_or(jnp.zeros_like(x, dtype=bool), keep)
+    return jax.lax.select(keep, x, jnp.zeros_like(x))
 
 
 def map_float(fn: Callable[..., jax.Array], tree: Any, *rest: Any) -> Any:

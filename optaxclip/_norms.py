@@ -291,17 +291,19 @@ def piece_scale(
     so it is computed once, where a select at the root would be evaluated
     again for every entry.
     """
+    # Every operand is derived from ``piece`` (``ones_like``, arithmetic), so
+    # all of them carry its sharding, as a select on an Explicit mesh needs.
+    bound = jnp.asarray(bound).astype(piece.dtype)
+    if bound.ndim > piece.ndim:
+        piece = piece + jnp.zeros_like(bound)
     over = ~(piece <= (bound * bound if squared else bound))
-    one = jax.lax.broadcast(jnp.ones((), piece.dtype), over.shape)
+    one = jnp.ones_like(piece)
     otherwise = one
     if keep is not None:
-        keep = jax.lax.broadcast(keep, over.shape)
         over = over & keep
         otherwise = jax.lax.select(keep, one, jnp.zeros_like(one))
-    num = jax.lax.select(
-        over, jnp.broadcast_to(bound, over.shape).astype(one.dtype), otherwise
-    )
-    den = jax.lax.select(over, jnp.broadcast_to(piece, over.shape), one)
+    num = jax.lax.select(over, one * bound, otherwise)
+    den = jax.lax.select(over, piece, one)
     return num / (jax.lax.sqrt(den) if squared else den)
 
 
@@ -437,6 +439,10 @@ def cross_device(
 # Totals: one pass, robust to float32 overflow, traced ord dispatch
 # ---------------------------------------------------------------------------
 
+# Explicit sharding (typeof, reshard) is absent from the oldest supported JAX.
+_typeof = getattr(jax, "typeof", lambda x: None)
+_reshard = getattr(jax.sharding, "reshard", lambda x, sharding: x)
+
 # A float32 sum of squares that overflows is at least 2**128; scaled by 2**-64
 # it is at least 2**64, so the entries the scaling flushes to zero (below
 # 2**-85 each) cannot change it. Its square root is rescaled by 2**32.
@@ -528,8 +534,29 @@ def stack_barrier(values: Sequence[jax.Array], concat: bool = False) -> jax.Arra
     vector back into every leaf's reduction, which makes compile time grow
     much faster than the number of leaves.
     """
-    joined = jnp.concatenate(values) if concat else jnp.stack(values)
+    if concat:
+        # Segment norms keep the sharding of the dims they do not reduce
+        # (stacked layers split over a mesh axis); the joined vector is
+        # replicated, as the state that records it is.
+        joined = jnp.concatenate([replicated(v) for v in values])
+    else:
+        joined = jnp.stack(values)
     return jax.lax.optimization_barrier(joined)
+
+
+def replicated(x: jax.Array) -> jax.Array:
+    """``x``, resharded to replicated if its type carries an Explicit sharding.
+
+    On a mesh with Explicit axes a reduction keeps the sharding of the dims
+    it does not reduce (one norm per stacked layer or per example of a
+    sharded batch); the small vectors of norms are replicated before they
+    are joined, as the state that records them is. A no-op otherwise.
+    """
+    sharding = getattr(_typeof(x), "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    if not spec or all(s is None for s in spec):
+        return x
+    return _reshard(x, jax.sharding.NamedSharding(sharding.mesh, PartitionSpec()))
 
 
 def _join(a: jax.Array, b: jax.Array, p: float | jax.Array) -> jax.Array:

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from . import _norms
-from ._clipping import check_nonfinite
+from ._clipping import check_nonfinite, zero_unless
 from ._stats import ClipState, ClipStats
 from .rules import Rule, as_rule, quantile
 
@@ -124,8 +124,7 @@ def clip_per_example(
             if not _norms.is_float(g):
                 return g
             if zero_nonfinite:
-                mask = finite.reshape((-1,) + (1,) * (g.ndim - 1))
-                g = jnp.where(mask, g, jnp.zeros_like(g))
+                g = zero_unless(finite.reshape((-1,) + (1,) * (g.ndim - 1)), g)
             return batch_sum(multipliers, g)
 
         summed = jax.tree.map(clip_sum, updates)
@@ -295,5 +294,9 @@ def batch_sum(multipliers: jax.Array, g: jax.Array) -> jax.Array:
     dtype = g.dtype if _norms.is_float(g) else jnp.float32
     acc = _norms.acc_dtype(dtype)
     g = g.astype(_norms.compute_dtype(dtype))
-    out = jnp.tensordot(multipliers.astype(acc).astype(g.dtype), g, axes=1)
+    # A broadcast product summed over the batch axis rather than a dot: on a
+    # mesh with Explicit axes a contraction over a split batch axis has no
+    # defined output sharding, a reduction over it does.
+    m = multipliers.astype(acc).astype(g.dtype).reshape((-1,) + (1,) * (g.ndim - 1))
+    out = jnp.sum(m * g, axis=0, dtype=acc)
     return out.astype(dtype)

@@ -245,9 +245,10 @@ class percentile:  # noqa: N801
         size = self.size
         buffer = state.buffer
         slot = state.count % size
-        buffer = jax.lax.dynamic_update_index_in_dim(
-            buffer, norm.astype(buffer.dtype), slot, axis=-1
-        )
+        # An elementwise write, not a dynamic_update_slice: the norm may come
+        # from a mesh (Explicit axes) the freshly initialized buffer is not on.
+        slots = jax.lax.broadcasted_iota(jnp.int32, buffer.shape, buffer.ndim - 1)
+        buffer = jnp.where(slots == slot, norm.astype(buffer.dtype)[..., None], buffer)
         n = jnp.minimum(state.count + 1, size)
         ordered = jnp.sort(buffer, axis=-1)
         position = (

@@ -3,8 +3,11 @@
 Every result is compared with the same computation on one device, unsharded:
 
 * under ``jax.jit`` with gradients sharded by ``NamedSharding`` (replicated,
-  FSDP-like first-axis sharding, 2-D tensor parallelism) every scope and every
-  rule gives the same updates, stats and next state, and keeps the sharding;
+  FSDP-like first-axis sharding, 2-D tensor parallelism) every scope, rule,
+  preset and guard, and per-example clipping, gives the same updates, stats
+  and next state, keeps the sharding and leaves a state on the mesh, on
+  meshes from ``jax.make_mesh`` as it comes (Explicit axes), with Explicit
+  or Auto axes, and inside a mesh context (``jax.set_mesh``);
 * inside ``jax.shard_map`` / ``jax.pmap``, ``axis_name`` (plus
   ``partition_specs`` for a mix of split and replicated leaves) makes the
   norms those of the whole tensors;
@@ -14,6 +17,7 @@ Every result is compared with the same computation on one device, unsharded:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 
@@ -22,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import optaxclip as oc
@@ -64,11 +68,40 @@ RULE_CASES = {
     scope: [(scope, r) for r in RULES if r != "number"]
     for scope in ("global", "tensor")
 }
-ALL_CASES = FIXED_CASES + RULE_CASES["global"] + RULE_CASES["tensor"]
+# Presets and guards take no threshold: ("preset", name) and ("guard", name).
+PRESETS = {
+    "autoclip": lambda **kw: oc.autoclip(history=4, **kw),
+    "zclip": lambda **kw: oc.zclip(warmup_steps=2, **kw),
+    "adagc": lambda **kw: oc.adagc(warmup_steps=2, **kw),
+    "olmo_adaptive_clip": lambda **kw: oc.olmo_adaptive_clip(**kw),
+    "quantile_clip": lambda **kw: oc.quantile_clip(**kw),
+    "spam_clip": lambda **kw: oc.spam_clip(**kw),
+    "stable_spam_clip": lambda **kw: oc.stable_spam_clip(**kw),
+    "clippy": lambda **kw: oc.clippy(**kw),
+}
+GUARDS = {
+    "skip_nonfinite": lambda: oc.skip_nonfinite(optax.sgd(1e-2, momentum=0.9)),
+    "skip_spikes": lambda: oc.skip_spikes(optax.sgd(1e-2, momentum=0.9), window=4, min_history=3),
+}
+PRESET_CASES = [("preset", name) for name in PRESETS]
+GUARD_CASES = [("guard", name) for name in GUARDS]
+
+
+ALL_CASES = (
+    FIXED_CASES
+    + RULE_CASES["global"]
+    + RULE_CASES["tensor"]
+    + PRESET_CASES
+    + GUARD_CASES
+)
 
 
 def make_tx(case, **kw):
     scope, rule = case
+    if scope == "preset":
+        return PRESETS[rule](**kw)
+    if scope == "guard":
+        return GUARDS[rule]()
     threshold = NUMBER[scope][1] if rule == "number" else RULES[rule]
     return SCOPES[scope](threshold, **kw)
 
@@ -135,12 +168,30 @@ def assert_matches_reference(history, cases, what):
             )
 
 
-def mesh_1d() -> Mesh:
-    return Mesh(np.array(jax.devices()[:8]), ("data",))
+# How the mesh is built: ``jax.make_mesh`` as it comes (Explicit axes in
+# current JAX), with each axis type explicitly, and the default mesh entered
+# as the context mesh (``jax.set_mesh``, ``jax.sharding.use_mesh`` before it).
+MESH_MODES = ["default", "explicit", "auto", "context"]
+_set_mesh = getattr(jax, "set_mesh", None) or jax.sharding.use_mesh
 
 
-def mesh_2d() -> Mesh:
-    return Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
+def make_mesh(shape, names, mode="auto") -> Mesh:
+    if mode in ("default", "context"):
+        return jax.make_mesh(shape, names)
+    kind = AxisType.Explicit if mode == "explicit" else AxisType.Auto
+    return jax.make_mesh(shape, names, axis_types=(kind,) * len(names))
+
+
+def mesh_1d(mode="auto") -> Mesh:
+    return make_mesh((8,), ("data",), mode)
+
+
+def mesh_2d(mode="auto") -> Mesh:
+    return make_mesh((2, 4), ("data", "model"), mode)
+
+
+def mesh_context(mesh, mode):
+    return _set_mesh(mesh) if mode == "context" else contextlib.nullcontext()
 
 
 LAYOUTS = {
@@ -173,29 +224,133 @@ def test_rule_cases_cover_every_rule():
         assert isinstance(rules.as_rule(threshold), rules.Rule)
 
 
+def assert_state_on_mesh(state, mesh, params_sharding, what: str) -> None:
+    """Every state leaf lives on the mesh's devices; a leaf shaped like a
+    parameter (optimizer moments) has its sharding, the others (norms, rule
+    statistics, counts) are replicated."""
+    devices = set(mesh.devices.flat)
+    by_shape = {}
+    for k, sharding in params_sharding.items():
+        by_shape.setdefault(PARAMS[k].shape, []).append(sharding)
+    for leaf in jax.tree.leaves(state):
+        assert leaf.sharding.device_set == devices, f"{what}: {leaf.sharding}"
+        shardings = by_shape.get(leaf.shape, [])
+        if leaf.ndim and shardings:
+            assert any(
+                leaf.sharding.is_equivalent_to(sh, leaf.ndim) for sh in shardings
+            ) or leaf.sharding.is_fully_replicated, f"{what}: {leaf.sharding}"
+        else:
+            assert leaf.sharding.is_fully_replicated, f"{what}: {leaf.sharding}"
+
+
+@pytest.mark.parametrize("mode", MESH_MODES)
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_named_sharding_matches_single_device(layout):
-    make_mesh, specs = LAYOUTS[layout]
-    mesh = make_mesh()
+def test_named_sharding_matches_single_device(layout, mode):
+    build, specs = LAYOUTS[layout]
+    mesh = build(mode)
     shardings = {k: NamedSharding(mesh, s) for k, s in specs.items()}
 
     def place(tree):
         return {k: jax.device_put(v, shardings[k]) for k, v in tree.items()}
 
-    # Every scope on every layout; every rule on the FSDP layout.
-    cases = FIXED_CASES + (RULE_CASES["tensor"] if layout == "fsdp" else [])
-    history = run_cases(cases, GRADS, PARAMS, place)
-    assert_matches_reference(history, cases, layout)
-    for updates, _ in history:
+    # Every scope, preset and guard on every layout; every rule on the FSDP
+    # layout at both the global and the tensor scope.
+    cases = FIXED_CASES + PRESET_CASES + GUARD_CASES
+    if layout == "fsdp":
+        cases += RULE_CASES["global"] + RULE_CASES["tensor"]
+    with mesh_context(mesh, mode):
+        history = run_cases(cases, GRADS, PARAMS, place)
+    assert_matches_reference(history, cases, f"{layout}/{mode}")
+    for step, (updates, states) in enumerate(history):
         for case, tree in updates.items():
             for k, leaf in tree.items():
                 assert leaf.sharding.is_equivalent_to(shardings[k], leaf.ndim), (
                     f"{case}: leaf {k} lost its sharding: {leaf.sharding}"
                 )
+            assert_state_on_mesh(
+                states[case], mesh, shardings, f"{layout}/{mode} {case} step {step}"
+            )
     # The steps exercised clipping and the pass-through branch.
     for case in FIXED_CASES:
         clipped = [int(np.sum(s[case].stats.clipped)) for _, s in history]
         assert max(clipped) > 0 and min(clipped) == 0, case
+
+
+@pytest.mark.parametrize("mode", MESH_MODES)
+def test_fresh_state_on_explicit_mesh_donates(mode):
+    """``init`` outside ``jit`` on sharded params, then a donated jitted step."""
+    mesh = mesh_1d(mode)
+    specs = LAYOUTS["fsdp"][1]
+    shardings = {k: NamedSharding(mesh, s) for k, s in specs.items()}
+    grads = {k: jax.device_put(v, shardings[k]) for k, v in GRADS[1].items()}
+    params = {k: jax.device_put(v, shardings[k]) for k, v in PARAMS.items()}
+    for case in [("global", "number"), ("global", "percentile"), *PRESET_CASES]:
+        tx = make_tx(case)
+        with mesh_context(mesh, mode):
+            state = tx.init(params)
+            step = jax.jit(tx.update, donate_argnums=1)
+            updates, state = step(grads, state, params)
+            updates, state = step(grads, state, params)
+        assert updates["w"].sharding.is_equivalent_to(shardings["w"], 2), case
+        assert_state_on_mesh(state, mesh, shardings, f"{mode} {case}")
+
+
+PER_EXAMPLE_LAYOUTS = {
+    # Data parallel: the batch axis is split; FSDP: the first parameter axis.
+    "batch": {"w": P("data"), "b": P("data"), "k": P("data"), "s": P("data")},
+    "fsdp": {"w": P(None, "data"), "b": P(None, "data"), "k": P(), "s": P()},
+}
+
+
+@pytest.mark.parametrize("mode", MESH_MODES)
+@pytest.mark.parametrize("layout", list(PER_EXAMPLE_LAYOUTS))
+def test_per_example_clipping_sharded_matches_single_device(layout, mode):
+    """clip_per_example and the per-example drop-ins on sharded batches."""
+    batch = 8
+    rng = np.random.default_rng(7)
+    # Example norms from about 0.1 to 10: some are clipped, some are not.
+    factors = np.geomspace(0.005, 0.5, batch)
+    per_example = {
+        k: jnp.asarray(
+            rng.standard_normal((batch, *v.shape))
+            * factors.reshape((-1,) + (1,) * v.ndim),
+            jnp.float32,
+        )
+        for k, v in PARAMS.items()
+    }
+    txs = {
+        "number": oc.clip_per_example(1.0),
+        "quantile": oc.clip_per_example(rules.quantile(initial=1.0)),
+        "ema": oc.clip_per_example(rules.ema(warmup=1)),
+    }
+
+    def run(tree, params):
+        out = {}
+        for name, tx in txs.items():
+            state = tx.init(params)
+            for _ in range(2):
+                summed, state = tx.update(tree, state)
+            out[name] = (summed, state)
+        out["global_fn"] = oc.per_example_global_norm_clip(
+            list(tree.values()), 1.0
+        )
+        out["layer_fn"] = oc.per_example_layer_norm_clip(
+            list(tree.values()), 2.0
+        )
+        return out
+
+    expected = jax.jit(run)(per_example, PARAMS)
+    mesh = mesh_1d(mode)
+    specs = PER_EXAMPLE_LAYOUTS[layout]
+    placed = {
+        k: jax.device_put(v, NamedSharding(mesh, specs[k]))
+        for k, v in per_example.items()
+    }
+    with mesh_context(mesh, mode):
+        actual = jax.jit(run)(placed, PARAMS)
+    assert_trees_close(actual, expected, f"per-example {layout}/{mode}")
+    clipped = int(actual["number"][1].stats.clipped)
+    assert 0 < clipped < batch
 
 
 def test_named_sharding_clipped_norm_is_exact():
@@ -248,9 +403,10 @@ def shard_map_cases(cases, specs, mesh, axis_name, grads_seq, **kw):
     return history
 
 
-def test_shard_map_mixed_leaves_match_unsharded():
+@pytest.mark.parametrize("mode", ["explicit", "auto"])
+def test_shard_map_mixed_leaves_match_unsharded(mode):
     """Every scope and every rule, with split and replicated leaves."""
-    mesh = Mesh(np.array(jax.devices()[:8]), ("x",))
+    mesh = make_mesh((8,), ("x",), mode)
     cases = FIXED_CASES + RULE_CASES["global"]
     history = shard_map_cases(
         cases, MIXED_SPECS, mesh, "x", GRADS, partition_specs=MIXED_SPECS
@@ -258,9 +414,10 @@ def test_shard_map_mixed_leaves_match_unsharded():
     assert_matches_reference(history, cases, "shard_map")
 
 
-def test_shard_map_two_axes_matches_unsharded():
+@pytest.mark.parametrize("mode", ["explicit", "auto"])
+def test_shard_map_two_axes_matches_unsharded(mode):
     """A 2-D mesh with both axes named: each leaf is summed over its axes."""
-    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
+    mesh = mesh_2d(mode)
     specs = LAYOUTS["tensor_parallel"][1]
     cases = [(s, "number") for s in ("tensor", "block_rms", "agc")]
     history = shard_map_cases(
@@ -507,3 +664,62 @@ def test_shard_map_overflowing_total_is_exact_across_devices():
         check_vma=False,
     )
     np.testing.assert_allclose(float(jax.jit(fn)(tree)), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", MESH_MODES)
+def test_stacked_axes_split_over_mesh_match_single_device(mode):
+    """Scan-stacked layers split over the mesh along the layer axis: one norm
+    per layer, each its own shard's, recorded in a replicated state."""
+    rng = np.random.default_rng(5)
+    layers = 8
+    grads = [
+        {
+            "kernel": jnp.asarray(
+                rng.standard_normal((layers, 4, 3))
+                * np.geomspace(0.05, 5.0, layers).reshape(-1, 1, 1),
+                jnp.float32,
+            ),
+            "head": jnp.asarray(rng.standard_normal((3, 2)), jnp.float32),
+        }
+        for _ in range(3)
+    ]
+    txs = {
+        "number": oc.clip_by_norm(1.0, stacked_axes={"kernel": 1, "head": 0}),
+        "percentile": oc.clip_by_norm(
+            rules.percentile(50.0, window=4), stacked_axes={"kernel": 1, "head": 0}
+        ),
+        "block_rms": oc.clip_by_block_rms(0.3, stacked_axes={"kernel": 1, "head": 0}),
+        "agc": oc.adaptive_grad_clip(0.05, stacked_axes={"kernel": 1, "head": 0}),
+    }
+
+    def run(seq, params):
+        out = []
+        states = {k: tx.init(params) for k, tx in txs.items()}
+        step = jax.jit(
+            lambda g, s: {k: tx.update(g, s[k], params) for k, tx in txs.items()}
+        )
+        for g in seq:
+            res = step(g, states)
+            states = {k: v[1] for k, v in res.items()}
+            out.append(res)
+        return out
+
+    expected = run(grads, grads[0])
+    mesh = mesh_1d(mode)
+    shardings = {
+        "kernel": NamedSharding(mesh, P("data")),
+        "head": NamedSharding(mesh, P()),
+    }
+
+    def place(t):
+        return {k: jax.device_put(v, shardings[k]) for k, v in t.items()}
+
+    with mesh_context(mesh, mode):
+        actual = run([place(g) for g in grads], place(grads[0]))
+    assert_trees_close(actual, expected, f"stacked {mode}")
+    for res in actual:
+        for _, (updates, state) in res.items():
+            assert updates["kernel"].sharding.is_equivalent_to(shardings["kernel"], 3)
+            for leaf in jax.tree.leaves(state):
+                assert leaf.sharding.is_fully_replicated, leaf.sharding
+    assert 0 < int(actual[0]["number"][1].stats.clipped) < layers

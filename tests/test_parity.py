@@ -161,3 +161,80 @@ def test_propagate_equals_optax_on_nonfinite(name, ours, theirs, bad):
     for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(e))
     assert int(state.stats.nonfinite_count) == 1
+
+
+# ---------------------------------------------------------------------------
+# The stateless idiom: ``tx.update(grads, None)`` as optax users write it
+# ---------------------------------------------------------------------------
+
+
+def _stateless_pairs():
+    # Each drop-in with a number and with a schedule, beside optax with the
+    # schedule's value at step 0 (a fresh state reads the schedule there).
+    schedule = optax.linear_schedule(1.5, 0.1, 10)
+    return _pairs() + [
+        (
+            "clip_by_global_norm_schedule",
+            lambda: oc.clip_by_global_norm(schedule),
+            lambda: optax.clip_by_global_norm(1.5),
+        ),
+        (
+            "clip_schedule",
+            lambda: oc.clip(optax.constant_schedule(0.3)),
+            lambda: optax.clip(0.3),
+        ),
+    ]
+
+
+def _np_clip_by_norm(grads, bound):
+    out = {}
+    for k, g in grads.items():
+        a = np.asarray(g, np.float64)
+        norm = np.sqrt(np.sum(a**2))
+        out[k] = (a * min(1.0, bound / norm) if norm > 0 else a).astype(np.float32)
+    return out
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("empty", [None, optax.EmptyState()], ids=["None", "Empty"])
+@pytest.mark.parametrize(
+    "name,ours,theirs", _stateless_pairs(), ids=[p[0] for p in _stateless_pairs()]
+)
+def test_drop_in_accepts_stateless_idiom(name, ours, theirs, empty, jit):
+    grads = random_tree(1, 7, jnp.float32, scale=2.0)
+    params = jax.tree.map(lambda g: 2 * g + 1, grads)
+    mine, theirs_tx = ours(), theirs()
+    expected, _ = theirs_tx.update(grads, empty, params)
+    update = jax.jit(mine.update) if jit else mine.update
+    actual, state = update(grads, empty, params)
+    assert_trees_close(actual, expected, rtol=1e-6, atol=1e-7)
+    # The returned state is a fresh one after one step, ready to be kept.
+    assert int(oc.stats(state)[0].count) == 1
+
+
+@pytest.mark.parametrize("empty", [None, optax.EmptyState()], ids=["None", "Empty"])
+def test_clip_by_norm_accepts_stateless_idiom(empty):
+    grads = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([[0.1, -0.2]])}
+    actual, _ = oc.clip_by_norm(1.0).update(grads, empty)
+    expected = _np_clip_by_norm(grads, 1.0)
+    for k in grads:
+        np.testing.assert_allclose(actual[k], expected[k], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: oc.clip_by_global_norm(oc.rules.percentile(10.0)),
+        lambda: oc.clip_by_norm(oc.rules.ema()),
+        lambda: oc.clip_by_value(oc.rules.zscore()),
+        lambda: oc.clip_by_block_rms(oc.rules.quantile()),
+        lambda: oc.adaptive_grad_clip(oc.rules.ema()),
+        lambda: oc.zclip(),
+        lambda: oc.autoclip(),
+    ],
+)
+@pytest.mark.parametrize("empty", [None, optax.EmptyState()], ids=["None", "Empty"])
+def test_learning_rule_refuses_stateless_idiom(make, empty):
+    grads = {"w": jnp.array([[3.0, 4.0]])}
+    with pytest.raises(ValueError, match="learns from the norms of earlier steps"):
+        make().update(grads, empty, grads)
