@@ -417,7 +417,7 @@ def spam_clip(
     keep_nonfinite = not check_nonfinite(nonfinite)
 
     def init_fn(params):
-        nu = map_float(lambda _, x: jnp.zeros(x.shape, _real_acc(x)), params)
+        nu = map_float(lambda _, x: jnp.zeros_like(x, dtype=_real_acc(x)), params)
         acc = _norms.tree_acc_dtype(params)
         return SpamClipState(
             nu, jnp.zeros((), jnp.int32), ClipStats.zeros(jnp.zeros((), acc))
