@@ -2,7 +2,7 @@
 
     python benchmarks/report.py results.json                  # to stdout
     python benchmarks/report.py results.json --out docs/performance.md \\
-        --note "Measured on a shared machine." --append extra.md
+        --notes conditions.md --append extra.md
 
 Every ratio and GB/s figure is computed here from the rows' measured
 seconds and bytes; the page also gives the command that produced the
@@ -328,15 +328,23 @@ def summary(
         biggest = max(k[1] for k in f32)
         big = [ratio(index, k, "donated", OPTAXCLIP, OPTAX) for k in f32]
         big = [b for k, b in zip(f32, big, strict=True) if k[1] == biggest and b]
-        parts.append(
-            "Clipping by the global norm on its own, optaxclip took "
+        text = (
+            "**Clipping on its own.** optaxclip's `clip_by_global_norm` took "
             f"{_range(donated)}x the time of `optax.clip_by_global_norm` "
             f"(median {statistics.median(donated):.2f}x over "
-            f"{len(donated)} float32 trees, clipping in place), and "
+            f"{len(donated)} float32 trees, clipping in place), "
             f"{_range(big)}x at the largest size measured, "
-            f"{_count(biggest)} parameters; the difference is the cost of "
-            "recording the pre-clip norm and the other statistics you can log."
+            f"{_count(biggest)} parameters."
         )
+        dropped = [ratio(index, k, "donated", STATE_DROPPED, OPTAX) for k in f32]
+        dropped = [d for d in dropped if d is not None]
+        if dropped and statistics.median(donated) > statistics.median(dropped):
+            text += (
+                " With its statistics discarded the same clip took median "
+                f"{statistics.median(dropped):.2f}x: the rest is the cost of "
+                "recording the pre-clip norm and the other statistics you log."
+            )
+        parts.append(text)
         vs_torch = [ratio(index, k, "donated", OPTAXCLIP, TORCH) for k in f32]
         vs_torch = [t for t in vs_torch if t is not None]
         if vs_torch:
@@ -359,8 +367,8 @@ def summary(
     )
     if bare and ours and theirs:
         parts.append(
-            "In a training step the clip is a small part of the work: in front "
-            f"of adamw ({_count(bare.params)} parameters) the global clip "
+            "**In a training step** (a jitted adamw update of "
+            f"{_count(bare.params)} parameters) the global clip "
             f"changed the step's time by {_change(ours.seconds / bare.seconds)} "
             f"and optax's by {_change(theirs.seconds / bare.seconds)}."
         )
@@ -388,9 +396,30 @@ def summary(
         )
         if ours_c and theirs_c:
             parts.append(
-                f"Compiling a step with {most} parameter tensors took "
-                f"{ours_c:.1f} s with optaxclip's global clip and "
-                f"{theirs_c:.1f} s with optax's."
+                f"**Compile time.** Compiling an adamw step over {most} "
+                f"parameter tensors took {ours_c:.1f} s with optaxclip's global "
+                f"clip and {theirs_c:.1f} s with optax's."
+            )
+        fixed_c = at.get(("optaxclip", "per-tensor", None))
+        rules_c = [
+            t for (lib, scope, rule), t in at.items()
+            if (lib, scope) == ("optaxclip", "per-tensor") and rule and t
+        ]  # fmt: skip
+        stopped = sorted(
+            {r.method for r in comp if r.with_adamw and r.rule and r.trace_s is None}
+        )
+        if fixed_c and rules_c:
+            parts.append(
+                "An adaptive rule at the per-tensor scope took "
+                f"{_range([t / fixed_c for t in rules_c])}x the fixed per-tensor "
+                f"clip's {fixed_c:.1f} s there"
+                + (
+                    f", and {len(stopped)} rule(s) ran out of the time limit "
+                    "at a larger leaf count"
+                    if stopped
+                    else ""
+                )
+                + "."
             )
     machine = versions.get("device", "the device")
     cores = versions.get("cpu cores")
@@ -432,7 +461,7 @@ def _measured(
         + f". Versions: {listed}.",
         "",
         f"Configuration ({data.get('mode', 'full')} mode, with the flags above): "
-        + ", ".join(f"{k} {_cfg(v)}" for k, v in cfg.items())
+        + ", ".join(f"{k} {_cfg(k, v)}" for k, v in cfg.items())
         + ".",
         "",
         "Method: the candidates of a row are warmed up (their first call "
@@ -447,7 +476,9 @@ def _measured(
     return out
 
 
-def _cfg(value: Any) -> str:
+def _cfg(key: str, value: Any) -> str:
+    if key.endswith("_bytes") and isinstance(value, int):
+        return f"{value / 2**20:g} MiB"
     if isinstance(value, list | tuple):
         return ",".join(_count(v) if isinstance(v, int) else str(v) for v in value)
     if isinstance(value, bool):
@@ -494,7 +525,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("json", help="a file written by benchmarks/run.py --json")
     parser.add_argument("--out", default=None, help="write here instead of stdout")
     parser.add_argument(
-        "--note", action="append", default=[], help="a paragraph on the conditions"
+        "--notes",
+        action="append",
+        default=[],
+        help="a Markdown file on the run's conditions, added to its description",
     )
     parser.add_argument(
         "--append",
@@ -511,8 +545,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         parser.error(f"cannot read the benchmark JSON {args.json!r}: {e}")
     command = shlex.join(["python", "benchmarks/report.py", *argv])
+    notes = []
+    for name in args.notes:
+        with open(name) as f:
+            notes.append(f.read().strip())
     try:
-        page = render(data, args.note, command)
+        page = render(data, notes, command)
     except (KeyError, ValueError, TypeError) as e:
         parser.error(f"{args.json!r} is not a benchmarks/run.py --json file: {e}")
     for extra in args.append:

@@ -199,6 +199,9 @@ def test_report_computes_the_global_norm_ratios_from_the_times():
     # GB/s: 1.2e9 bytes / 3 ms = 400; copy 8e8 / 1 ms = 800; 400 of 800.
     assert cells[3:] == ["400.0", "600.0", "200.0", "500.0", "800.0", "50%"]
     assert "copy bandwidth of 800.0 GB/s" in page
+    summary = page.split("## What this means for you")[1].split("##")[0]
+    assert "took 1.50x the time of `optax.clip_by_global_norm`" in summary
+    assert "discarded the same clip took median 1.10x" in summary
 
 
 def test_report_leaves_missing_candidates_as_na():
@@ -258,6 +261,9 @@ def test_report_computes_the_compile_ratios_and_shows_stopped_rows():
         "500",
     ]
     assert stopped.split("|")[4].strip() == "stopped"
+    summary = page.split("## What this means for you")[1].split("##")[0]
+    assert "took 3.00x the fixed per-tensor clip's 2.0 s there" in summary
+    assert "1 rule(s) ran out of the time limit" in summary
 
 
 def test_report_page_names_the_command_versions_and_date(tmp_path):
@@ -265,16 +271,11 @@ def test_report_page_names_the_command_versions_and_date(tmp_path):
     source.write_text(json.dumps(_data([_clip(OPTAXCLIP, "plain", 2e-3)])))
     extra = tmp_path / "extra.md"
     extra.write_text("## Appended\n\nkept as written\n")
+    notes = tmp_path / "notes.md"
+    notes.write_text("A shared machine.\n")
     out = tmp_path / "page.md"
-    argv = [
-        str(source),
-        "--out",
-        str(out),
-        "--note",
-        "A shared machine.",
-        "--append",
-        str(extra),
-    ]
+    argv = [str(source), "--out", str(out), "--notes", str(notes)]
+    argv += ["--append", str(extra)]
     assert report.main(argv) == 0
     page = out.read_text()
     assert "python benchmarks/run.py --sections 1\n" in page
