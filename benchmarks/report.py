@@ -125,12 +125,14 @@ def clip_tables(rows: Sequence[ClipRow], copy_gb_s: float | None) -> list[str]:
     """The ratio table and the absolute GB/s table of sections 1 and 4."""
     index = _clip_index(rows)
     sections = sorted({r.section for r in rows})
-    names = {1: "1 (float32)", 4: "4 (bfloat16, float16)"}
+    names = {1: "1 (float32)", 4: "4 (bfloat16 and float16)"}
     out = [
-        "## Global-norm clipping on its own (sections "
-        + " and ".join(names[s] for s in sections)
-        + ")",
+        "## Global-norm clipping on its own",
         "",
+        "Section"
+        + ("s " if len(sections) > 1 else " ")
+        + " and ".join(names[s] for s in sections)
+        + " of the benchmark: "
         "`clip_by_global_norm(1.0)` jitted on its own, its new state returned. "
         "Each cell is a ratio of median times per call: below 1 means "
         "optaxclip is faster. *Donated* calls clip in place: before each timed "
@@ -160,7 +162,7 @@ def clip_tables(rows: Sequence[ClipRow], copy_gb_s: float | None) -> list[str]:
             _num(_peak(ours)),
             _num(_peak(theirs)),
         ]
-        out.append(_line([key[0], _count(key[1]), str(key[2]), *cells]))
+        out.append(_line([key[0], format_count(key[1]), str(key[2]), *cells]))
     impls = [OPTAXCLIP, OPTAX, TORCH, REF_CLIP, REF_COPY]
     out += [
         "",
@@ -184,7 +186,7 @@ def clip_tables(rows: Sequence[ClipRow], copy_gb_s: float | None) -> list[str]:
         cells = [_num(s, 1) for s in speeds]
         if copy_gb_s:
             cells.append(_pct(None if speeds[0] is None else speeds[0] / copy_gb_s))
-        out.append(_line([key[0], _count(key[1]), str(key[2]), *cells]))
+        out.append(_line([key[0], format_count(key[1]), str(key[2]), *cells]))
     return out
 
 
@@ -217,7 +219,7 @@ def step_table(rows: Sequence[StepRow]) -> list[str]:
         "## Inside an adamw step (section 2)",
         "",
         f"A jitted `optax.chain(clip, optax.adamw(1e-3))` update of "
-        f"{_count(first.params)} float32 parameters in {first.leaves} "
+        f"{format_count(first.params)} float32 parameters in {first.leaves} "
         f"`(rows, 256)` matrices, timed side by side ({first.rounds} rounds). "
         "Adaptive rules are also compared with the fixed threshold of the "
         "same scope.",
@@ -319,100 +321,167 @@ def summary(
     versions: dict[str, Any],
 ) -> str:
     """A plain-language paragraph whose every number comes from the rows."""
+    groups = [_clip_summary(clip), _step_summary(step), _compile_summary(comp)]
     parts = []
+    machine = (
+        "a CPU machine"
+        if versions.get("backend") == "cpu"
+        else versions.get("device", "one device")
+    )
+    cores = versions.get("cpu cores")
+    parts.append(
+        f"These figures come from one run on {machine}"
+        + (f" with {cores} cores" if cores else "")
+        + "; ratios of candidates measured side by side carry over to other "
+        "machines better than absolute times, which depend on the hardware "
+        "and its load."
+    )
+    lead = " ".join([*_lead(clip, comp), *parts])
+    return "\n".join([lead, "", *("- " + " ".join(g) for g in groups if g)])
+
+
+def _lead(clip: Sequence[ClipRow], comp: Sequence[CompileRow]) -> list[str]:
+    """One sentence in plain words, chosen by the measured medians."""
+    index = _clip_index(clip)
+    got = [
+        ratio(index, k, "donated", OPTAXCLIP, OPTAX)
+        for k in _trees(clip)
+        if k[0] == "float32"
+    ]
+    got = [g for g in got if g is not None]
+    out = []
+    if got:
+        m = statistics.median(got)
+        if abs(m - 1) <= 0.05:
+            pace = "about as fast as optax's"
+        else:
+            pace = f"{abs(m - 1):.0%} {'slower' if m > 1 else 'faster'} than optax's"
+        out.append(
+            f"In short: optaxclip's global-norm clip runs {pace} (the median "
+            "of the trees below) while it also records the pre-clip norm for "
+            "you to log."
+        )
+    done = [r for r in comp if r.with_adamw and _total(r)]
+    if done:
+        most = max(r.leaves for r in done)
+        at = {(r.library, r.scope, r.rule): _total(r) for r in done if r.leaves == most}
+        fixed = at.get(("optaxclip", "per-tensor", None))
+        worst = max(
+            (
+                t
+                for (lib, scope, rule), t in at.items()
+                if scope == "per-tensor" and rule
+            ),
+            default=None,
+        )
+        if fixed and worst and worst > 2 * fixed:
+            out.append(
+                "The one cost to plan for is compile time: the adaptive "
+                "per-tensor rules compile several times slower than a fixed "
+                "per-tensor clip, which adds up on models with many parameter "
+                "tensors."
+            )
+    return out
+
+
+def _clip_summary(clip: Sequence[ClipRow]) -> list[str]:
     index = _clip_index(clip)
     f32 = [k for k in _trees(clip) if k[0] == "float32"]
-    donated = [ratio(index, k, "donated", OPTAXCLIP, OPTAX) for k in f32]
-    donated = [d for d in donated if d is not None]
-    if donated:
-        biggest = max(k[1] for k in f32)
-        big = [ratio(index, k, "donated", OPTAXCLIP, OPTAX) for k in f32]
-        big = [b for k, b in zip(f32, big, strict=True) if k[1] == biggest and b]
-        text = (
-            "**Clipping on its own.** optaxclip's `clip_by_global_norm` took "
-            f"{_range(donated)}x the time of `optax.clip_by_global_norm` "
-            f"(median {statistics.median(donated):.2f}x over "
-            f"{len(donated)} float32 trees, clipping in place), "
-            f"{_range(big)}x at the largest size measured, "
-            f"{_count(biggest)} parameters."
-        )
-        dropped = [ratio(index, k, "donated", STATE_DROPPED, OPTAX) for k in f32]
-        dropped = [d for d in dropped if d is not None]
-        if dropped and statistics.median(donated) > statistics.median(dropped):
-            text += (
-                " With its statistics discarded the same clip took median "
-                f"{statistics.median(dropped):.2f}x: the rest is the cost of "
-                "recording the pre-clip norm and the other statistics you log."
-            )
-        parts.append(text)
-        vs_torch = [ratio(index, k, "donated", OPTAXCLIP, TORCH) for k in f32]
-        vs_torch = [t for t in vs_torch if t is not None]
-        if vs_torch:
-            parts.append(
-                "Against PyTorch's `clip_grad_norm_(foreach=True)` on the same "
-                f"device it took {_range(vs_torch)}x torch's time (faster on "
-                f"{sum(t < 1 for t in vs_torch)} of {len(vs_torch)} trees)."
-            )
-    bare = next((r for r in step if r.library == "none"), None)
-    ours = next(
-        (
-            r
-            for r in step
-            if (r.library, r.scope, r.rule) == ("optaxclip", "global", None)
-        ),
-        None,
-    )  # noqa: E501
-    theirs = next(
-        (r for r in step if (r.library, r.scope) == ("optax", "global")), None
+
+    def ratios(a: str, b: str, keys: Sequence[tuple] = f32) -> list[float]:
+        got = [ratio(index, k, "donated", a, b) for k in keys]
+        return [r for r in got if r is not None]
+
+    donated = ratios(OPTAXCLIP, OPTAX)
+    if not donated:
+        return []
+    biggest = max(k[1] for k in f32)
+    big = ratios(OPTAXCLIP, OPTAX, [k for k in f32 if k[1] == biggest])
+    text = (
+        "**Clipping on its own.** optaxclip's `clip_by_global_norm` took "
+        f"{_range(donated)}x the time of `optax.clip_by_global_norm` (median "
+        f"{statistics.median(donated):.2f}x over {len(donated)} float32 trees, "
+        f"clipping in place), and {_range(big)}x at the largest size "
+        f"measured, {format_count(biggest)} parameters."
     )
-    if bare and ours and theirs:
-        parts.append(
-            "**In a training step** (a jitted adamw update of "
-            f"{_count(bare.params)} parameters) the global clip "
-            f"changed the step's time by {_change(ours.seconds / bare.seconds)} "
-            f"and optax's by {_change(theirs.seconds / bare.seconds)}."
+    dropped = ratios(STATE_DROPPED, OPTAX)
+    if dropped and statistics.median(donated) > statistics.median(dropped):
+        text += (
+            " With its statistics discarded the same clip took median "
+            f"{statistics.median(dropped):.2f}x: the rest is the cost of "
+            "recording the pre-clip norm and the other statistics you log."
         )
+    out = [text]
+    vs_torch = ratios(OPTAXCLIP, TORCH)
+    if vs_torch:
+        out.append(
+            "Against PyTorch's `clip_grad_norm_(foreach=True)` on the same "
+            f"device it took {_range(vs_torch)}x torch's time (faster on "
+            f"{sum(t < 1 for t in vs_torch)} of {len(vs_torch)} trees)."
+        )
+    return out
+
+
+def _step_summary(step: Sequence[StepRow]) -> list[str]:
+    def find(library: str, scope: str | None) -> StepRow | None:
+        return next(
+            (r for r in step if (r.library, r.scope, r.rule) == (library, scope, None)),
+            None,
+        )
+
+    bare, ours = find("none", None), find("optaxclip", "global")
+    theirs = find("optax", "global")
+    if not (bare and ours and theirs):
+        return []
+    out = [
+        "**In a training step** (a jitted adamw update of "
+        f"{format_count(bare.params)} parameters) the global clip changed the "
+        f"step's time by {_change(ours.seconds / bare.seconds)} and optax's by "
+        f"{_change(theirs.seconds / bare.seconds)}."
+    ]
+    rules = [
+        r.seconds / ours.seconds
+        for r in step
+        if (r.library, r.scope) == ("optaxclip", "global") and r.rule
+    ]
+    if rules:
+        out.append(
+            "An adaptive rule instead of a fixed global threshold took "
+            f"{_range(rules)}x the fixed threshold's step."
+        )
+    return out
+
+
+def _compile_summary(comp: Sequence[CompileRow]) -> list[str]:
+    done = [r for r in comp if r.with_adamw and _total(r)]
+    by = {(r.library, r.scope, r.rule, r.leaves): _total(r) for r in done}
+    counts = sorted({r.leaves for r in done})
+    out = []
+    vs_optax = [
+        by[("optaxclip", "global", None, n)] / by[("optax", "global", None, n)]
+        for n in counts
+        if ("optaxclip", "global", None, n) in by and ("optax", "global", None, n) in by
+    ]
+    if vs_optax:
+        out.append(
+            "**Compile time.** Compiling an adamw step with optaxclip's global "
+            f"clip took {_range(vs_optax)}x the time with optax's, at "
+            f"{_range(counts, 0)} parameter tensors."
+        )
+    if counts:
+        most = counts[-1]
+        fixed = by.get(("optaxclip", "per-tensor", None, most))
         rules = [
-            r.seconds / ours.seconds
-            for r in step
-            if (r.library, r.scope) == ("optaxclip", "global") and r.rule
+            t
+            for (lib, scope, rule, n), t in by.items()
+            if (lib, scope, n) == ("optaxclip", "per-tensor", most) and rule
         ]
-        if rules:
-            parts.append(
-                "An adaptive rule instead of a fixed global threshold took "
-                f"{_range(rules, 3)}x the fixed threshold's step."
-            )
-    measured = [r for r in comp if r.trace_s is not None and r.with_adamw]
-    if measured:
-        most = max(r.leaves for r in measured)
-        at = {
-            (r.library, r.scope, r.rule): _total(r)
-            for r in measured
-            if r.leaves == most
-        }
-        ours_c, theirs_c = (
-            at.get(("optaxclip", "global", None)),
-            at.get(("optax", "global", None)),
-        )
-        if ours_c and theirs_c:
-            parts.append(
-                f"**Compile time.** Compiling an adamw step over {most} "
-                f"parameter tensors took {ours_c:.1f} s with optaxclip's global "
-                f"clip and {theirs_c:.1f} s with optax's."
-            )
-        fixed_c = at.get(("optaxclip", "per-tensor", None))
-        rules_c = [
-            t for (lib, scope, rule), t in at.items()
-            if (lib, scope) == ("optaxclip", "per-tensor") and rule and t
-        ]  # fmt: skip
-        stopped = sorted(
-            {r.method for r in comp if r.with_adamw and r.rule and r.trace_s is None}
-        )
-        if fixed_c and rules_c:
-            parts.append(
-                "An adaptive rule at the per-tensor scope took "
-                f"{_range([t / fixed_c for t in rules_c])}x the fixed per-tensor "
-                f"clip's {fixed_c:.1f} s there"
+        stopped = {r.method for r in comp if r.with_adamw and r.rule and not _total(r)}
+        if fixed and rules:
+            out.append(
+                f"At {most} tensors an adaptive per-tensor rule took "
+                f"{_range([t / fixed for t in rules], 1)}x the fixed per-tensor "
+                f"clip's {fixed:.1f} s to compile"
                 + (
                     f", and {len(stopped)} rule(s) ran out of the time limit "
                     "at a larger leaf count"
@@ -421,15 +490,7 @@ def summary(
                 )
                 + "."
             )
-    machine = versions.get("device", "the device")
-    cores = versions.get("cpu cores")
-    parts.append(
-        f"These figures come from one run on {machine}"
-        + (f" ({cores} CPU cores)" if cores else "")
-        + "; ratios measured side by side carry over to other machines better "
-        "than absolute times, which depend on the hardware and its load."
-    )
-    return " ".join(parts)
+    return out
 
 
 def _measured(
@@ -480,19 +541,24 @@ def _cfg(key: str, value: Any) -> str:
     if key.endswith("_bytes") and isinstance(value, int):
         return f"{value / 2**20:g} MiB"
     if isinstance(value, list | tuple):
-        return ",".join(_count(v) if isinstance(v, int) else str(v) for v in value)
+        return ",".join(
+            format_count(v) if isinstance(v, int) else str(v) for v in value
+        )
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, int) and value >= 10_000:
-        return _count(value)
+        return format_count(value)
     return str(value)
 
 
-def _count(n: int) -> str:
-    """100000 -> "100k", 10000000 -> "10M"."""
+def format_count(n: int) -> str:
+    """100000 -> "100k", 10000000 -> "10M", 9998336 -> "10.0M"."""
     for size, suffix in ((10**9, "G"), (10**6, "M"), (10**3, "k")):
         if n >= size and n % (size // 10) == 0:
             return f"{n / size:g}{suffix}"
+    for size, suffix in ((10**9, "G"), (10**6, "M")):
+        if n >= size:
+            return f"{n / size:.1f}{suffix}"
     return f"{n:,}"
 
 

@@ -131,7 +131,7 @@ def test_quick_run_prints_the_report_of_its_rows(quick):
     assert page.strip() in stdout
     lines = page.splitlines()
     for r in _rows(data, ClipRow):
-        prefix = f"| {r.dtype} | {report._count(r.params)} | {r.leaves} |"
+        prefix = f"| {r.dtype} | {report.format_count(r.params)} | {r.leaves} |"
         assert sum(line.startswith(prefix) for line in lines) == 2  # ratios, GB/s
     assert "nan" not in page.lower()
 
@@ -200,6 +200,7 @@ def test_report_computes_the_global_norm_ratios_from_the_times():
     assert cells[3:] == ["400.0", "600.0", "200.0", "500.0", "800.0", "50%"]
     assert "copy bandwidth of 800.0 GB/s" in page
     summary = page.split("## What this means for you")[1].split("##")[0]
+    assert "In short: optaxclip's global-norm clip runs 50% slower" in summary
     assert "took 1.50x the time of `optax.clip_by_global_norm`" in summary
     assert "discarded the same clip took median 1.10x" in summary
 
@@ -231,13 +232,14 @@ def test_report_computes_the_step_ratios_against_bare_and_fixed():
     summary = page.split("## What this means for you")[1].split("##")[0]
     assert "global clip changed the step's time by +20%" in summary
     assert "optax's by +10%" in summary
-    assert "1.250x the fixed threshold" in summary
+    assert "1.25x the fixed threshold" in summary
 
 
 def test_report_computes_the_compile_ratios_and_shows_stopped_rows():
     rows = [
         _compile("optax global", "optax", "global", None, 100, 1.0, 3.0),
         _compile("per-tensor", "optaxclip", "per-tensor", None, 100, 0.5, 1.5),
+        _compile("global", "optaxclip", "global", None, 100, 1.0, 4.0),
         _compile("per-tensor + ema", "optaxclip", "per-tensor", "ema", 100, 2.0, 4.0),
         _compile(
             "per-tensor + ema", "optaxclip", "per-tensor", "ema", 1000, None, None
@@ -262,8 +264,11 @@ def test_report_computes_the_compile_ratios_and_shows_stopped_rows():
     ]
     assert stopped.split("|")[4].strip() == "stopped"
     summary = page.split("## What this means for you")[1].split("##")[0]
-    assert "took 3.00x the fixed per-tensor clip's 2.0 s there" in summary
+    assert "At 100 tensors an adaptive per-tensor rule took 3.0x" in summary
+    assert "the fixed per-tensor clip's 2.0 s to compile" in summary
+    assert "global clip took 1.25x the time with optax's, at 100" in summary
     assert "1 rule(s) ran out of the time limit" in summary
+    assert "The one cost to plan for is compile time" in summary
 
 
 def test_report_page_names_the_command_versions_and_date(tmp_path):
