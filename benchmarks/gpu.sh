@@ -11,7 +11,7 @@
 # stopped run keeps what it finished. Section 3, the compile times, runs
 # last under its own time limit.
 # Writes OUTDIR/gpu.json, gpu.log, gpu_compile.json, gpu_compile.log and
-# nvidia-smi.txt. Tables for the README: --summarize OUTDIR/gpu.json.
+# nvidia-smi.txt. The page: python benchmarks/report.py OUTDIR/gpu.json.
 # BENCH_ARGS adds options to both runs (--quick tries the script anywhere).
 set -u
 out=${1:?usage: bash benchmarks/gpu.sh OUTDIR}

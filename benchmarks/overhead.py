@@ -25,7 +25,6 @@ optimized HLO of the one-leaf programs.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -40,11 +39,10 @@ import optax
 
 import optaxclip as oc
 
-_SPEC = importlib.util.spec_from_file_location(
-    "optaxclip_bench_run", os.path.join(os.path.dirname(__file__), "run.py")
-)
-bench = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(bench)
+if not __package__:  # run as a script: make the benchmarks package importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import harness  # noqa: E402
 
 QUEUED = 50
 
@@ -94,9 +92,9 @@ def measure(tree: Any, repeats: int) -> tuple[dict[str, dict[str, float]], dict]
         name: fn.lower(tree, states[name]).compile().as_text()
         for name, (fn, _) in fns.items()
     }
-    # The in-place rounds of run.py: the same buffers every call, refilled
+    # The in-place rounds of section 1: the same buffers every call, refilled
     # with the original data untimed.
-    run, prepare = bench.in_place_candidates(
+    run, prepare = harness.in_place_candidates(
         {name: fn for name, (fn, _) in fns.items()},
         states,
         tree,
@@ -104,20 +102,20 @@ def measure(tree: Any, repeats: int) -> tuple[dict[str, dict[str, float]], dict]
     )
 
     def one(name: str, wait: bool) -> float:
-        grads = bench._block(prepare[name]())
+        grads = harness.block(prepare[name]())
         start = time.perf_counter()
         out = run[name](grads)
         returned = time.perf_counter()
-        bench._block(out)  # also after a dispatch sample: no overlap with the next
+        harness.block(out)  # also after a dispatch sample: no overlap with the next
         return (time.perf_counter() if wait else returned) - start
 
     def queued(name: str) -> float:
         # Plain (not donated) inputs, so calls can be queued back to back.
         state = spare[name]
-        bench._block(plain[name](tree, state))
+        harness.block(plain[name](tree, state))
         start = time.perf_counter()
         outs = [plain[name](tree, state) for _ in range(QUEUED)]
-        bench._block(outs)
+        harness.block(outs)
         return (time.perf_counter() - start) / QUEUED
 
     for name in fns:
@@ -150,7 +148,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None)
     parser.add_argument("--hlo", default=None, help="write one-leaf optimized HLO")
     args = parser.parse_args(argv)
-    info = bench.print_versions()
+    try:
+        sizes = harness.int_list(args.sizes, "--sizes")
+        leaf_counts = harness.int_list(args.leaves, "--leaves")
+    except ValueError as e:
+        parser.error(str(e))
+    if args.repeats < 1:
+        parser.error(f"--repeats takes a whole number >= 1, got {args.repeats}")
+    info = harness.versions()
+    print("Versions: " + ", ".join(f"{k} {v}" for k, v in info.items()))
     rows = []
     hlo_out = []
     print(
@@ -158,9 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         "| dispatch (us) | kernels |"
     )
     print("|---|---|---|---|---|---|---|")
-    for size in bench._int_list(args.sizes, "--sizes"):
-        for leaves in bench._int_list(args.leaves, "--leaves"):
-            tree = bench.make_tree(size, leaves, "float32")
+    for size in sizes:
+        for leaves in leaf_counts:
+            tree = harness.make_tree(size, leaves, "float32")
             result, compiled = measure(tree, args.repeats)
             for name, r in result.items():
                 print(

@@ -1,9 +1,8 @@
-"""Smoke test of the benchmark suite: the quick mode runs and reports every row."""
+"""Tests of the benchmark suite: the quick run, the report, the flags, the harness."""
 
-import importlib.util
+import dataclasses
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -14,18 +13,24 @@ import numpy as np
 import pytest
 
 import optaxclip as oc
+from benchmarks import compile_time, global_norm, harness, methods, records, report, run
+from benchmarks.records import (
+    OPTAX,
+    OPTAXCLIP,
+    QUICK,
+    REF_CLIP,
+    REF_COPY,
+    STATE_DROPPED,
+    TORCH,
+    ClipRow,
+    CompileRow,
+    StepRow,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_SPEC = importlib.util.spec_from_file_location(
-    "optaxclip_benchmarks", os.path.join(ROOT, "benchmarks", "run.py")
-)
-bench = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(bench)
 
 
-@pytest.fixture(scope="module")
-def report(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench") / "rows.json"
+def _bench_env():
     env = dict(os.environ)
     # The suite's simulated devices are for the sharding tests; the
     # benchmark measures one real CPU device.
@@ -33,258 +38,484 @@ def report(tmp_path_factory):
     env["XLA_FLAGS"] = " ".join(
         f for f in flags if "xla_force_host_platform_device_count" not in f
     )
+    return env
+
+
+# ---------------------------------------------------------------------------
+# The quick run, end to end
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "rows.json"
     proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "run.py"), "--quick"]
-        + ["--json", str(out)],
+        [sys.executable, "benchmarks/run.py", "--quick", "--json", str(out)],
         capture_output=True,
         text=True,
         timeout=600,
-        env=env,
+        env=_bench_env(),
         cwd=ROOT,
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     with open(out) as f:
-        data = json.load(f)
-    return proc.stdout, data
+        return proc.stdout, json.load(f)
 
 
-def _rows(data, section):
-    return [r for r in data["rows"] if r["section"] == section]
+def _rows(data, kind):
+    rows = [records.row_from_dict(r) for r in data["rows"]]
+    return [r for r in rows if isinstance(r, kind)]
 
 
-def test_quick_config_is_small():
-    cfg = bench.QUICK
-    assert cfg["repeats"] >= 20
-    assert max(cfg["sizes"]) <= 1_000_000 and cfg["compile_shared_process"]
-    assert bench.FULL["sizes"] == [100_000, 1_000_000, 10_000_000, 50_000_000]
-    assert bench.FULL["leaves"] == [1, 16, 256]
-    assert bench.FULL["compile_leaves"] == [10, 100, 1000, 5000]
-    assert bench.FULL["repeats"] >= 20
+def test_quick_run_records_how_it_was_run(quick):
+    _, data = quick
+    assert data["command"] == f"python benchmarks/run.py --quick --json {_json(data)}"
+    assert data["mode"] == "quick" and data["sections"] == [1, 2, 3, 4]
+    assert data["date"].startswith(time.strftime("%Y-", time.gmtime()))
+    assert data["config"] == json.loads(json.dumps(dataclasses.asdict(QUICK)))
+    for key in ("jax", "jaxlib", "optax", "python", "cpu cores"):
+        assert data["versions"][key], key
+    assert data["copy_gb_s"] > 0 and data["elapsed_s"] > 0
 
 
-def test_split_sizes_cover_the_total():
-    sizes = bench.split_sizes(1_000_003, 16)
-    assert sum(sizes) == 1_000_003 and len(sizes) == 16
-    assert max(sizes) - min(sizes) <= 1
+def _json(data):
+    return data["command"].rsplit(" ", 1)[1]
 
 
-def test_reference_clip_matches_optaxclip():
-    tree = bench.make_tree(1000, 4, jnp.float32)
-    tx = oc.clip_by_global_norm(1.0)
-    ours, _ = tx.update(tree, tx.init(tree))
-    ref = bench.reference_clip(tree, 1.0)
-    for key in tree:
-        assert jnp.allclose(ours[key], ref[key], rtol=1e-5, atol=0)
+def test_quick_run_has_every_global_norm_row(quick):
+    _, data = quick
+    rows = _rows(data, ClipRow)
+    impls = {OPTAXCLIP, OPTAX, STATE_DROPPED, REF_CLIP, REF_COPY}
+    trees = [("float32", s, n) for s in QUICK.sizes for n in QUICK.leaves]
+    trees += [(d, QUICK.lowp_size, QUICK.lowp_leaves) for d in ("bfloat16", "float16")]
+    for tree in trees:
+        for mode in records.MODES:
+            got = {
+                r.impl: r
+                for r in rows
+                if (r.dtype, r.params, r.leaves, r.mode) == (*tree, mode)
+            }
+            torch = {TORCH} if mode == "donated" and harness.torch else set()
+            assert set(got) == impls | torch, (tree, mode)
+            for r in got.values():
+                assert r.seconds > 0 and r.rounds >= QUICK.repeats
+                assert r.grad_bytes == tree[1] * jnp.dtype(tree[0]).itemsize
+                passes = 2 if r.impl == REF_COPY else 3
+                assert r.bytes_moved == passes * r.grad_bytes
+            if mode == "donated":
+                for impl in (OPTAXCLIP, OPTAX):
+                    assert got[impl].peak_bytes >= got[impl].grad_bytes
+    assert len(rows) == sum(len(impls) * 2 + bool(harness.torch) for _ in trees)
 
 
-def test_in_place_candidates_clip_the_original_data_in_the_same_buffers():
+def test_quick_run_has_every_step_and_compile_row(quick):
+    _, data = quick
+    steps = _rows(data, StepRow)
+    assert [r.method for r in steps] == [m.label for m in methods.methods()]
+    assert all(r.seconds > 0 for r in steps)
+    comp = _rows(data, CompileRow)
+    expected = [
+        (c.method, c.with_adamw, n)
+        for c in compile_time.cases(QUICK.compile_rules)
+        for n in QUICK.compile_leaves
+    ]
+    assert [(r.method, r.with_adamw, r.leaves) for r in comp] == expected
+    # The quick sizes compile well within the time limit: nothing stopped.
+    assert all(r.trace_s > 0 and r.compile_s > 0 and r.peak_rss_mb > 0 for r in comp)
+
+
+def test_quick_run_prints_the_report_of_its_rows(quick):
+    stdout, data = quick
+    page = report.render(data)
+    assert page.strip() in stdout
+    lines = page.splitlines()
+    for r in _rows(data, ClipRow):
+        prefix = f"| {r.dtype} | {report.format_count(r.params)} | {r.leaves} |"
+        assert sum(line.startswith(prefix) for line in lines) == 2  # ratios, GB/s
+    assert "nan" not in page.lower()
+
+
+# ---------------------------------------------------------------------------
+# The report, from a JSON made here
+# ---------------------------------------------------------------------------
+
+
+def _clip(impl, mode, seconds, peak=None, params=100_000_000, passes=3):
+    return ClipRow(1, "float32", params, 2, mode, impl, seconds, 30, 4 * params,
+                   passes * 4 * params, peak)  # fmt: skip
+
+
+def _step(method, library, scope, rule, ms):
+    return StepRow(2, method, library, scope, rule, 1000, 4, ms / 1e3, 21)
+
+
+def _compile(method, library, scope, rule, leaves, trace, comp, adamw=True):
+    return CompileRow(
+        3, method, library, scope, rule, adamw, leaves, trace, comp, 500.0
+    )
+
+
+def _data(rows, **extra):
+    return {
+        "command": "python benchmarks/run.py --sections 1",
+        "date": "2026-01-02T03:04:05+00:00",
+        "mode": "full",
+        "versions": {"jax": "0.0.1", "optax": "0.0.2", "cpu cores": 2},
+        "config": {"repeats": 21},
+        "copy_gb_s": 800.0,
+        "rows": [records.row_to_dict(r) for r in rows],
+        **extra,
+    }
+
+
+def _cells(page, prefix):
+    (line,) = [line for line in page.splitlines() if line.startswith(prefix)]
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def _table_lines(page, prefix):
+    return [line for line in page.splitlines() if line.startswith(prefix)]
+
+
+def test_report_computes_the_global_norm_ratios_from_the_times():
+    rows = [
+        _clip(OPTAXCLIP, "plain", 2.0e-3),
+        _clip(OPTAX, "plain", 1.6e-3),
+        _clip(OPTAXCLIP, "donated", 3.0e-3, peak=8 * 10**8),
+        _clip(OPTAX, "donated", 2.0e-3),
+        _clip(STATE_DROPPED, "donated", 2.2e-3),
+        _clip(TORCH, "donated", 6.0e-3),
+        _clip(REF_CLIP, "donated", 2.4e-3),
+        _clip(REF_COPY, "donated", 1.0e-3, passes=2),
+    ]
+    page = report.render(_data(rows))
+    ratios, speeds = _table_lines(page, "| float32 | 100M | 2 |")
+    cells = [c.strip() for c in ratios.strip("|").split("|")]
+    # plain 2.0/1.6; donated 3/2; dropped 2.2/2; vs torch 3/6; bandwidth:
+    # min(2.4, 1.5 x 1.0) / 3; peak 8e8 / 4e8 bytes; optax's peak unknown.
+    assert cells[3:] == ["1.25", "1.50", "1.10", "0.50", "50%", "2.00", "n/a"]
+    cells = [c.strip() for c in speeds.strip("|").split("|")]
+    # GB/s: 1.2e9 bytes / 3 ms = 400; copy 8e8 / 1 ms = 800; 400 of 800.
+    assert cells[3:] == ["400.0", "600.0", "200.0", "500.0", "800.0", "50%"]
+    assert "copy bandwidth of 800.0 GB/s" in page
+    summary = page.split("## What this means for you")[1].split("##")[0]
+    assert "In short: optaxclip's global-norm clip runs 50% slower" in summary
+    assert "took 1.50x the time of `optax.clip_by_global_norm`" in summary
+    assert "discarded the same clip took median 1.10x" in summary
+
+
+def test_report_leaves_missing_candidates_as_na():
+    # torch not installed, and a run stopped before the donated rows.
+    page = report.render(
+        _data([_clip(OPTAXCLIP, "plain", 2e-3), _clip(OPTAX, "plain", 1e-3)])
+    )
+    ratios, speeds = _table_lines(page, "| float32 | 100M | 2 |")
+    assert ratios.split("|")[4].strip() == "2.00"
+    assert ratios.count("n/a") == 6 and speeds.count("n/a") == 6
+
+
+def test_report_computes_the_step_ratios_against_bare_and_fixed():
+    rows = [
+        _step("bare adamw", "none", None, None, 10.0),
+        _step("global", "optaxclip", "global", None, 12.0),
+        _step("per-tensor", "optaxclip", "per-tensor", None, 16.0),
+        _step("optax global", "optax", "global", None, 11.0),
+        _step("global + p", "optaxclip", "global", "percentile", 15.0),
+        _step("per-tensor + p", "optaxclip", "per-tensor", "percentile", 12.0),
+    ]
+    page = report.render(_data(rows))
+    assert _cells(page, "| bare adamw |") == ["bare adamw", "10.00", "1.000", ""]
+    assert _cells(page, "| global |")[2:] == ["1.200", ""]
+    assert _cells(page, "| global + p |")[2:] == ["1.500", "1.250"]
+    assert _cells(page, "| per-tensor + p |")[2:] == ["1.200", "0.750"]
+    summary = page.split("## What this means for you")[1].split("##")[0]
+    assert "global clip changed the step's time by +20%" in summary
+    assert "optax's by +10%" in summary
+    assert "1.25x the fixed threshold" in summary
+
+
+def test_report_computes_the_compile_ratios_and_shows_stopped_rows():
+    rows = [
+        _compile("optax global", "optax", "global", None, 100, 1.0, 3.0),
+        _compile("per-tensor", "optaxclip", "per-tensor", None, 100, 0.5, 1.5),
+        _compile("global", "optaxclip", "global", None, 100, 1.0, 4.0),
+        _compile("per-tensor + ema", "optaxclip", "per-tensor", "ema", 100, 2.0, 4.0),
+        _compile(
+            "per-tensor + ema", "optaxclip", "per-tensor", "ema", 1000, None, None
+        ),
+        _compile("optax global", "optax", "global", None, 100, 0.2, 0.6, adamw=False),
+        _compile(
+            "per-tensor", "optaxclip", "per-tensor", None, 100, 0.1, 0.1, adamw=False
+        ),
+    ]
+    page = report.render(_data(rows))
+    lines = _table_lines(page, "| per-tensor |")
+    # With adamw 2 s against optax's 4 s; alone 0.2 s against 0.8 s.
+    assert [c.strip() for c in lines[0].split("|")[6:8]] == ["0.50", ""]
+    assert [c.strip() for c in lines[1].split("|")[6:8]] == ["0.25", ""]
+    ema, stopped = _table_lines(page, "| per-tensor + ema |")
+    assert [c.strip() for c in ema.split("|")[4:9]] == [
+        "2.00",
+        "4.00",
+        "1.50",
+        "3.00",
+        "500",
+    ]
+    assert stopped.split("|")[4].strip() == "stopped"
+    summary = page.split("## What this means for you")[1].split("##")[0]
+    assert "At 100 tensors an adaptive per-tensor rule took 3.0x" in summary
+    assert "the fixed per-tensor clip's 2.0 s to compile" in summary
+    assert "global clip took 1.25x the time with optax's, at 100" in summary
+    assert "1 rule(s) ran out of the time limit" in summary
+    assert "The one cost to plan for is compile time" in summary
+
+
+def test_report_page_names_the_command_versions_and_date(tmp_path):
+    source = tmp_path / "run.json"
+    source.write_text(json.dumps(_data([_clip(OPTAXCLIP, "plain", 2e-3)])))
+    extra = tmp_path / "extra.md"
+    extra.write_text("## Appended\n\nkept as written\n")
+    notes = tmp_path / "notes.md"
+    notes.write_text("A shared machine.\n")
+    out = tmp_path / "page.md"
+    argv = [str(source), "--out", str(out), "--notes", str(notes)]
+    argv += ["--append", str(extra)]
+    assert report.main(argv) == 0
+    page = out.read_text()
+    assert "python benchmarks/run.py --sections 1\n" in page
+    assert "python benchmarks/report.py " + str(source) in page
+    assert "2026-01-02T03:04:05+00:00" in page
+    assert "jax 0.0.1" in page and "optax 0.0.2" in page and "cpu cores 2" in page
+    assert "\nA shared machine.\n" in page
+    assert page.endswith("## Appended\n\nkept as written\n")
+
+
+def test_report_refuses_a_file_that_is_not_benchmark_json(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"rows": [{"section": 1, "dtype": "float32"}]}))
+    with pytest.raises(SystemExit):
+        report.main([str(bad)])
+    err = capsys.readouterr().err
+    assert str(bad) in err and "missing" in err and "seconds" in err
+    with pytest.raises(SystemExit):
+        report.main([str(tmp_path / "absent.json")])
+    assert "absent.json" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------
+# Command-line flags
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--sizes", "0"),
+        ("--sizes", "inf"),
+        ("--sizes", "a,1"),
+        ("--leaves", "1.5"),
+        ("--leaves", ""),
+        ("--compile-leaves", "-2"),
+        ("--repeats", "0"),
+        ("--row-budget", "-1"),
+        ("--row-budget", "nan"),
+        ("--compile-timeout", "0"),
+        ("--sections", "1,5"),
+    ],
+)
+def test_bad_flags_are_refused_naming_the_flag_and_value(flag, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        run.main([flag, value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert flag in err and repr(value) in err
+
+
+def test_flags_override_the_chosen_mode():
+    _, cfg = run.parse_args(["--quick", "--sizes", "1e5,2e5", "--row-budget", "0.5"])
+    assert cfg.sizes == (100_000, 200_000) and cfg.row_budget_s == 0.5
+    assert cfg.leaves == QUICK.leaves and cfg.repeats == QUICK.repeats
+    args, cfg = run.parse_args(["--sections", "3,1", "--compile-leaves", "7"])
+    assert args.order == [3, 1] and cfg.compile_leaves == (7,)
+    assert cfg.sizes == records.FULL.sizes
+
+
+# ---------------------------------------------------------------------------
+# The harness
+# ---------------------------------------------------------------------------
+
+
+class _Clock:
+    """A stand-in for the harness's ``time``: advances only when told to."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+
+def test_cheap_rows_get_more_rounds_despite_a_slow_first_call(monkeypatch):
+    # The first call of a jitted candidate compiles; the number of rounds a
+    # row's budget allows must come from the calls after it.
+    clock = _Clock()
+    monkeypatch.setattr(harness, "time", clock)
+    calls = []
+
+    def candidate():
+        calls.append(None)
+        clock.now += 0.3 if len(calls) == 1 else 0.001
+
+    timing = harness.time_side_by_side(
+        {"c": candidate}, repeats=21, budget_s=0.2, max_rounds=400
+    )
+    # 0.2 s of 1 ms rounds (199 after rounding the float sum down); a
+    # round estimated from the 0.3 s first call would allow none extra.
+    assert timing.rounds in (199, 200), timing.rounds
+    assert timing.seconds["c"] == pytest.approx(0.001)
+    assert len(calls) == 2 + 1 + timing.rounds  # warm-up, estimate, rounds
+    timing = harness.time_side_by_side(
+        {"c": candidate}, repeats=21, budget_s=10.0, max_rounds=100
+    )
+    assert timing.rounds == 100
+    timing = harness.time_side_by_side({"c": candidate}, repeats=21, budget_s=0.0)
+    assert timing.rounds == 21
+
+
+def test_prepared_arguments_are_passed_and_not_timed(monkeypatch):
+    clock = _Clock()
+    monkeypatch.setattr(harness, "time", clock)
+    seen = []
+
+    def prepare():
+        clock.now += 1.0
+        return len(seen)
+
+    def candidate(arg):
+        seen.append(arg)
+        clock.now += 0.001
+
+    timing = harness.time_side_by_side(
+        {"c": candidate, "d": lambda: None}, repeats=5, prepare={"c": prepare}
+    )
+    assert seen == list(range(2 + 1 + 5))  # each call got its own argument
+    assert timing.seconds["c"] == pytest.approx(0.001)
+    assert timing.seconds["d"] == 0.0
+
+
+def test_in_place_calls_clip_the_original_data_in_the_same_buffers():
     # Every donated round must clip the original gradient (not the previous
     # round's clipped output) and reuse its buffers, as torch's restored
     # in-place clip does; the caller's tree must survive the donations.
-    tree = bench.make_tree(3000, 3, jnp.float32)
+    tree = harness.make_tree(3000, 3, jnp.float32)
     original = {k: np.asarray(v) for k, v in tree.items()}
-    expected = bench.reference_clip(tree, 1.0)
-    fns, states = bench.clip_candidates(tree, donate=True)
-    candidates, prepare = bench.in_place_candidates(fns, states, tree)
-    assert set(candidates) == set(prepare) == set(fns)
+    expected = global_norm.reference_clip(tree, 1.0)
+    cands = global_norm.candidates(tree, donate=True)
+    fns = {c.name: c.fn for c in cands}
+    run_, prepare = harness.in_place_candidates(
+        fns, {c.name: c.state for c in cands}, tree
+    )
     for name in fns:
         for _ in range(3):
             grads = prepare[name]()
             for key in tree:
                 np.testing.assert_array_equal(np.asarray(grads[key]), original[key])
             pointers = [x.unsafe_buffer_pointer() for x in jax.tree.leaves(grads)]
-            updates = candidates[name](grads)[0]
+            updates = run_[name](grads)[0]
             assert [
                 x.unsafe_buffer_pointer() for x in jax.tree.leaves(updates)
             ] == pointers, name
-            if name != "ref copy":
-                for key in tree:
-                    np.testing.assert_allclose(
-                        np.asarray(updates[key]), np.asarray(expected[key]), rtol=1e-5
-                    )
+            want = jax.tree.map(jnp.negative, tree) if name == REF_COPY else expected
+            for key in tree:
+                np.testing.assert_allclose(
+                    np.asarray(updates[key]), np.asarray(want[key]), rtol=1e-5
+                )
     for key in tree:
         np.testing.assert_array_equal(np.asarray(tree[key]), original[key])
 
 
-def test_section_1_reports_every_row(report):
-    _, data = report
-    cfg = data["config"]
-    rows = _rows(data, 1)
-    impls = ["optaxclip", "optax", bench.UPDATES_ONLY, "ref measure+scale", "ref copy"]
-    for size in cfg["sizes"]:
-        for leaves in cfg["leaves"]:
-            for mode in ("plain", "donated"):
-                got = {
-                    r["impl"]
-                    for r in rows
-                    if (r["params"], r["leaves"], r["mode"]) == (size, leaves, mode)
-                }
-                expected = set(impls) | (
-                    {"torch foreach"} if mode == "donated" else set()
-                )
-                assert got == expected, (size, leaves, mode, got)
-    for r in rows:
-        if r["impl"] == "torch foreach" and r["time_s"] is None:
-            continue
-        assert r["time_s"] > 0 and r["gb_s"] > 0 and r["vs_optax"] > 0
-        if r["impl"] in ("optaxclip", "optax") and r["mode"] == "donated":
-            assert r["peak_over_input"] > 0
-
-
-def test_section_2_reports_every_scope_and_rule(report):
-    _, data = report
-    names = {r["impl"] for r in _rows(data, 2)}
-    for scope in ("value", "per-tensor", "global", "block RMS", "AGC"):
-        assert any(n.startswith(scope + " (") for n in names), scope
-    assert "bare adamw" in names
-    for rule in ("percentile", "zscore", "ema", "quantile"):
-        if hasattr(oc.rules, rule):
-            assert f"global + rules.{rule}" in names
-            assert f"per-tensor + rules.{rule}" in names
-    assert all(r["vs_bare"] > 0 for r in _rows(data, 2))
-
-
-def test_section_3_reports_every_compile(report):
-    stdout, data = report
-    rows = _rows(data, 3)
-    for impl in bench.COMPILE_IMPLS:
-        for n in data["config"]["compile_leaves"]:
-            matches = [r for r in rows if (r["impl"], r["leaves"]) == (impl, n)]
-            assert len(matches) == 1, (impl, n)
-            # The quick sizes compile well within the time limit.
-            assert matches[0]["compile_s"] > 0 and matches[0]["peak_rss_mb"] > 0
-
-
-def test_section_4_reports_low_precision(report):
-    stdout, data = report
-    rows = _rows(data, 4)
-    assert {r["dtype"] for r in rows} == {"bfloat16", "float16"}
-    assert {r["impl"] for r in rows} >= {"optaxclip", "optax", "ref measure+scale"}
-    assert "Total benchmark time" in stdout
-    assert "Versions:" in stdout
-    assert "Summary of sections 1 and 4" in stdout
-
-
-def test_summary_has_a_full_line_per_size(report):
-    stdout, data = report
-    summary = stdout.split("Summary of sections 1 and 4")[1]
-    summary = summary.split("Device copy bandwidth (jitted copy")[0]
-    lines = [line for line in summary.splitlines() if line.startswith("| ")]
-    header, body = lines[0], lines[1:]
-    assert "state dropped" in header and "torch foreach" in header
-    columns = header.count("|")
-    keys = {
-        (r["dtype"], r["params"], r["leaves"])
-        for r in data["rows"]
-        if r["section"] in (1, 4)
-    }
-    assert len(body) == len(keys)
-    for line in body:
-        assert line.count("|") == columns, line
-        assert "nan" not in line.lower()
-
-
-def test_device_copy_bandwidth_and_absolute_table(report):
-    stdout, data = report
-    assert data["copy_gb_s"] > 0
-    table = stdout.split("Device copy bandwidth (jitted copy, read + write)")[1]
-    lines = [line for line in table.splitlines() if line.startswith("| ")]
-    header, body = lines[0], lines[1:]
-    assert "optaxclip % of device copy" in header and "torch foreach GB/s" in header
-    keys = {
-        (r["dtype"], r["params"], r["leaves"])
-        for r in data["rows"]
-        if r["section"] in (1, 4)
-    }
-    assert len(body) == len(keys)
-    rows = {
-        (r["dtype"], r["params"], r["leaves"]): r
-        for r in data["rows"]
-        if r["section"] in (1, 4)
-        and r["mode"] == "donated"
-        and r["impl"] == "optaxclip"
-    }
-    for line in body:
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        assert len(cells) == header.count("|") - 1, line
-        dtype, params, leaves = cells[0], float(cells[1]), int(cells[2])
-        ours = rows[(dtype, int(params), leaves)]
-        # The optaxclip cell and its share of the copy bandwidth agree with
-        # the row's own numbers.
-        assert float(cells[3]) == pytest.approx(ours["gb_s"], abs=0.51)
-        share = 100 * ours["gb_s"] / data["copy_gb_s"]
-        assert float(cells[-1].rstrip("%")) == pytest.approx(share, abs=0.51)
-
-
-def test_torch_gradients_follow_jax_to_the_gpu(monkeypatch):
-    monkeypatch.setattr(bench.jax, "default_backend", lambda: "cpu")
-    assert bench.torch_device() == "cpu"
-    if bench.torch is not None:
-        monkeypatch.setattr(bench.jax, "default_backend", lambda: "gpu")
-        monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: True)
-        assert bench.torch_device() == "cuda"
-        monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: False)
-        assert bench.torch_device() == "cpu"
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"), [("1e5,16", [100_000, 16]), ("3", [3]), ("1,2,", [1, 2])]
-)
-def test_number_lists_parse(text, expected):
-    assert bench._int_list(text, "--sizes") == expected
-
-
-@pytest.mark.parametrize("text", ["", "a,1", "0", "1.5", "-2", "inf", "nan,1"])
-def test_bad_number_lists_name_the_flag_and_value(text):
-    with pytest.raises(SystemExit, match=f"--sizes .*{text!r}"):
-        bench._int_list(text, "--sizes")
-
-
-def test_bad_section_is_refused(capsys):
-    with pytest.raises(SystemExit):
-        bench.main(["--sections", "1,5"])
-    assert "'1,5'" in capsys.readouterr().err
-
-
-def test_gpu_script_is_valid_and_uses_existing_options():
-    script = os.path.join(ROOT, "benchmarks", "gpu.sh")
-    subprocess.run(["bash", "-n", script], check=True)
-    with open(script) as f:
-        flags = set(re.findall(r"(--[a-z][a-z-]+)", f.read()))
-    with open(os.path.join(ROOT, "benchmarks", "run.py")) as f:
-        source = f.read()
-    assert {"--sections", "--json", "--compile-leaves", "--row-budget"} <= flags
-    for flag in flags:
-        assert f'"{flag}"' in source, flag
-
-
-def test_cheap_rows_get_more_rounds_despite_a_slow_first_call():
-    # The first call of a jitted candidate compiles; the number of rounds a
-    # row's budget allows must come from the calls after it.
-    calls = []
-
-    def candidate():
-        calls.append(None)
-        time.sleep(0.3 if len(calls) == 1 else 0.001)
-
-    times, rounds = bench.time_side_by_side(
-        {"c": candidate}, repeats=21, budget_s=0.2, max_rounds=400
-    )
-    assert 60 <= rounds <= 200, rounds
-    assert times["c"] < 0.01
-    _, rounds = bench.time_side_by_side({"c": candidate}, repeats=21, budget_s=0.0)
-    assert rounds == 21
-
-
-def test_in_place_candidates_feed_a_donated_state_forward():
+def test_in_place_calls_feed_a_donated_state_forward():
     # A candidate that donates its state gets the previous call's new state:
     # the step count advances, and no call reads a donated buffer.
-    tree = bench.make_tree(300, 2, jnp.float32)
+    tree = harness.make_tree(300, 2, jnp.float32)
     tx = oc.clip_by_global_norm(1.0)
     fns = {"fed": jax.jit(tx.update, donate_argnums=(0, 1))}
     states = {"fed": tx.init(tree)}
-    run, prepare = bench.in_place_candidates(fns, states, tree, feed_state=["fed"])
+    run_, prepare = harness.in_place_candidates(fns, states, tree, feed_state=["fed"])
     for step in range(1, 4):
-        run["fed"](prepare["fed"]())
-        assert int(states["fed"].stats.count) == step
+        run_["fed"](prepare["fed"]())
+        (stats,) = oc.stats(states["fed"])
+        assert int(stats.count) == step
+
+
+def test_reference_clip_matches_an_independent_numpy_clip():
+    tree = harness.make_tree(1000, 4, jnp.float32)
+    leaves = [np.asarray(x, np.float64) for x in tree.values()]
+    norm = np.sqrt(sum(np.sum(x**2) for x in leaves))
+    ref = global_norm.reference_clip(tree, 1.0)
+    for x, key in zip(leaves, tree, strict=True):
+        np.testing.assert_allclose(np.asarray(ref[key]), x / norm, rtol=1e-5)
+
+
+def test_split_sizes_cover_the_total_evenly():
+    sizes = harness.split_sizes(1_000_003, 16)
+    assert sum(sizes) == 1_000_003 and len(sizes) == 16
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_torch_gradients_follow_jax_to_the_gpu(monkeypatch):
+    monkeypatch.setattr(harness.jax, "default_backend", lambda: "cpu")
+    assert harness.torch_device() == "cpu"
+    if harness.torch is not None:
+        monkeypatch.setattr(harness.jax, "default_backend", lambda: "gpu")
+        monkeypatch.setattr(harness.torch.cuda, "is_available", lambda: True)
+        assert harness.torch_device() == "cuda"
+        monkeypatch.setattr(harness.torch.cuda, "is_available", lambda: False)
+        assert harness.torch_device() == "cpu"
+
+
+def test_compiles_past_the_time_limit_are_recorded_as_stopped():
+    cfg = dataclasses.replace(QUICK, compile_timeout_s=0.01, compile_leaves=(2, 3))
+    got = []
+    compile_time.run(cfg, got.extend)
+    assert [(r.method, r.with_adamw, r.leaves) for r in got] == [
+        (c.method, c.with_adamw, n) for c in compile_time.cases(False) for n in (2, 3)
+    ]
+    assert all(r.trace_s is None and r.compile_s is None for r in got)
+
+
+def test_gpu_script_runs_its_commands(tmp_path):
+    # The script's own flags go through run.py's parser; BENCH_ARGS, added
+    # after them, keeps the run small (every compile stopped at once).
+    env = _bench_env() | {
+        "PYTHON": sys.executable,
+        "BENCH_ARGS": "--quick --sections 3 --compile-timeout 0.01",
+    }
+    subprocess.run(
+        ["bash", "benchmarks/gpu.sh", str(tmp_path)],
+        cwd=ROOT, env=env, check=True, capture_output=True, timeout=600,
+    )  # fmt: skip
+    for name in ("gpu", "gpu_compile"):
+        assert "exit status: 0" in (tmp_path / f"{name}.log").read_text()
+        data = json.loads((tmp_path / f"{name}.json").read_text())
+        assert _rows(data, CompileRow) and data["sections"] == [3]
+
+
+def test_performance_page_is_the_report_of_the_committed_run(tmp_path, monkeypatch):
+    # docs/performance.md is generated: rendering the committed JSON with the
+    # command the page names gives the page, byte for byte.
+    with open(os.path.join(ROOT, "docs", "performance.md")) as f:
+        page = f.read()
+    (command,) = [
+        line
+        for line in page.splitlines()
+        if line.startswith("python benchmarks/report.py")
+    ]
+    argv = command.split()[2:]
+    out = argv.index("--out")
+    argv[out + 1] = str(tmp_path / "page.md")
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(report.shlex, "join", lambda _: command)
+    assert report.main(argv) == 0
+    assert (tmp_path / "page.md").read_text() == page

@@ -1,15 +1,10 @@
 """Smoke test of benchmarks/overhead.py: every variant is timed and counted."""
 
-import importlib.util
 import json
-import os
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_SPEC = importlib.util.spec_from_file_location(
-    "optaxclip_bench_overhead", os.path.join(ROOT, "benchmarks", "overhead.py")
-)
-overhead = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(overhead)
+import pytest
+
+from benchmarks import overhead
 
 HLO = """HloModule jit_f
 
@@ -61,3 +56,14 @@ def test_overhead_reports_every_variant(tmp_path):
         # Dropping the state outputs can only remove work.
         assert got["state dropped"]["kernels"] <= got["optaxclip"]["kernels"]
         assert got["norm only"]["kernels"] <= got["optaxclip"]["kernels"]
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--sizes", "0"), ("--leaves", "x"), ("--repeats", "0")]
+)
+def test_overhead_refuses_bad_flags_naming_them(flag, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        overhead.main([flag, value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert flag in err and value in err
