@@ -1,7 +1,7 @@
 """optaxclip: every gradient-clipping method as an ``optax.GradientTransformation``.
 
 Scopes (what is measured) take a threshold that is a number, an
-``optax.Schedule`` or a rule from :mod:`optaxclip.rules` (how the bound
+``optax.Schedule`` or a rule from [`optaxclip.rules`][optaxclip.rules] (how the bound
 adapts to the run).
 """
 

@@ -27,10 +27,10 @@ def metrics(
 
     | key | value |
     |---|---|
-    | `norm` | the norm measured before clipping |
+    | `norm` | the norm measured before clipping (per-example: their mean) |
     | `threshold` | the bound of this step |
     | `scale` | the factor applied (1: not clipped, 0: zeroed step) |
-    | `clipped` | 1 if the step was clipped, else 0 |
+    | `clipped` | 1 if the step was clipped, else 0 (per-example: how many) |
     | `nonfinite_count` | running count of non-finite steps |
 
     For a clip with one entry per tensor (`clip_by_norm`, `adagc`, AGC, ...)
