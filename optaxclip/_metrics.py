@@ -62,8 +62,9 @@ def metrics(
       `host=True`); empty if the state holds no clip.
 
     Raises:
-      TypeError: `prefix` is not a string, or `host=True` inside a
-        transformation (`jit`, `vmap`, ...), where values are not concrete.
+      TypeError: `prefix` is not a string, `host` is not a bool, or
+        `host=True` inside a transformation (`jit`, `vmap`, ...), where
+        values are not concrete.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
@@ -83,6 +84,11 @@ def metrics(
         raise TypeError(
             f"prefix must be a string (the first part of every key), got "
             f"prefix={prefix!r}; pass e.g. prefix='clip' or prefix=''."
+        )
+    if not isinstance(host, bool):
+        raise TypeError(
+            f"host must be True (Python numbers) or False (arrays, inside jit), "
+            f"got host={host!r}."
         )
     found = stats(opt_state)
     out: dict[str, Any] = {}

@@ -238,6 +238,8 @@ def test_prefix():
     assert list(oc.metrics(two, prefix=""))[0] == "0/norm"
     with pytest.raises(TypeError, match=r"prefix=3"):
         oc.metrics(state, prefix=3)
+    with pytest.raises(TypeError, match=r"host='yes'"):
+        oc.metrics(state, host="yes")
 
 
 def test_a_state_without_clips_gives_an_empty_dict():
