@@ -1,9 +1,10 @@
 """Gradient clipping in a Flax linen training loop with ``TrainState``.
 
 The clip is the first link of the optax chain given to
-``TrainState.create``; the jitted train step reads the pre-clip gradient norm,
-the threshold and whether the step was clipped from ``optaxclip.stats``, at
-no extra cost (they are part of the optimizer state).
+``TrainState.create``; the jitted train step returns the pre-clip gradient
+norm, the threshold and whether the step was clipped with one call,
+``optaxclip.metrics(state)``, at no extra cost (they are part of the optimizer
+state).
 
     python examples/flax_linen_trainstate.py [--steps 300] [--method zclip] [--quick]
 """
@@ -54,13 +55,8 @@ def train_step(state: TrainState, x, y):
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     state = state.apply_gradients(grads=grads)
-    (s,) = oc.stats(state)  # the ClipStats of the clip in the chain
-    return state, {
-        "loss": loss,
-        "grad_norm": s.norm,
-        "threshold": s.threshold,
-        "clipped": s.clipped,
-    }
+    # clip/norm (before clipping), clip/threshold, clip/scale, clip/clipped, ...
+    return state, {"loss": loss, **oc.metrics(state)}
 
 
 def main(argv=None):
@@ -90,12 +86,13 @@ def main(argv=None):
     for step in range(steps):
         batch = jax.random.choice(jax.random.key(step), x.shape[0], (64,))
         state, logs = train_step(state, x[batch], y[batch])
-        clipped += int(logs["clipped"])
+        logs = {k: v.item() for k, v in jax.device_get(logs).items()}
+        clipped += logs["clip/clipped"]
         if step % log_every == 0 or step == steps - 1:
             print(
-                f"step {step:4d}  loss {float(logs['loss']):.4f}  "
-                f"grad_norm {float(logs['grad_norm']):.4f}  "
-                f"threshold {float(logs['threshold']):.4f}"
+                f"step {step:4d}  loss {logs['loss']:.4f}  "
+                f"grad_norm {logs['clip/norm']:.4f}  "
+                f"threshold {logs['clip/threshold']:.4f}"
             )
     final = float(jnp.mean((state.apply_fn({"params": state.params}, x) - y) ** 2))
     print(

@@ -1,8 +1,9 @@
 """Gradient clipping in a Flax nnx training loop with ``nnx.Optimizer``.
 
 The clip is the first link of the optax chain given to ``nnx.Optimizer``;
-``optaxclip.stats(optimizer)`` finds its ``ClipStats`` inside the optimizer
-state, so the jitted step can return the pre-clip gradient norm for logging.
+``optaxclip.metrics(optimizer)`` finds its statistics inside the optimizer
+state and returns them as a flat dict (``clip/norm``, ``clip/threshold``, ...),
+so the jitted step can return the pre-clip gradient norm for logging.
 
     python examples/flax_nnx_optimizer.py [--steps 300] [--method zclip] [--quick]
 """
@@ -53,13 +54,8 @@ def train_step(model: MLP, optimizer: nnx.Optimizer, x, y):
 
     loss, grads = nnx.value_and_grad(loss_fn)(model)
     optimizer.update(model, grads)
-    (s,) = oc.stats(optimizer)  # the ClipStats of the clip in the chain
-    return {
-        "loss": loss,
-        "grad_norm": s.norm,
-        "threshold": s.threshold,
-        "clipped": s.clipped,
-    }
+    # clip/norm (before clipping), clip/threshold, clip/scale, clip/clipped, ...
+    return {"loss": loss, **oc.metrics(optimizer)}
 
 
 def main(argv=None):
@@ -88,12 +84,13 @@ def main(argv=None):
     for step in range(steps):
         batch = jax.random.choice(jax.random.key(step), x.shape[0], (64,))
         logs = train_step(model, optimizer, x[batch], y[batch])
-        clipped += int(logs["clipped"])
+        logs = {k: v.item() for k, v in jax.device_get(logs).items()}
+        clipped += logs["clip/clipped"]
         if step % log_every == 0 or step == steps - 1:
             print(
-                f"step {step:4d}  loss {float(logs['loss']):.4f}  "
-                f"grad_norm {float(logs['grad_norm']):.4f}  "
-                f"threshold {float(logs['threshold']):.4f}"
+                f"step {step:4d}  loss {logs['loss']:.4f}  "
+                f"grad_norm {logs['clip/norm']:.4f}  "
+                f"threshold {logs['clip/threshold']:.4f}"
             )
     final = float(jnp.mean((model(x) - y) ** 2))
     print(

@@ -1,7 +1,7 @@
 """optaxclip: every gradient-clipping method as an ``optax.GradientTransformation``.
 
 Scopes (what is measured) take a threshold that is a number, an
-``optax.Schedule`` or a rule from :mod:`optaxclip.rules` (how the bound
+``optax.Schedule`` or a rule from [`optaxclip.rules`][optaxclip.rules] (how the bound
 adapts to the run).
 """
 
@@ -14,6 +14,7 @@ from ._clipping import clip_by_norm as clip_by_norm
 from ._clipping import clip_by_value as clip_by_value
 from ._guards import skip_nonfinite as skip_nonfinite
 from ._guards import skip_spikes as skip_spikes
+from ._metrics import metrics as metrics
 from ._norms import global_norm as global_norm
 from ._norms import unitwise_norm as unitwise_norm
 from ._per_example import clip_per_example as clip_per_example
@@ -51,6 +52,7 @@ __all__ = [
     "clip_per_example",
     "clippy",
     "global_norm",
+    "metrics",
     "olmo_adaptive_clip",
     "per_example_global_norm_clip",
     "per_example_layer_norm_clip",

@@ -2,7 +2,7 @@
 
 Every public function here builds one transform from three choices: a scope
 (what is measured), a threshold rule (the bound) and an action (rescale or
-clamp). :func:`_transform` is the single implementation of the step: measure
+clamp). `_transform` is the single implementation of the step: measure
 once, ask the rule for the threshold, keep the rule's statistics clean of
 non-finite steps, then scale in one fused pass.
 """
@@ -59,7 +59,7 @@ def clip_by_global_norm(
 
     Args:
       max_norm: the bound: a number, a scalar array, an ``optax.Schedule`` of
-        the step count, or a rule from :mod:`optaxclip.rules` (e.g.
+        the step count, or a rule from [`optaxclip.rules`][optaxclip.rules] (e.g.
         ``rules.zscore()`` for ZClip, ``rules.percentile(10)`` for AutoClip).
       ord: the norm: ``1``, ``2``, ``inf`` or any ``p > 0``, like
         ``torch.nn.utils.clip_grad_norm_(norm_type=p)``.
@@ -76,7 +76,7 @@ def clip_by_global_norm(
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
-      :class:`~optaxclip.ClipState`.
+      [`ClipState`][optaxclip.ClipState].
 
     Example:
       >>> import jax.numpy as jnp
@@ -88,8 +88,8 @@ def clip_by_global_norm(
       [0.6] [0.8] 5.0
 
     References:
-      Pascanu et al., `On the difficulty of training Recurrent Neural Networks
-      <https://arxiv.org/abs/1211.5063>`_, 2013.
+      Pascanu et al., [On the difficulty of training Recurrent Neural
+      Networks](https://arxiv.org/abs/1211.5063), 2013.
     """
     scope = _GlobalScope(
         ord=_norms.check_ord(ord), axis_name=axis_name, partition_specs=partition_specs
@@ -172,7 +172,7 @@ def clip_by_block_rms(
       axis_name: keyword-only; mesh axis the tensors are split across.
       partition_specs: keyword-only; which leaves are split across it.
       stacked_axes: keyword-only; leading stacked-layer axes (see
-        :func:`clip_by_norm`).
+        [`clip_by_norm`][optaxclip.clip_by_norm]).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``stats.norm`` holds the
@@ -250,7 +250,7 @@ def adaptive_grad_clip(
 
     Equals ``optax.adaptive_grad_clip`` on finite input: every unit (a column
     of a dense kernel, an output filter of a convolution; see
-    :func:`~optaxclip.unitwise_norm`) of the gradient is rescaled so that its
+    [`unitwise_norm`][optaxclip.unitwise_norm]) of the gradient is rescaled so that its
     norm is at most ``clipping`` times the norm of the same unit of the
     parameters. Needs ``params`` in ``update``.
 
@@ -267,7 +267,7 @@ def adaptive_grad_clip(
         reduced axes are summed).
       partition_specs: keyword-only; a pytree prefix of ``PartitionSpec``.
       stacked_axes: keyword-only; leading stacked-layer axes excluded from
-        the units (see :func:`clip_by_norm`).
+        the units (see [`clip_by_norm`][optaxclip.clip_by_norm]).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``stats.norm`` holds each
@@ -290,8 +290,8 @@ def adaptive_grad_clip(
        [0.  0. ]] 1
 
     References:
-      Brock et al., `High-Performance Large-Scale Image Recognition Without
-      Normalization <https://arxiv.org/abs/2102.06171>`_, 2021.
+      Brock et al., [High-Performance Large-Scale Image Recognition Without
+      Normalization](https://arxiv.org/abs/2102.06171), 2021.
     """
     check_threshold(eps, "eps")
     scope = _UnitScope(

@@ -22,11 +22,11 @@ __all__ = ["skip_nonfinite", "skip_spikes"]
 
 
 class SkipNonfiniteState(NamedTuple):
-    """State of :func:`skip_nonfinite`.
+    """State of [`skip_nonfinite`][optaxclip.skip_nonfinite].
 
     Attributes:
       inner_state: the wrapped optimizer's state.
-      stats: :class:`~optaxclip.ClipStats` (``norm``: global norm of the
+      stats: [`ClipStats`][optaxclip.ClipStats] (``norm``: global norm of the
         incoming updates; ``threshold``: ``inf``; ``scale``: 1 if applied,
         0 if skipped; ``clipped``: 1 if skipped; ``nonfinite_count``: total
         non-finite steps).
@@ -60,7 +60,7 @@ def skip_nonfinite(
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
-      :class:`SkipNonfiniteState`; extra arguments are passed to ``inner``.
+      `SkipNonfiniteState`; extra arguments are passed to ``inner``.
 
     Example:
       >>> import jax.numpy as jnp, optax
@@ -110,11 +110,11 @@ def skip_nonfinite(
 
 
 class SkipSpikesState(NamedTuple):
-    """State of :func:`skip_spikes`.
+    """State of [`skip_spikes`][optaxclip.skip_spikes].
 
     Attributes:
       inner_state: the wrapped optimizer's state.
-      stats: :class:`~optaxclip.ClipStats` (``norm``: global norm of the
+      stats: [`ClipStats`][optaxclip.ClipStats] (``norm``: global norm of the
         incoming updates; ``threshold``: ``mean + sigma * std`` of the past
         norms, ``inf`` while not yet checked; ``scale``: 1 if applied, 0 if
         skipped; ``clipped``: 1 if skipped).
@@ -166,7 +166,7 @@ def skip_spikes(
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
-      :class:`SkipSpikesState`; extra arguments (``value`` included) are
+      `SkipSpikesState`; extra arguments (``value`` included) are
       passed to ``inner``.
 
     Example:
@@ -182,7 +182,7 @@ def skip_spikes(
 
     References:
       OLMo-core ``SkipStepOptimizer`` (allenai/OLMo-core); Team OLMo,
-      `2 OLMo 2 Furious <https://arxiv.org/abs/2501.00656>`_, 2024.
+      [2 OLMo 2 Furious](https://arxiv.org/abs/2501.00656), 2024.
     """
     if (
         isinstance(window, bool)

@@ -91,8 +91,8 @@ def global_norm(
       600.0
 
     References:
-      Pascanu et al., `On the difficulty of training Recurrent Neural Networks
-      <https://arxiv.org/abs/1211.5063>`_, 2013.
+      Pascanu et al., [On the difficulty of training Recurrent Neural
+      Networks](https://arxiv.org/abs/1211.5063), 2013.
     """
     p = check_ord(ord)
     leaves = float_leaves(tree)
@@ -130,8 +130,8 @@ def unitwise_norm(
        [5. 1.]]
 
     References:
-      Brock et al., `High-Performance Large-Scale Image Recognition Without
-      Normalization <https://arxiv.org/abs/2102.06171>`_, 2021.
+      Brock et al., [High-Performance Large-Scale Image Recognition Without
+      Normalization](https://arxiv.org/abs/2102.06171), 2021.
     """
     x = jnp.asarray(x)
     axes = unit_axes(x, axis)
@@ -215,7 +215,7 @@ def power_sum(
 ) -> jax.Array:
     """``sum |x / divisor|^p`` over ``axes`` (``max |x|`` for ``p = inf``).
 
-    Accumulates in :func:`acc_dtype`; the cast fuses into the reduction, so
+    Accumulates in `acc_dtype`; the cast fuses into the reduction, so
     no converted copy of ``x`` is materialized. Written with ``lax``
     primitives: this runs once per leaf, and every traced op counts when a
     model has thousands of leaves.
@@ -583,7 +583,7 @@ def segment_norms(
     With ``pieces`` also returns each leaf's own measurement, shaped to
     broadcast against the leaf, and whether those are (mean) sums of squares
     (a static ``p = 2``: no root is taken per leaf) rather than norms; turn
-    one into a scale with :func:`piece_scale`. Scaling a leaf by its own
+    one into a scale with `piece_scale`. Scaling a leaf by its own
     piece, rather than by a slice of the vector, keeps the per-leaf kernels
     of equally shaped leaves identical, so XLA compiles one kernel for all of
     them instead of one per leaf.

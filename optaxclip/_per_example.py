@@ -25,7 +25,8 @@ def clip_per_example(
 ) -> optax.GradientTransformationExtraArgs:
     """Clips each example's gradient to an L2 bound and sums over the batch.
 
-    The transform form of :func:`per_example_global_norm_clip`, for a
+    The transform form of
+    [`per_example_global_norm_clip`][optaxclip.per_example_global_norm_clip], for a
     threshold that is a number, an ``optax.Schedule`` or a rule. Its
     ``update`` takes per-example gradients (every leaf with a leading batch
     axis, e.g. from ``jax.vmap(jax.grad(loss), in_axes=(None, 0))``) and
@@ -46,13 +47,14 @@ def clip_per_example(
     the paper), then divide by the batch size.
     ``optax.contrib.differentially_private_aggregate(C, noise_multiplier)``
     does exactly this for a fixed ``C`` (its clipping is
-    :func:`per_example_global_norm_clip`); privacy accounting is left to
+    [`per_example_global_norm_clip`][optaxclip.per_example_global_norm_clip]); privacy
+    accounting is left to
     libraries such as jax-privacy or dp-accounting.
 
     Args:
       l2_norm_clip: the bound ``C``: a number, a scalar array, an
         ``optax.Schedule`` of the step count, or a rule from
-        :mod:`optaxclip.rules` (e.g. ``rules.quantile(target=0.5)``).
+        [`optaxclip.rules`][optaxclip.rules] (e.g. ``rules.quantile(target=0.5)``).
       nonfinite: keyword-only. ``"zero"`` (default): an example whose norm is
         NaN or infinite contributes zero to the sum (the other examples are
         kept), the step is counted in ``stats.nonfinite_count``, and the
@@ -61,7 +63,7 @@ def clip_per_example(
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
-      :class:`~optaxclip.ClipState`. Its stats are scalars: ``norm`` is the
+      [`ClipState`][optaxclip.ClipState]. Its stats are scalars: ``norm`` is the
       mean per-example norm, ``scale`` the mean multiplier and ``clipped`` the
       number of examples clipped on the latest step.
 
@@ -80,11 +82,11 @@ def clip_per_example(
       [0.90000004 1.2       ] 1 2.75
 
     References:
-      Abadi et al., `Deep Learning with Differential Privacy
-      <https://arxiv.org/abs/1607.00133>`_, 2016.
+      Abadi et al., [Deep Learning with Differential
+      Privacy](https://arxiv.org/abs/1607.00133), 2016.
 
-      Andrew et al., `Differentially Private Learning with Adaptive Clipping
-      <https://arxiv.org/abs/1905.03871>`_, 2021.
+      Andrew et al., [Differentially Private Learning with Adaptive
+      Clipping](https://arxiv.org/abs/1905.03871), 2021.
     """
     zero_nonfinite = check_nonfinite(nonfinite)
     rule = as_rule(l2_norm_clip, "l2_norm_clip")
@@ -181,8 +183,8 @@ def per_example_global_norm_clip(
       [1.75 1.75 1.75] 3
 
     References:
-      Abadi et al., `Deep Learning with Differential Privacy
-      <https://arxiv.org/abs/1607.00133>`_, 2016.
+      Abadi et al., [Deep Learning with Differential
+      Privacy](https://arxiv.org/abs/1607.00133), 2016.
     """
     leaves = jax.tree.leaves(grads)
     check_batch(grads, "per_example_global_norm_clip")
@@ -224,8 +226,8 @@ def per_example_layer_norm_clip(
       [0.  0.6 1.8] [1.5] 1 1
 
     References:
-      McMahan et al., `Learning Differentially Private Recurrent Language
-      Models <https://arxiv.org/abs/1710.06963>`_, 2017.
+      McMahan et al., [Learning Differentially Private Recurrent Language
+      Models](https://arxiv.org/abs/1710.06963), 2017.
     """
     check_batch(grads, "per_example_layer_norm_clip")
     leaves = jax.tree.leaves(grads)

@@ -1,10 +1,11 @@
 """Published adaptive clipping methods, each under its paper's name.
 
-Most are one line: a scope from :mod:`optaxclip._clipping` with a rule from
-:mod:`optaxclip.rules`. The element-wise methods (SPAM, Stable-SPAM) and
+Most are one line: a scope from `optaxclip._clipping` with a rule from
+[`optaxclip.rules`][optaxclip.rules]. The element-wise methods (SPAM, Stable-SPAM) and
 Clippy, whose bound is not one number per measured norm, are small
 transforms of their own built from the same measuring helpers; their states
-hold a :class:`~optaxclip.ClipStats` so :func:`optaxclip.stats` finds them.
+hold a [`ClipStats`][optaxclip.ClipStats] so [`optaxclip.stats`][optaxclip.stats] finds
+them.
 """
 
 from __future__ import annotations
@@ -88,8 +89,8 @@ def autoclip(
       [3. 4.] 5.0
 
     References:
-      Seetharaman et al., `AutoClip: Adaptive Gradient Clipping for Source
-      Separation Networks <https://arxiv.org/abs/2007.14469>`_, 2020.
+      Seetharaman et al., [AutoClip: Adaptive Gradient Clipping for Source
+      Separation Networks](https://arxiv.org/abs/2007.14469), 2020.
     """
     rule = rules.percentile(percentile, window=history)
     return clip_by_global_norm(rule, nonfinite=nonfinite, axis_name=axis_name)
@@ -155,8 +156,8 @@ def zclip(
       2.1263... 2.1263...
 
     References:
-      Kumar et al., `ZClip: Adaptive Spike Mitigation for LLM Pre-Training
-      <https://arxiv.org/abs/2504.02507>`_, 2025.
+      Kumar et al., [ZClip: Adaptive Spike Mitigation for LLM
+      Pre-Training](https://arxiv.org/abs/2504.02507), 2025.
     """
     rule = rules.zscore(
         alpha,
@@ -225,8 +226,8 @@ def adagc(
       [0.624] [0.5]
 
     References:
-      Wang et al., `AdaGC: Improving Training Stability for Large Language
-      Model Pretraining <https://arxiv.org/abs/2502.11034>`_, 2025.
+      Wang et al., [AdaGC: Improving Training Stability for Large Language
+      Model Pretraining](https://arxiv.org/abs/2502.11034), 2025.
     """
     rule = rules.ema(
         lambda_rel, beta, warmup_steps, warmup_max_norm=lambda_abs, eps=eps
@@ -279,8 +280,8 @@ def olmo_adaptive_clip(
       [3. 4.] [5.]
 
     References:
-      Groeneveld et al., `OLMo: Accelerating the Science of Language Models
-      <https://arxiv.org/abs/2402.00838>`_, 2024.
+      Groeneveld et al., [OLMo: Accelerating the Science of Language
+      Models](https://arxiv.org/abs/2402.00838), 2024.
     """
     rule = rules.ema(max_grad_norm_ratio, beta, 0, eps=eps)
     return clip_by_norm(rule, nonfinite=nonfinite, axis_name=axis_name)
@@ -329,8 +330,8 @@ def quantile_clip(
       1.0 1.105171
 
     References:
-      Andrew et al., `Differentially Private Learning with Adaptive Clipping
-      <https://arxiv.org/abs/1905.03871>`_, 2021.
+      Andrew et al., [Differentially Private Learning with Adaptive
+      Clipping](https://arxiv.org/abs/1905.03871), 2021.
     """
     rule = rules.quantile(target_quantile, learning_rate, initial, geometric)
     return clip_by_global_norm(rule, nonfinite=nonfinite, axis_name=axis_name)
@@ -342,13 +343,13 @@ def quantile_clip(
 
 
 class SpamClipState(NamedTuple):
-    """State of :func:`spam_clip`.
+    """State of [`spam_clip`][optaxclip.spam_clip].
 
     Attributes:
       nu: the EMA of the clipped squared gradient (float32 or better), shaped
         like the updates.
       count: int32, finite steps seen.
-      stats: :class:`~optaxclip.ClipStats` (``norm``: global norm before
+      stats: [`ClipStats`][optaxclip.ClipStats] (``norm``: global norm before
         clipping; ``threshold``: global norm after; ``scale``: their ratio;
         ``clipped``: number of entries clipped).
     """
@@ -394,7 +395,7 @@ def spam_clip(
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
-      :class:`SpamClipState`.
+      `SpamClipState`.
 
     Example:
       >>> import jax.numpy as jnp
@@ -407,8 +408,8 @@ def spam_clip(
       [ 1.41421... -1.       ] 1
 
     References:
-      Huang et al., `SPAM: Spike-Aware Adam with Momentum Reset for Stable
-      LLM Training <https://arxiv.org/abs/2501.06842>`_, 2025.
+      Huang et al., [SPAM: Spike-Aware Adam with Momentum Reset for Stable
+      LLM Training](https://arxiv.org/abs/2501.06842), 2025.
     """
     rules.check_number(threshold, "threshold", lo=0.0, lo_open=True)
     rules.check_number(beta2, "beta2", lo=0.0, hi=1.0)
@@ -482,12 +483,12 @@ def spam_clip(
 
 
 class StableSpamClipState(NamedTuple):
-    """State of :func:`stable_spam_clip`, one entry per tensor.
+    """State of [`stable_spam_clip`][optaxclip.stable_spam_clip], one entry per tensor.
 
     Attributes:
       m_max: the EMA of each tensor's largest absolute entry.
       count: int32, the number of non-zero gradients each tensor has had.
-      stats: :class:`~optaxclip.ClipStats` (``norm``: each tensor's largest
+      stats: [`ClipStats`][optaxclip.ClipStats] (``norm``: each tensor's largest
         absolute entry; ``threshold``: the bias-corrected bound ``T``;
         ``scale``: ``T / max|g|`` where clipped; ``clipped``: entries clipped).
     """
@@ -520,7 +521,7 @@ def stable_spam_clip(
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
-      :class:`StableSpamClipState`.
+      `StableSpamClipState`.
 
     Example:
       >>> import jax.numpy as jnp
@@ -533,8 +534,8 @@ def stable_spam_clip(
       [3. 2.] [3.]
 
     References:
-      Huang et al., `Stable-SPAM: How to Train in 4-Bit More Stably than
-      16-Bit Adam <https://arxiv.org/abs/2502.17055>`_, 2025.
+      Huang et al., [Stable-SPAM: How to Train in 4-Bit More Stably than
+      16-Bit Adam](https://arxiv.org/abs/2502.17055), 2025.
     """
     rules.check_number(beta, "beta", lo=0.0, hi=1.0)
     if not isinstance(beta, jax.Array) and float(beta) == 1.0:
@@ -601,10 +602,10 @@ def stable_spam_clip(
 
 
 class ClippyState(NamedTuple):
-    """State of :func:`clippy`.
+    """State of [`clippy`][optaxclip.clippy].
 
     Attributes:
-      stats: :class:`~optaxclip.ClipStats`, one entry per tensor (``norm``:
+      stats: [`ClipStats`][optaxclip.ClipStats], one entry per tensor (``norm``:
         the largest ``|u| / (relative * |w| + absolute)``; ``threshold``: 1;
         ``scale``: the factor applied; ``clipped``: tensors scaled down).
     """
@@ -633,7 +634,7 @@ def clippy(
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
-      :class:`ClippyState`.
+      `ClippyState`.
 
     Raises:
       ValueError: in ``update`` if ``params`` is None.
@@ -648,8 +649,8 @@ def clippy(
       [0.1 0.1] [0.2]
 
     References:
-      Tang et al., `Improving Training Stability for Multitask Ranking Models
-      in Recommender Systems <https://arxiv.org/abs/2302.09178>`_, 2023.
+      Tang et al., [Improving Training Stability for Multitask Ranking Models
+      in Recommender Systems](https://arxiv.org/abs/2302.09178), 2023.
     """
     rules.check_number(relative, "relative", lo=0.0)
     rules.check_number(absolute, "absolute", lo=0.0)

@@ -65,7 +65,7 @@ class ClipState(NamedTuple):
 
     Attributes:
       rule_state: the threshold rule's state (``()`` for a fixed threshold).
-      stats: :class:`ClipStats` of the latest step.
+      stats: [`ClipStats`][optaxclip.ClipStats] of the latest step.
     """
 
     rule_state: Any
@@ -73,7 +73,7 @@ class ClipState(NamedTuple):
 
 
 def stats(opt_state: Any) -> tuple[ClipStats, ...]:
-    """Finds every :class:`ClipStats` inside a (nested) optimizer state.
+    """Finds every [`ClipStats`][optaxclip.ClipStats] inside a (nested) optimizer state.
 
     Works through ``optax.chain``, ``optax.masked``, ``optax.MultiSteps``,
     ``optax.inject_hyperparams``, ``optax.multi_transform``, the optaxclip
@@ -87,7 +87,8 @@ def stats(opt_state: Any) -> tuple[ClipStats, ...]:
         ``nnx.Optimizer`` or its ``nnx.state``.
 
     Returns:
-      A tuple of the :class:`ClipStats` found, in pytree order (empty if none).
+      A tuple of the [`ClipStats`][optaxclip.ClipStats] found, in pytree order (empty if
+      none).
 
     Example:
       >>> import jax.numpy as jnp, optax

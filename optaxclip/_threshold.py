@@ -1,7 +1,7 @@
 """Choosing a fixed threshold from a recorded history of gradient norms.
 
 Every optaxclip transform keeps the pre-clip norm of its latest step in
-:class:`~optaxclip.ClipStats`; record ``oc.stats(opt_state)[0].norm`` during a
+[`ClipStats`][optaxclip.ClipStats]; record ``oc.stats(opt_state)[0].norm`` during a
 short run (or a run without clipping) and pass the history here.
 """
 
@@ -21,7 +21,8 @@ REPORTED_PERCENTILES = (1.0, 5.0, 10.0, 25.0, 50.0, 75.0, 90.0, 95.0, 99.0)
 
 @dataclasses.dataclass(frozen=True)
 class ThresholdReport:
-    """What :func:`suggest_threshold` found; ``print()`` it for a summary.
+    """What [`suggest_threshold`][optaxclip.suggest_threshold] found; ``print()`` it for
+    a summary.
 
     Attributes:
       threshold: the suggested fixed threshold (the ``percentile``-th
@@ -77,7 +78,7 @@ def suggest_threshold(norms: Any, percentile: float = 10.0) -> ThresholdReport:
       percentile: the percentile of the history to suggest, in ``[0, 100]``.
 
     Returns:
-      A :class:`ThresholdReport` (``print()`` it for a summary).
+      A [`ThresholdReport`][optaxclip.ThresholdReport] (``print()`` it for a summary).
 
     Raises:
       ValueError: if ``percentile`` is outside ``[0, 100]``, or ``norms`` is
@@ -92,8 +93,8 @@ def suggest_threshold(norms: Any, percentile: float = 10.0) -> ThresholdReport:
       5.5 0.5 1
 
     References:
-      Seetharaman et al., `AutoClip: Adaptive Gradient Clipping for Source
-      Separation Networks <https://arxiv.org/abs/2007.14469>`_, 2020.
+      Seetharaman et al., [AutoClip: Adaptive Gradient Clipping for Source
+      Separation Networks](https://arxiv.org/abs/2007.14469), 2020.
     """
     percentile = _check_percentile(percentile)
     values = _as_history(norms, "norms")

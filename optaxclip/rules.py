@@ -12,8 +12,9 @@ Scopes never let a non-finite measurement reach a rule's statistics: when any
 measured norm is NaN or infinite, the scope keeps the previous state. Rules
 therefore only ever learn from finite steps.
 
-Numbers and ``optax.Schedule`` callables are wrapped into :func:`fixed` and
-:func:`scheduled` automatically by every scope function.
+Numbers and ``optax.Schedule`` callables are wrapped into
+[`fixed`][optaxclip.rules.fixed] and
+[`scheduled`][optaxclip.rules.scheduled] automatically by every scope function.
 """
 
 from __future__ import annotations
@@ -118,11 +119,12 @@ def as_rule(threshold: Any, name: str = "threshold") -> Rule:
     """Wraps a number, array or schedule into a rule; returns rules as is.
 
     Args:
-      threshold: a :class:`Rule`, a callable schedule, or a number/array.
+      threshold: a [`Rule`][optaxclip.rules.Rule], a callable schedule, or a
+        number/array.
       name: the argument name used in error messages.
 
     Returns:
-      A :class:`Rule`.
+      A [`Rule`][optaxclip.rules.Rule].
 
     Raises:
       ValueError: if a concrete number is negative or NaN.
@@ -164,7 +166,7 @@ DEFAULT_HISTORY = 1024
 
 
 class PercentileState(NamedTuple):
-    """State of :func:`percentile`.
+    """State of [`percentile`][optaxclip.rules.percentile].
 
     Attributes:
       buffer: the last ``window`` finite norms, shape ``norm.shape + (window,)``
@@ -198,7 +200,7 @@ class percentile:  # noqa: N801
         Python int (it is the state's shape).
 
     Returns:
-      A rule; its state is a :class:`PercentileState`.
+      A rule; its state is a [`PercentileState`][optaxclip.rules.PercentileState].
 
     Example:
       >>> import jax.numpy as jnp
@@ -213,8 +215,8 @@ class percentile:  # noqa: N801
       2.0
 
     References:
-      Seetharaman et al., `AutoClip: Adaptive Gradient Clipping for Source
-      Separation Networks <https://arxiv.org/abs/2007.14469>`_, 2020.
+      Seetharaman et al., [AutoClip: Adaptive Gradient Clipping for Source
+      Separation Networks](https://arxiv.org/abs/2007.14469), 2020.
     """
 
     p: Any = 10.0
@@ -266,7 +268,7 @@ class percentile:  # noqa: N801
 
 
 class ZScoreState(NamedTuple):
-    """State of :func:`zscore`, one entry per measured norm.
+    """State of [`zscore`][optaxclip.rules.zscore], one entry per measured norm.
 
     Attributes:
       count: int32, non-zero finite norms seen (warm-up is over once it
@@ -327,7 +329,7 @@ class zscore:  # noqa: N801
         spike.
 
     Returns:
-      A rule; its state is a :class:`ZScoreState`.
+      A rule; its state is a [`ZScoreState`][optaxclip.rules.ZScoreState].
 
     Example:
       >>> import jax.numpy as jnp
@@ -343,8 +345,8 @@ class zscore:  # noqa: N801
       2.1263...
 
     References:
-      Kumar et al., `ZClip: Adaptive Spike Mitigation for LLM Pre-Training
-      <https://arxiv.org/abs/2504.02507>`_, 2025.
+      Kumar et al., [ZClip: Adaptive Spike Mitigation for LLM
+      Pre-Training](https://arxiv.org/abs/2504.02507), 2025.
     """
 
     alpha: Any = 0.97
@@ -432,7 +434,7 @@ class zscore:  # noqa: N801
 
 
 class EmaState(NamedTuple):
-    """State of :func:`ema`.
+    """State of [`ema`][optaxclip.rules.ema].
 
     Attributes:
       count: int32, finite steps seen (scalar).
@@ -476,7 +478,7 @@ class ema:  # noqa: N801
         (the official codes use ``1e-6``).
 
     Returns:
-      A rule; its state is an :class:`EmaState`.
+      A rule; its state is an [`EmaState`][optaxclip.rules.EmaState].
 
     Example:
       >>> import jax.numpy as jnp
@@ -491,10 +493,10 @@ class ema:  # noqa: N801
       3.0 1.25
 
     References:
-      Wang et al., `AdaGC: Improving Training Stability for Large Language
-      Model Pretraining <https://arxiv.org/abs/2502.11034>`_, 2025.
-      Groeneveld et al., `OLMo: Accelerating the Science of Language Models
-      <https://arxiv.org/abs/2402.00838>`_, 2024 (``max_grad_norm_ratio``).
+      Wang et al., [AdaGC: Improving Training Stability for Large Language
+      Model Pretraining](https://arxiv.org/abs/2502.11034), 2025.
+      Groeneveld et al., [OLMo: Accelerating the Science of Language
+      Models](https://arxiv.org/abs/2402.00838), 2024 (``max_grad_norm_ratio``).
     """
 
     ratio: Any = 1.05
@@ -592,8 +594,8 @@ class quantile:  # noqa: N801
       1.0 0.904837...
 
     References:
-      Andrew et al., `Differentially Private Learning with Adaptive Clipping
-      <https://arxiv.org/abs/1905.03871>`_, 2021.
+      Andrew et al., [Differentially Private Learning with Adaptive
+      Clipping](https://arxiv.org/abs/1905.03871), 2021.
     """
 
     target: Any = 0.5

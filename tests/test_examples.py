@@ -130,3 +130,14 @@ def test_sharded_training_matches_single_device():
     assert diff < 1e-5
     pairs = re.findall(r"pre-clip norm ([\d.]+) \(single device ([\d.]+)\)", stdout)
     assert pairs and all(abs(float(a) - float(b)) < 1e-4 for a, b in pairs)
+
+
+def test_equinox_train_logs_finite_norms_and_learns():
+    stdout = run_example("equinox_train.py", "--method", "global_norm")
+    _check_flax_output(stdout, "global_norm")
+    norms = [float(m) for m in re.findall(r"grad_norm (\S+)", stdout)]
+    thresholds = [float(m) for m in re.findall(r"threshold (\S+)", stdout)]
+    assert len(norms) >= 10 and all(math.isfinite(n) for n in norms)
+    assert thresholds == [1.0] * len(norms)
+    # The norm is measured before clipping: the first steps are above the bound.
+    assert max(norms) > 1.0
