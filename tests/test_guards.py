@@ -151,7 +151,8 @@ def skip_reference(norms, losses, window, sigma, min_history):
                 skip |= x - np.mean(previous) > sigma * np.std(previous, ddof=1)
                 if is_norm:
                     bound = limit
-            history.append(x)
+            if not is_norm or x > 0:  # documented difference: zero norms
+                history.append(x)
         skips.append(bool(skip))
         bounds.append(bound)
     return np.array(skips), bounds

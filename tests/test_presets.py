@@ -189,13 +189,21 @@ def tensor_reference(rule_step, steps):
 
 
 class RefAutoClip:
-    """pseeth/autoclip: percentile of every past norm, current included."""
+    """pseeth/autoclip: percentile of every past norm, current included.
 
-    def __init__(self, percentile, history):
+    Documented difference: exact-zero norms are not recorded unless
+    ``include_zeros`` (the official behaviour); inf while nothing is recorded.
+    """
+
+    def __init__(self, percentile, history, include_zeros=False):
         self.p, self.size, self.history = percentile, history or 1024, []
+        self.include_zeros = include_zeros
 
     def __call__(self, n):
-        self.history.append(n)
+        if n > 0 or self.include_zeros:
+            self.history.append(n)
+        if not self.history:
+            return math.inf
         return float(np.percentile(self.history[-self.size :], self.p))
 
 
@@ -203,6 +211,7 @@ AUTOCLIP = [
     dict(percentile=10.0),
     dict(percentile=50.0, history=64),
     dict(percentile=90.0, history=16),
+    dict(percentile=10.0, history=64, include_zeros=True),
 ]
 
 
@@ -213,7 +222,10 @@ def test_autoclip_matches_reference():
         oc.autoclip,
         AUTOCLIP,
         lambda kw: global_reference(
-            RefAutoClip(kw["percentile"], kw.get("history")), steps
+            RefAutoClip(
+                kw["percentile"], kw.get("history"), kw.get("include_zeros", False)
+            ),
+            steps,
         ),
         stream,
     )
@@ -271,6 +283,8 @@ class RefZClip:
                     clip_val = self.mean
         bound = min(cap, math.inf if clip_val is None else clip_val)
         if clip_val is not None and self.skip_update_on_spike:
+            return bound
+        if n == 0:  # documented difference: zero norms never reach the EMAs
             return bound
         fed = n if clip_val is None else clip_val
         self.mean = self.alpha * self.mean + (1 - self.alpha) * fed
@@ -334,7 +348,7 @@ class RefAdaGC:
                 bounds[i] = (
                     self.lambda_rel * base * (n / (n + self.eps) if n > 0 else 1.0)
                 )
-                if self.gamma[i] > 0 or n > 0:
+                if n > 0:  # documented difference: zeros leave gamma as it was
                     self.gamma[i] = self.beta * base + (1 - self.beta) * n * coef
         self.t += 1
         return bounds
@@ -396,6 +410,8 @@ class RefQuantile:
 
     def __call__(self, n):
         bound = self.c
+        if n == 0:  # documented difference: a zero norm does not move the bound
+            return bound
         unclipped = 1.0 if n <= bound else 0.0
         if self.geometric:
             self.c = bound * math.exp(

@@ -7,6 +7,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import optaxclip as oc
@@ -62,12 +63,20 @@ def test_percentile_is_exact_full_history_then_a_sliding_window(p, window):
     rng = np.random.default_rng(0)
     norms = np.abs(rng.standard_cauchy(size=(120, 3))).astype(np.float32)
     norms[5:9, 1] = 0.0
+    norms[0:3, 2] = 0.0
+    official = rules.percentile(p, window=window, include_zeros=True)
+    _, got_official = drive(official, jnp.asarray(norms))
     _, got = drive(rules.percentile(p, window=window), jnp.asarray(norms))
     history = norms.astype(np.float64)
     for t in range(120):
         # exact full-history percentile while t + 1 <= window, then the last `window`
         want = np.percentile(history[max(0, t + 1 - window) : t + 1], p, axis=0)
-        np.testing.assert_allclose(got[t], want, rtol=1e-5)
+        np.testing.assert_allclose(got_official[t], want, rtol=1e-5)
+        # by default each entry's history holds its non-zero norms only
+        for i in range(3):
+            kept = history[: t + 1, i][history[: t + 1, i] > 0][-window:]
+            want = np.percentile(kept, p) if kept.size else np.inf
+            np.testing.assert_allclose(got[t, i], want, rtol=1e-5)
 
 
 def test_percentile_default_window_keeps_1024_norms():
@@ -84,9 +93,14 @@ def test_percentile_on_tensor_scope_is_per_tensor():
     norms = np.asarray(stats.norm, np.float64)
     good = np.isfinite(norms).all(axis=1)
     history = norms[good]
-    want = np.stack(
+    assert np.sum(history == 0) >= 3  # the stream has exact-zero tensors
+    # each tensor's own history of non-zero norms, the last 30 of them
+    want = np.array(
         [
-            np.percentile(history[max(0, t - 29) : t + 1], 5.0, axis=0)
+            [
+                np.percentile(h[h > 0][-30:], 5.0) if np.any(h > 0) else np.inf
+                for h in history[: t + 1].T
+            ]
             for t in range(len(history))
         ]
     )
@@ -280,3 +294,99 @@ def test_float16_gradients_keep_rule_state_in_float32():
         # the float16 squares (9e4 each) overflow float16; the norm must not
         np.testing.assert_allclose(stats.norm, 300.0 * 8**0.5, rtol=1e-6, err_msg=name)
         assert outs["w"].dtype == jnp.float16
+
+
+# ---------------------------------------------------------------------------
+# Every public transform's fresh state can be donated
+# ---------------------------------------------------------------------------
+
+
+def _every_rule():
+    """Every rule of optaxclip.rules in its usual settings (fresh instances)."""
+    return [
+        ("fixed", 1.0),
+        ("scheduled", optax.linear_schedule(0.5, 2.0, 10)),
+        ("percentile", rules.percentile(10.0)),
+        ("percentile_zeros", rules.percentile(50.0, window=8, include_zeros=True)),
+        ("zscore", rules.zscore()),
+        ("zscore_percentile", rules.zscore(mode="percentile")),
+        ("ema", rules.ema()),
+        ("ema_warmup", rules.ema(warmup=3, warmup_max_norm=1.0)),
+        ("quantile", rules.quantile()),
+        ("quantile_arithmetic", rules.quantile(geometric=False)),
+    ]
+
+
+def _every_transform():
+    scopes = [
+        ("clip", oc.clip),
+        ("clip_by_value", oc.clip_by_value),
+        ("clip_by_norm", oc.clip_by_norm),
+        ("clip_by_global_norm", oc.clip_by_global_norm),
+        ("clip_by_block_rms", oc.clip_by_block_rms),
+        ("adaptive_grad_clip", oc.adaptive_grad_clip),
+        ("clip_per_example", oc.clip_per_example),
+    ]
+    out = [
+        (f"{scope_name}-{rule_name}", scope(rule))
+        for scope_name, scope in scopes
+        for rule_name, rule in _every_rule()
+    ]
+    out += [
+        ("autoclip", oc.autoclip()),
+        ("autoclip_official", oc.autoclip(include_zeros=True)),
+        ("zclip", oc.zclip()),
+        ("adagc", oc.adagc()),
+        ("olmo_adaptive_clip", oc.olmo_adaptive_clip()),
+        ("quantile_clip", oc.quantile_clip()),
+        ("spam_clip", oc.spam_clip()),
+        ("stable_spam_clip", oc.stable_spam_clip()),
+        ("clippy", oc.clippy()),
+        ("skip_nonfinite", oc.skip_nonfinite(optax.adam(1e-3))),
+        ("skip_spikes", oc.skip_spikes(optax.adam(1e-3))),
+    ]
+    return out
+
+
+TRANSFORMS = _every_transform()
+
+
+def _donation_inputs(name):
+    params = {"w": jnp.ones((3, 2)), "b": jnp.full((2,), 0.5)}
+    grads = {"w": jnp.full((3, 2), 0.25), "b": jnp.array([1.0, -2.0])}
+    if name.startswith("clip_per_example"):
+        # per-example gradients: a leading batch axis of 4
+        grads = jax.tree.map(lambda x: jnp.stack([x * (i + 1) for i in range(4)]), grads)
+    return params, grads
+
+
+def _buffer_pointers(tree):
+    return [leaf.unsafe_buffer_pointer() for leaf in jax.tree.leaves(tree)]
+
+
+@pytest.mark.parametrize("name,tx", TRANSFORMS, ids=[t[0] for t in TRANSFORMS])
+def test_fresh_state_has_no_shared_buffers(name, tx):
+    params, _ = _donation_inputs(name)
+    state = tx.init(params)
+    pointers = _buffer_pointers(state)
+    assert len(pointers) == len(set(pointers)), name
+    # nor does it hold one of the params' own buffers
+    assert not set(pointers) & set(_buffer_pointers(params)), name
+
+
+@pytest.mark.parametrize("name,tx", TRANSFORMS, ids=[t[0] for t in TRANSFORMS])
+def test_fresh_state_can_be_donated_to_a_jitted_update(name, tx):
+    params, grads = _donation_inputs(name)
+    state = tx.init(params)
+    with jax.numpy_dtype_promotion("standard"):  # optax.adam's bias correction
+        expected_out, expected_state = tx.update(grads, tx.init(params), params)
+        out, new_state = jax.jit(tx.update, donate_argnums=1)(grads, state, params)
+    for a, b in zip(
+        jax.tree.leaves((out, new_state)),
+        jax.tree.leaves((expected_out, expected_state)),
+        strict=True,
+    ):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
+    # the state it returns can be donated again on the next step
+    with jax.numpy_dtype_promotion("standard"):
+        jax.jit(tx.update, donate_argnums=1)(grads, new_state, params)
