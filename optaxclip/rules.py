@@ -61,6 +61,9 @@ class Rule(Protocol):
 class fixed:  # noqa: N801  (a rule reads as a function call: rules.fixed(1.0))
     """A constant threshold.
 
+    No state, so nothing to absorb: after any run of zero norms the bound is
+    the same (recovery within 0 steps).
+
     Args:
       value: the bound, a number or a (possibly traced) scalar array.
 
@@ -92,6 +95,9 @@ class fixed:  # noqa: N801  (a rule reads as a function call: rules.fixed(1.0))
 @dataclasses.dataclass(frozen=True)
 class scheduled:  # noqa: N801
     """A threshold that follows an ``optax.Schedule`` of the step count.
+
+    No state besides the step count: after any run of zero norms the bound
+    is the schedule's value at that step (recovery within 0 steps).
 
     Args:
       schedule: a callable from the int32 step count (from 0) to the bound.
