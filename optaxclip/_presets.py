@@ -269,9 +269,9 @@ def olmo_adaptive_clip(
     (a zero first gradient would otherwise pin the tensor at zero for ever)
     and a zero norm leaves ``ema_i`` as it was (officially it decays, and a
     long-frozen tensor is clipped to almost zero once it moves again; here
-    it recovers within 0 steps); the first step's statistic is kept (OLMo discards it and starts again on
-    step 2); NaN/Inf steps are zeroed and never reach the EMA (officially it
-    turns NaN for ever).
+    it recovers within 0 steps); the first step's statistic is kept (OLMo
+    discards it and starts again on step 2); NaN/Inf steps are zeroed and
+    never reach the EMA (officially it turns NaN for ever).
 
     Args:
       max_grad_norm_ratio: the bound relative to the EMA.

@@ -356,7 +356,9 @@ def _donation_inputs(name):
     grads = {"w": jnp.full((3, 2), 0.25), "b": jnp.array([1.0, -2.0])}
     if name.startswith("clip_per_example"):
         # per-example gradients: a leading batch axis of 4
-        grads = jax.tree.map(lambda x: jnp.stack([x * (i + 1) for i in range(4)]), grads)
+        grads = jax.tree.map(
+            lambda x: jnp.stack([x * (i + 1) for i in range(4)]), grads
+        )
     return params, grads
 
 
