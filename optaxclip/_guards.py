@@ -153,8 +153,16 @@ def skip_spikes(
     have been recorded, the current one included (default
     ``max(3, window // 2)``: OLMo-core's ``window // 2``, but never with
     fewer than two previous values, where the unbiased ``std`` is undefined).
-    Every finite value is recorded, spikes included (as OLMo-core). A step
-    with a NaN or Inf norm or loss is always skipped and never recorded.
+    Every finite value is recorded, spikes included (as OLMo-core), except a
+    gradient norm of exactly zero (a frozen or masked step): that step is
+    applied and its norm is not recorded. (OLMo-core records it: after a run
+    of zero steps filling the window the bound is 0, and every later step
+    is skipped as a spike until enough non-zero norms have been recorded,
+    dozens of steps for a small ``sigma``.) So a run of zero-norm steps,
+    however long, leaves the norm history as it was, and the first non-zero
+    step after it is checked as if the run had not happened (recovery
+    within 0 steps). A step with a NaN or Inf norm or loss is always skipped
+    and never recorded.
 
     Args:
       inner: the optimizer to guard.
@@ -205,16 +213,15 @@ def skip_spikes(
 
     def init_fn(params):
         acc = _norms.tree_acc_dtype(params)
-        int0 = jnp.zeros((), jnp.int32)
-        empty = jnp.zeros((window,), acc)
+        # Every field its own buffer, so the state can be donated after init.
         return SkipSpikesState(
             inner.init(params),
             ClipStats.zeros(jnp.zeros((), acc)),
-            empty,
-            empty,
-            int0,
-            int0,
-            int0,
+            jnp.zeros((window,), acc),
+            jnp.zeros((window,), acc),
+            jnp.zeros((), jnp.int32),
+            jnp.zeros((), jnp.int32),
+            jnp.zeros((), jnp.int32),
         )
 
     def update_fn(updates, state, params=None, **extra_args):
@@ -233,7 +240,8 @@ def skip_spikes(
             l_bound, l_active = _history_bound(losses, loss_count, sig, min_history)
             spike = spike | (l_active & (loss > l_bound))
             losses, loss_count = _record(losses, loss_count, loss, finite)
-        norms, norm_count = _record(norms, norm_count, norm, finite)
+        # A zero norm (frozen or masked step) is no measurement of the scale.
+        norms, norm_count = _record(norms, norm_count, norm, finite & (norm > 0))
         apply = finite & ~spike
         out, inner_state = _apply_or_skip(
             inner, apply, updates, state.inner_state, params, extra_args

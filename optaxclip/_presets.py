@@ -50,25 +50,34 @@ def autoclip(
     percentile: Any = 10.0,
     history: int | None = None,
     *,
+    include_zeros: bool = False,
     nonfinite: str = "zero",
     axis_name: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """AutoClip: clip the global norm to a percentile of its own history.
 
-    ``clip_by_global_norm(rules.percentile(percentile, window=history))``:
-    each step's bound is the ``percentile``-th percentile (NumPy ``'linear'``)
-    of all finite global norms seen so far, this step's included.
+    ``clip_by_global_norm(rules.percentile(percentile, window=history,
+    include_zeros=include_zeros))``: each step's bound is the
+    ``percentile``-th percentile (NumPy ``'linear'``) of all finite,
+    non-zero global norms seen so far, this step's included.
 
     Differences from the official code (pseeth/autoclip): the history is a
     fixed-size buffer of ``history`` norms (default 1024), so the result is
-    the exact full-history percentile for the first ``history`` steps and
-    the percentile of the last ``history`` norms afterwards; NaN/Inf norms
-    never enter the history (officially they poison it for ever) and their
-    step's update is zeroed (``nonfinite``).
+    the exact full-history percentile for the first ``history`` recorded
+    norms and the percentile of the last ``history`` ones afterwards;
+    NaN/Inf norms never enter the history (officially they poison it for
+    ever) and their step's update is zeroed (``nonfinite``); norms of
+    exactly zero (frozen, masked or padding-only steps) do not enter it
+    either, so a run of zero steps leaves the bound as it was (recovery
+    within 0 steps). Officially they do: with the default history, 12 zero
+    steps zero most of the next 70 updates. ``include_zeros=True``
+    reproduces the official behaviour.
 
     Args:
       percentile: the percentile in ``[0, 100]``; default 10 as the paper.
       history: the buffer size (a Python int), or None for 1024.
+      include_zeros: keyword-only; record zero norms in the history, as the
+        official code does (default False).
       nonfinite: keyword-only; ``"zero"`` (default) or ``"propagate"``.
       axis_name: keyword-only; the ``shard_map`` mesh axis the leaves are
         split across.
@@ -92,7 +101,7 @@ def autoclip(
       Seetharaman et al., [AutoClip: Adaptive Gradient Clipping for Source
       Separation Networks](https://arxiv.org/abs/2007.14469), 2020.
     """
-    rule = rules.percentile(percentile, window=history)
+    rule = rules.percentile(percentile, window=history, include_zeros=include_zeros)
     return clip_by_global_norm(rule, nonfinite=nonfinite, axis_name=axis_name)
 
 
@@ -124,8 +133,11 @@ def zclip(
     clip value on a spike (nothing if ``skip_update_on_spike``), else the norm.
 
     Differences from the official code (bluorion-com/ZClip): norms of
-    exactly zero do not count towards the warm-up (an all-zero warm-up would
-    clip every later step to zero for ever); NaN/Inf norms never reach the
+    exactly zero never reach the statistics (an all-zero warm-up would clip
+    every later step to zero for ever, and a long run of zero steps after
+    warm-up would decay the EMAs so that every later step is clipped to
+    almost zero); a run of zero steps leaves the bound as it was (recovery
+    within 0 steps); NaN/Inf norms never reach the
     EMAs (officially they make them NaN for ever) and their step is zeroed;
     the clip coefficient is ``bound / n`` instead of ``bound / (n + 1e-6)``.
 
@@ -196,7 +208,9 @@ def adagc(
 
     Differences from the official Megatron patch: a tensor whose gradient is
     exactly zero does not set its ``gamma`` to zero (which would clip it to
-    zero for ever); ``gamma`` starts from the tensor's first non-zero norm.
+    zero for ever) or decay it (a long-frozen tensor would be clipped to
+    almost zero); ``gamma`` starts from the tensor's first non-zero norm,
+    and a run of zero steps leaves it as it was (recovery within 0 steps).
     NaN/Inf steps are zeroed and leave every ``gamma`` untouched. The
     warm-up's global norm is computed from the per-tensor norms, exactly.
 
@@ -253,10 +267,12 @@ def olmo_adaptive_clip(
 
     Differences from the official code (allenai/OLMo
     ``max_grad_norm_ratio``): ``ema_i`` starts at the first *non-zero* norm
-    (a zero first gradient would otherwise pin the tensor at zero for ever);
-    the first step's statistic is kept (OLMo discards it and starts again on
-    step 2); NaN/Inf steps are zeroed and never reach the EMA (officially it
-    turns NaN for ever).
+    (a zero first gradient would otherwise pin the tensor at zero for ever)
+    and a zero norm leaves ``ema_i`` as it was (officially it decays, and a
+    long-frozen tensor is clipped to almost zero once it moves again; here
+    it recovers within 0 steps); the first step's statistic is kept (OLMo
+    discards it and starts again on step 2); NaN/Inf steps are zeroed and
+    never reach the EMA (officially it turns NaN for ever).
 
     Args:
       max_grad_norm_ratio: the bound relative to the EMA.
@@ -307,7 +323,12 @@ def quantile_clip(
 
     Differences from the official code (TF-Privacy): no noise is added to
     the unclipped fraction (this is the non-private streaming estimator);
-    NaN/Inf norms never move ``C`` and their step is zeroed.
+    NaN/Inf norms never move ``C`` and their step is zeroed; a norm of
+    exactly zero does not move ``C`` either (counted as unclipped, a run of
+    about 850 zero steps underflows the default bound to exactly 0, which
+    the multiplicative update never leaves), so a run of zero steps leaves
+    the bound as it was (recovery within 0 steps); the geometric bound is
+    kept at or above ``jnp.finfo(dtype).tiny``.
 
     Args:
       target_quantile: the quantile of the norms to track, in ``[0, 1]``.

@@ -62,6 +62,9 @@ class Rule(Protocol):
 class fixed:  # noqa: N801  (a rule reads as a function call: rules.fixed(1.0))
     """A constant threshold.
 
+    No state, so nothing to absorb: after any run of zero norms the bound is
+    the same (recovery within 0 steps).
+
     Args:
       value: the bound, a number or a (possibly traced) scalar array.
 
@@ -93,6 +96,9 @@ class fixed:  # noqa: N801  (a rule reads as a function call: rules.fixed(1.0))
 @dataclasses.dataclass(frozen=True)
 class scheduled:  # noqa: N801
     """A threshold that follows an ``optax.Schedule`` of the step count.
+
+    No state besides the step count: after any run of zero norms the bound
+    is the schedule's value at that step (recovery within 0 steps).
 
     Args:
       schedule: a callable from the int32 step count (from 0) to the bound.
@@ -169,9 +175,10 @@ class PercentileState(NamedTuple):
     """State of [`percentile`][optaxclip.rules.percentile].
 
     Attributes:
-      buffer: the last ``window`` finite norms, shape ``norm.shape + (window,)``
-        (unused slots hold ``+inf``).
-      count: int32, number of finite norms recorded so far.
+      buffer: the last ``window`` recorded norms, shape
+        ``norm.shape + (window,)`` (unused slots hold ``+inf``).
+      count: int32, shaped like the norms: how many norms each entry has
+        recorded so far (finite and, unless ``include_zeros``, non-zero).
     """
 
     buffer: jax.Array
@@ -183,8 +190,20 @@ class percentile:  # noqa: N801
     """AutoClip: the ``p``-th percentile of the past norms, the current one included.
 
     The threshold on step ``t`` is ``np.percentile(history, p)`` (NumPy's
-    ``'linear'`` method) where ``history`` holds the finite norms seen so far,
-    this step's included, exactly as the official AutoClip code.
+    ``'linear'`` method) where ``history`` holds the finite, non-zero norms
+    seen so far, this step's included, as the official AutoClip code does
+    with every norm.
+
+    No absorbing zero: a norm of exactly zero (a frozen layer, a masked
+    phase, a padding-only batch) is not recorded, so a run of zero steps,
+    however long, leaves the history as it was and the first non-zero norm
+    after it is bounded exactly as if the run had not happened (recovery
+    within 0 steps). The official code records zeros: with ``p = 10``, once
+    a tenth of the history is zero every later bound is 0 and every update
+    is zeroed until enough non-zero norms outnumber them.
+    ``include_zeros=True`` reproduces that behaviour. While an entry has
+    recorded nothing (only zero norms so far) its threshold is ``inf``; its
+    update is zero anyway.
 
     AutoClip keeps every past norm, which cannot be a fixed-shape state under
     ``jit``. Here the history is a ring buffer of ``window`` entries: while at
@@ -195,9 +214,12 @@ class percentile:  # noqa: N801
 
     Args:
       p: the percentile, in ``[0, 100]`` (AutoClip's default is 10).
-      window: the number of most recent finite norms kept. ``None`` (default)
-        means 1024, exact full history for the first 1024 steps. Must be a
-        Python int (it is the state's shape).
+      window: the number of most recent recorded norms kept. ``None``
+        (default) means 1024, exact full history for the first 1024 recorded
+        norms. Must be a Python int (it is the state's shape).
+      include_zeros: keyword-only; record norms of exactly zero too, as the
+        official AutoClip code does (default False: zero norms are not
+        recorded, see above). A Python bool.
 
     Returns:
       A rule; its state is a [`PercentileState`][optaxclip.rules.PercentileState].
@@ -221,9 +243,16 @@ class percentile:  # noqa: N801
 
     p: Any = 10.0
     window: int | None = None
+    _: dataclasses.KW_ONLY
+    include_zeros: bool = False
 
     def __post_init__(self):
         check_number(self.p, "p", lo=0.0, hi=100.0)
+        if not isinstance(self.include_zeros, bool | np.bool_):
+            raise ValueError(
+                "`include_zeros` must be a Python bool (True reproduces the "
+                f"official AutoClip code); got {self.include_zeros!r}."
+            )
         if self.window is not None and (
             isinstance(self.window, bool)
             or not isinstance(self.window, int | np.integer)
@@ -240,31 +269,34 @@ class percentile:  # noqa: N801
     def init(self, norm_like: jax.Array) -> PercentileState:
         norm_like = jnp.asarray(norm_like)
         buffer = jnp.full((*norm_like.shape, self.size), jnp.inf, norm_like.dtype)
-        return PercentileState(buffer, jnp.zeros((), jnp.int32))
+        return PercentileState(buffer, jnp.zeros(norm_like.shape, jnp.int32))
 
     def update(self, state: PercentileState, norm, step):
         del step
         size = self.size
-        buffer = state.buffer
-        slot = state.count % size
-        # An elementwise write, not a dynamic_update_slice: the norm may come
-        # from a mesh (Explicit axes) the freshly initialized buffer is not on.
-        slots = jax.lax.broadcasted_iota(jnp.int32, buffer.shape, buffer.ndim - 1)
-        buffer = jnp.where(slots == slot, norm.astype(buffer.dtype)[..., None], buffer)
-        n = jnp.minimum(state.count + 1, size)
+        dt = state.buffer.dtype
+        norm = norm.astype(dt)
+        # Each entry keeps its own count: on the tensor scope a frozen
+        # tensor records nothing while the others go on recording.
+        record = jnp.ones(norm.shape, jnp.bool_) if self.include_zeros else norm > 0
+        count = state.count
+        slot = count % size
+        # A one-hot select (not a dynamic slice): each entry has its own slot.
+        slots = jax.lax.broadcasted_iota(jnp.int32, state.buffer.shape, norm.ndim)
+        write = (slots == slot[..., None]) & record[..., None]
+        buffer = jnp.where(write, norm[..., None], state.buffer)
+        count = jnp.where(record, optax.safe_increment(count), count)
+        n = jnp.maximum(jnp.minimum(count, size), 1)
         ordered = jnp.sort(buffer, axis=-1)
-        position = (
-            jnp.asarray(self.p, buffer.dtype) / 100 * (n - 1).astype(buffer.dtype)
-        )
+        position = jnp.asarray(self.p, dt) / 100 * (n - 1).astype(dt)
         lo = jnp.clip(jnp.floor(position).astype(jnp.int32), 0, n - 1)
         hi = jnp.minimum(lo + 1, n - 1)
-        frac = position - lo.astype(buffer.dtype)
-        below = jnp.take(ordered, lo, axis=-1)
-        above = jnp.take(ordered, hi, axis=-1)
+        frac = position - lo.astype(dt)
+        below = jnp.take_along_axis(ordered, lo[..., None], axis=-1)[..., 0]
+        above = jnp.take_along_axis(ordered, hi[..., None], axis=-1)[..., 0]
         gap = jnp.where(hi > lo, above - below, jnp.zeros_like(below))
         threshold = below + frac * gap
-        new = PercentileState(buffer, optax.safe_increment(state.count))
-        return threshold, new
+        return threshold, PercentileState(buffer, count)
 
 
 class ZScoreState(NamedTuple):
@@ -307,11 +339,19 @@ class zscore:  # noqa: N801
     updated mean, is fed with the clip value on a spike (nothing if
     ``skip_update_on_spike``) and with the norm otherwise.
 
-    Differences from the official code: a norm of exactly zero does not count
-    towards the warm-up (all-zero warm-up statistics would make every later
-    step a spike clipped to zero for ever); non-finite norms never reach the
-    statistics (the scope keeps the previous state); the clip coefficient is
-    ``bound / n`` (the official code divides by ``n + 1e-6``).
+    Differences from the official code: a norm of exactly zero never
+    reaches the statistics, neither the warm-up nor the EMAs (all-zero
+    warm-up statistics would make every later step a spike clipped to zero
+    for ever; after warm-up, a long run of zero norms would decay the mean
+    and variance towards zero, and every later norm would be a spike
+    clipped to almost zero, feeding that clipped value back); non-finite
+    norms never reach the statistics (the scope keeps the previous state);
+    the clip coefficient is ``bound / n`` (the official code divides by
+    ``n + 1e-6``).
+
+    No absorbing zero: a run of exact-zero norms, however long, leaves the
+    statistics as they were, so the first non-zero norm after it is bounded
+    exactly as if the run had not happened (recovery within 0 steps).
 
     Args:
       alpha: EMA factor of the mean and variance, in ``[0, 1]``.
@@ -375,8 +415,12 @@ class zscore:  # noqa: N801
             )
 
     def init(self, norm_like: jax.Array) -> ZScoreState:
-        zero = jnp.zeros_like(norm_like)
-        return ZScoreState(jnp.zeros(zero.shape, jnp.int32), zero, zero)
+        # Three separate buffers, so the state can be donated right after init.
+        return ZScoreState(
+            jnp.zeros(jnp.shape(norm_like), jnp.int32),
+            jnp.zeros_like(norm_like),
+            jnp.zeros_like(norm_like),
+        )
 
     def update(self, state: ZScoreState, norm, step):
         del step
@@ -419,7 +463,8 @@ class zscore:  # noqa: N801
         rest = one_minus(self.alpha, dt)
         e_mean = alpha * mean + rest * fed
         e_var = alpha * var + rest * (fed - e_mean) ** 2
-        freeze = spike & jnp.asarray(self.skip_update_on_spike, jnp.bool_)
+        # A zero norm is no measurement: it never feeds the EMAs.
+        freeze = (spike & jnp.asarray(self.skip_update_on_spike, jnp.bool_)) | ~seen
         e_mean = jnp.where(freeze, mean, e_mean)
         e_var = jnp.where(freeze, var, e_var)
 
@@ -461,11 +506,18 @@ class ema:  # noqa: N801
     per-tensor norms are; None means no clipping), and ``a`` is the running
     minimum of the post-clip norms.
 
-    No absorbing zero: an average of exactly zero is "not set"; zero norms
-    never set it (a tensor with an exactly-zero gradient in warm-up or on the
-    first step would otherwise be clipped to zero for ever), and the first
-    non-zero norm initializes it (bound ``ratio * n`` on that step, as OLMo's
-    first step).
+    No absorbing zero: a norm of exactly zero never reaches the average. An
+    average of exactly zero is "not set"; zero norms never set it (a tensor
+    with an exactly-zero gradient in warm-up or on the first step would
+    otherwise be clipped to zero for ever), and the first non-zero norm
+    initializes it (bound ``ratio * n`` on that step, as OLMo's first step).
+    After warm-up a zero norm leaves the average as it was (the official
+    codes decay it: after a long run of zeros, a frozen tensor would be
+    clipped to almost zero and the average would learn from that clipped
+    value, growing back by a factor ``beta + (1 - beta) * ratio`` per step).
+    So a run of zero norms, however long, is as if it had not happened: the
+    first non-zero norm after it is bounded as before the run (recovery
+    within 0 steps); a run inside warm-up only uses up warm-up steps.
 
     Args:
       ratio: the bound relative to the average (OLMo's
@@ -546,7 +598,7 @@ class ema:  # noqa: N801
         safe = jnp.where(positive, norm, jnp.ones_like(norm))
         a_threshold = jnp.where(positive, bound * (safe / (safe + eps)), bound)
         a_average = jnp.where(
-            is_set | positive,
+            positive,
             beta * base + one_minus(self.beta, dt) * jnp.minimum(norm, a_threshold),
             average,
         )
@@ -571,6 +623,22 @@ class quantile:  # noqa: N801
     ``init`` of a scalar: leading axes of ``norm`` that the state does not
     have are averaged over, so ``b`` is the fraction of unclipped examples
     (Andrew et al. then add noise to ``b``; add it to ``target`` if needed).
+
+    No absorbing zero. A norm of exactly zero (a frozen layer, a masked
+    phase, a padding example) is no measurement and does not move ``C``:
+    per example, ``b`` is the fraction of the non-zero norms, and a step
+    whose norms are all zero leaves ``C`` as it was. (Counted as unclipped,
+    as in the paper, zeros shrink the geometric bound by
+    ``exp(-learning_rate * (1 - target))`` per step until it underflows to
+    exactly 0, from which the multiplicative update never leaves: about 850
+    zero steps with the defaults.) So a run of zero norms, however long, is
+    as if it had not happened: the first non-zero norm after it is bounded
+    as before the run (recovery within 0 steps). On ordinary streams the
+    update is exactly the paper's. The geometric bound is also kept at or
+    above the dtype's smallest normal number (``jnp.finfo(dtype).tiny``),
+    so it can never be exactly zero; with ``target > 0`` it grows from
+    there by ``exp(learning_rate * target)`` per step on norms above it.
+    With ``target = 0`` the bound only ever decreases, by definition.
 
     Args:
       target: the quantile to track, in ``[0, 1]``.
@@ -617,17 +685,24 @@ class quantile:  # noqa: N801
         bound = state
         dt = bound.dtype
         extra = norm.ndim - bound.ndim
-        below = (norm <= bound).astype(dt)
+        positive = norm > 0
+        below = (positive & (norm <= bound)).astype(dt)
         if extra > 0:
-            below = jnp.mean(below, axis=tuple(range(extra)))
+            axes = tuple(range(extra))
+            seen = jnp.sum(positive, axis=axes, dtype=jnp.int32)
+            below = jnp.sum(below, axis=axes) / jnp.maximum(seen, 1).astype(dt)
+            moves = seen > 0
+        else:
+            moves = positive
         move = jnp.asarray(self.learning_rate, dt) * (
             below - jnp.asarray(self.target, dt)
         )
         if self.geometric:
-            new = bound * jnp.exp(-move)
+            floor = jnp.asarray(jnp.finfo(dt).tiny, dt)
+            new = jnp.maximum(bound * jnp.exp(-move), floor)
         else:
             new = jnp.maximum(bound - move, 0)
-        return bound, new
+        return bound, jnp.where(moves, new, bound)
 
 
 def one_minus(value: Any, dtype: Any) -> jax.Array:

@@ -151,7 +151,8 @@ def skip_reference(norms, losses, window, sigma, min_history):
                 skip |= x - np.mean(previous) > sigma * np.std(previous, ddof=1)
                 if is_norm:
                     bound = limit
-            history.append(x)
+            if not is_norm or x > 0:  # documented difference: zero norms
+                history.append(x)
         skips.append(bool(skip))
         bounds.append(bound)
     return np.array(skips), bounds
@@ -292,3 +293,39 @@ def test_guard_state_saves_restores_and_vmaps(make):
 def test_bad_guard_arguments_raise_value_error(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_skip_spikes_recovers_from_a_long_run_of_zero_gradients():
+    """Zero-norm steps are applied and not recorded: after 600 of them the
+    first non-zero step is checked as if the run had not happened (OLMo-core
+    would skip it and the next ones, against a history of zeros)."""
+    rng = np.random.default_rng(34)
+    before, zeros, after = 60, 600, 60
+    level = np.exp(rng.normal(0.0, 0.2, size=before + zeros + after))
+    level[[20, 45, 700]] *= 30.0  # spikes, one after the zero run
+    grads = rng.normal(size=(before + zeros + after, 3)) * level[:, None]
+    grads[before : before + zeros] = 0.0
+    kept = np.r_[0:before, before + zeros : len(grads)]
+    tx = oc.skip_spikes(optax.sgd(1.0), window=32, sigma=2.0)
+    _, (outs, states) = scan_guard(tx, {"w": jnp.asarray(grads, jnp.float32)})
+    _, (ref_outs, ref_states) = scan_guard(
+        tx, {"w": jnp.asarray(grads[kept], jnp.float32)}
+    )
+    skipped = np.asarray(states.stats.clipped)
+    ref_skipped = np.asarray(ref_states.stats.clipped)
+    # zero steps are applied (not skipped), and the history is untouched
+    np.testing.assert_array_equal(skipped[before : before + zeros], 0)
+    np.testing.assert_array_equal(
+        states.norm_count[before + zeros - 1], ref_states.norm_count[before - 1]
+    )
+    # afterwards every decision and bound equals the run without zeros
+    np.testing.assert_array_equal(skipped[before + zeros :], ref_skipped[before:])
+    np.testing.assert_allclose(
+        states.stats.threshold[before + zeros :],
+        ref_states.stats.threshold[before:],
+        rtol=1e-6,
+    )
+    np.testing.assert_allclose(
+        outs["w"][before + zeros :], ref_outs["w"][before:], rtol=1e-6
+    )
+    assert ref_skipped[before:].sum() == 1  # the spike at step 700, nothing else

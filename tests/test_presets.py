@@ -189,13 +189,21 @@ def tensor_reference(rule_step, steps):
 
 
 class RefAutoClip:
-    """pseeth/autoclip: percentile of every past norm, current included."""
+    """pseeth/autoclip: percentile of every past norm, current included.
 
-    def __init__(self, percentile, history):
+    Documented difference: exact-zero norms are not recorded unless
+    ``include_zeros`` (the official behaviour); inf while nothing is recorded.
+    """
+
+    def __init__(self, percentile, history, include_zeros=False):
         self.p, self.size, self.history = percentile, history or 1024, []
+        self.include_zeros = include_zeros
 
     def __call__(self, n):
-        self.history.append(n)
+        if n > 0 or self.include_zeros:
+            self.history.append(n)
+        if not self.history:
+            return math.inf
         return float(np.percentile(self.history[-self.size :], self.p))
 
 
@@ -203,6 +211,7 @@ AUTOCLIP = [
     dict(percentile=10.0),
     dict(percentile=50.0, history=64),
     dict(percentile=90.0, history=16),
+    dict(percentile=10.0, history=64, include_zeros=True),
 ]
 
 
@@ -213,7 +222,10 @@ def test_autoclip_matches_reference():
         oc.autoclip,
         AUTOCLIP,
         lambda kw: global_reference(
-            RefAutoClip(kw["percentile"], kw.get("history")), steps
+            RefAutoClip(
+                kw["percentile"], kw.get("history"), kw.get("include_zeros", False)
+            ),
+            steps,
         ),
         stream,
     )
@@ -271,6 +283,8 @@ class RefZClip:
                     clip_val = self.mean
         bound = min(cap, math.inf if clip_val is None else clip_val)
         if clip_val is not None and self.skip_update_on_spike:
+            return bound
+        if n == 0:  # documented difference: zero norms never reach the EMAs
             return bound
         fed = n if clip_val is None else clip_val
         self.mean = self.alpha * self.mean + (1 - self.alpha) * fed
@@ -334,7 +348,7 @@ class RefAdaGC:
                 bounds[i] = (
                     self.lambda_rel * base * (n / (n + self.eps) if n > 0 else 1.0)
                 )
-                if self.gamma[i] > 0 or n > 0:
+                if n > 0:  # documented difference: zeros leave gamma as it was
                     self.gamma[i] = self.beta * base + (1 - self.beta) * n * coef
         self.t += 1
         return bounds
@@ -396,6 +410,8 @@ class RefQuantile:
 
     def __call__(self, n):
         bound = self.c
+        if n == 0:  # documented difference: a zero norm does not move the bound
+            return bound
         unclipped = 1.0 if n <= bound else 0.0
         if self.geometric:
             self.c = bound * math.exp(
@@ -786,3 +802,86 @@ def test_clippy_needs_params():
     tx = oc.clippy()
     with pytest.raises(ValueError, match="params"):
         tx.update({"w": jnp.ones(2)}, tx.init({"w": jnp.ones(2)}))
+
+
+# ---------------------------------------------------------------------------
+# No absorbing zeros: each preset after a long run of zero gradients
+# ---------------------------------------------------------------------------
+
+
+def zero_run_stream(seed, before, zeros, after, frozen):
+    """Ordinary gradients with ``zeros`` all-zero steps in the ``frozen``
+    leaves after ``before`` steps; also the stream without those steps."""
+    rng = np.random.default_rng(seed)
+    steps = before + zeros + after
+    level = np.exp(rng.normal(0.0, 0.5, size=steps))
+    level[rng.choice(steps, 20, replace=False)] *= 20.0
+    stream = {
+        f"p{i}": rng.normal(size=(steps, *s)) * level.reshape(-1, *[1] * len(s))
+        for i, s in enumerate(SHAPES)
+    }
+    for k in frozen:
+        stream[k][before : before + zeros] = 0.0
+    kept = np.r_[0:before, before + zeros : steps]
+    cast = lambda tree: {k: jnp.asarray(x, jnp.float32) for k, x in tree.items()}  # noqa: E731
+    return cast(stream), cast({k: x[kept] for k, x in stream.items()})
+
+
+# Every preset built on a rule, whether it clips per tensor, and the steps
+# its docstring says it needs to be back to normal after a run of exact-zero
+# gradients (0: at once).
+RECOVERING_PRESETS = [
+    ("autoclip", lambda: oc.autoclip(), False, 0),
+    ("zclip", lambda: oc.zclip(), False, 0),
+    ("adagc", lambda: oc.adagc(), True, 0),
+    ("olmo_adaptive_clip", lambda: oc.olmo_adaptive_clip(), True, 0),
+    ("quantile_clip", lambda: oc.quantile_clip(), False, 0),
+]
+
+
+@pytest.mark.parametrize("frozen", [("p0",), ("p0", "p1", "p2")], ids=["one", "all"])
+def test_presets_recover_from_a_long_run_of_zero_gradients(frozen):
+    # 120 steps first: past AdaGC's 100 warm-up steps; 1200 zero steps: far
+    # past the ~875 after which the old quantile bound underflowed to 0.
+    before, zeros, after = 120, 1200, 40
+    stream, reference = zero_run_stream(50, before, zeros, after, frozen)
+    # with one tensor frozen the global norm is not zero: per-tensor presets only
+    presets = [p for p in RECOVERING_PRESETS if p[2] or len(frozen) == len(stream)]
+    txs = [make() for _, make, _, _ in presets]
+    results = scan_many(txs, stream)
+    expected = scan_many(txs, reference)
+    not_recovered = []
+    for (name, _, _, within), (outs, _), (ref_outs, ref_stats) in zip(
+        presets, results, expected, strict=True
+    ):
+        assert int(jnp.sum(ref_stats.clipped[before:])) > 0, name
+        for k in frozen:
+            got = np.asarray(outs[k])[before + zeros + within :]
+            want = np.asarray(ref_outs[k])[before + within :]
+            moved = np.abs(got).reshape(len(got), -1).sum(axis=1)
+            if not (np.all(moved > 0) and np.allclose(got, want, rtol=1e-5, atol=0)):
+                not_recovered.append((name, k))
+    assert not not_recovered, not_recovered
+
+
+def test_autoclip_include_zeros_reproduces_the_official_zero_pinning():
+    """12 zero steps early on: officially the 10th percentile is then 0 for
+    most of the next 68 steps (every update zeroed); by default none is."""
+    stream, _ = zero_run_stream(51, 8, 12, 68, ("p0", "p1", "p2"))
+    official, default = scan_many(
+        [oc.autoclip(include_zeros=True), oc.autoclip()], stream
+    )
+    after = slice(20, None)
+    steps = np_steps(stream)[after]
+    norms = np.array([gnorm(leaves) for leaves in steps])
+    zeroed = lambda outs: np.sum(  # noqa: E731
+        sum(np.abs(np.asarray(outs[k])[after]).reshape(68, -1).sum(1) for k in outs)
+        == 0
+    )
+    assert np.all(norms > 0)
+    assert zeroed(official[0]) > 30
+    assert zeroed(default[0]) == 0
+    # the official option's bound is the percentile of every norm, zeros included
+    reference = RefAutoClip(10.0, None, include_zeros=True)
+    want = [reference(gnorm(leaves)) for leaves in np_steps(stream)]
+    np.testing.assert_allclose(official[1].threshold, want, rtol=1e-5)

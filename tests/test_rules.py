@@ -7,6 +7,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import optaxclip as oc
@@ -62,12 +63,20 @@ def test_percentile_is_exact_full_history_then_a_sliding_window(p, window):
     rng = np.random.default_rng(0)
     norms = np.abs(rng.standard_cauchy(size=(120, 3))).astype(np.float32)
     norms[5:9, 1] = 0.0
+    norms[0:3, 2] = 0.0
+    official = rules.percentile(p, window=window, include_zeros=True)
+    _, got_official = drive(official, jnp.asarray(norms))
     _, got = drive(rules.percentile(p, window=window), jnp.asarray(norms))
     history = norms.astype(np.float64)
     for t in range(120):
         # exact full-history percentile while t + 1 <= window, then the last `window`
         want = np.percentile(history[max(0, t + 1 - window) : t + 1], p, axis=0)
-        np.testing.assert_allclose(got[t], want, rtol=1e-5)
+        np.testing.assert_allclose(got_official[t], want, rtol=1e-5)
+        # by default each entry's history holds its non-zero norms only
+        for i in range(3):
+            kept = history[: t + 1, i][history[: t + 1, i] > 0][-window:]
+            want = np.percentile(kept, p) if kept.size else np.inf
+            np.testing.assert_allclose(got[t, i], want, rtol=1e-5)
 
 
 def test_percentile_default_window_keeps_1024_norms():
@@ -84,9 +93,14 @@ def test_percentile_on_tensor_scope_is_per_tensor():
     norms = np.asarray(stats.norm, np.float64)
     good = np.isfinite(norms).all(axis=1)
     history = norms[good]
-    want = np.stack(
+    assert np.sum(history == 0) >= 3  # the stream has exact-zero tensors
+    # each tensor's own history of non-zero norms, the last 30 of them
+    want = np.array(
         [
-            np.percentile(history[max(0, t - 29) : t + 1], 5.0, axis=0)
+            [
+                np.percentile(h[h > 0][-30:], 5.0) if np.any(h > 0) else np.inf
+                for h in history[: t + 1].T
+            ]
             for t in range(len(history))
         ]
     )
@@ -280,3 +294,238 @@ def test_float16_gradients_keep_rule_state_in_float32():
         # the float16 squares (9e4 each) overflow float16; the norm must not
         np.testing.assert_allclose(stats.norm, 300.0 * 8**0.5, rtol=1e-6, err_msg=name)
         assert outs["w"].dtype == jnp.float16
+
+
+# ---------------------------------------------------------------------------
+# Every public transform's fresh state can be donated
+# ---------------------------------------------------------------------------
+
+
+def _every_rule():
+    """Every rule of optaxclip.rules in its usual settings (fresh instances)."""
+    return [
+        ("fixed", 1.0),
+        ("scheduled", optax.linear_schedule(0.5, 2.0, 10)),
+        ("percentile", rules.percentile(10.0)),
+        ("percentile_zeros", rules.percentile(50.0, window=8, include_zeros=True)),
+        ("zscore", rules.zscore()),
+        ("zscore_percentile", rules.zscore(mode="percentile")),
+        ("ema", rules.ema()),
+        ("ema_warmup", rules.ema(warmup=3, warmup_max_norm=1.0)),
+        ("quantile", rules.quantile()),
+        ("quantile_arithmetic", rules.quantile(geometric=False)),
+    ]
+
+
+def _every_transform():
+    scopes = [
+        ("clip", oc.clip),
+        ("clip_by_value", oc.clip_by_value),
+        ("clip_by_norm", oc.clip_by_norm),
+        ("clip_by_global_norm", oc.clip_by_global_norm),
+        ("clip_by_block_rms", oc.clip_by_block_rms),
+        ("adaptive_grad_clip", oc.adaptive_grad_clip),
+        ("clip_per_example", oc.clip_per_example),
+    ]
+    out = [
+        (f"{scope_name}-{rule_name}", scope(rule))
+        for scope_name, scope in scopes
+        for rule_name, rule in _every_rule()
+    ]
+    out += [
+        ("autoclip", oc.autoclip()),
+        ("autoclip_official", oc.autoclip(include_zeros=True)),
+        ("zclip", oc.zclip()),
+        ("adagc", oc.adagc()),
+        ("olmo_adaptive_clip", oc.olmo_adaptive_clip()),
+        ("quantile_clip", oc.quantile_clip()),
+        ("spam_clip", oc.spam_clip()),
+        ("stable_spam_clip", oc.stable_spam_clip()),
+        ("clippy", oc.clippy()),
+        ("skip_nonfinite", oc.skip_nonfinite(optax.adam(1e-3))),
+        ("skip_spikes", oc.skip_spikes(optax.adam(1e-3))),
+    ]
+    return out
+
+
+TRANSFORMS = _every_transform()
+
+
+def _donation_inputs(name):
+    params = {"w": jnp.ones((3, 2)), "b": jnp.full((2,), 0.5)}
+    grads = {"w": jnp.full((3, 2), 0.25), "b": jnp.array([1.0, -2.0])}
+    if name.startswith("clip_per_example"):
+        # per-example gradients: a leading batch axis of 4
+        grads = jax.tree.map(
+            lambda x: jnp.stack([x * (i + 1) for i in range(4)]), grads
+        )
+    return params, grads
+
+
+def _buffer_pointers(tree):
+    return [leaf.unsafe_buffer_pointer() for leaf in jax.tree.leaves(tree)]
+
+
+@pytest.mark.parametrize("name,tx", TRANSFORMS, ids=[t[0] for t in TRANSFORMS])
+def test_fresh_state_has_no_shared_buffers(name, tx):
+    params, _ = _donation_inputs(name)
+    state = tx.init(params)
+    pointers = _buffer_pointers(state)
+    assert len(pointers) == len(set(pointers)), name
+    # nor does it hold one of the params' own buffers
+    assert not set(pointers) & set(_buffer_pointers(params)), name
+
+
+@pytest.mark.parametrize("name,tx", TRANSFORMS, ids=[t[0] for t in TRANSFORMS])
+def test_fresh_state_can_be_donated_to_a_jitted_update(name, tx):
+    params, grads = _donation_inputs(name)
+    state = tx.init(params)
+    with jax.numpy_dtype_promotion("standard"):  # optax.adam's bias correction
+        expected_out, expected_state = tx.update(grads, tx.init(params), params)
+        out, new_state = jax.jit(tx.update, donate_argnums=1)(grads, state, params)
+    for a, b in zip(
+        jax.tree.leaves((out, new_state)),
+        jax.tree.leaves((expected_out, expected_state)),
+        strict=True,
+    ):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
+    # the state it returns can be donated again on the next step
+    with jax.numpy_dtype_promotion("standard"):
+        jax.jit(tx.update, donate_argnums=1)(grads, new_state, params)
+
+
+# ---------------------------------------------------------------------------
+# No absorbing zeros: long runs of exact-zero gradients, then ordinary ones
+# ---------------------------------------------------------------------------
+
+# Each rule with the number of steps after a run of zero norms within which
+# its docstring says it is back to normal (bounded exactly as if the run had
+# not happened): 0 for every rule, since zero norms never reach a statistic.
+RECOVERY_RULES = [
+    ("fixed", lambda: 1.0, 0),
+    ("scheduled", lambda: optax.linear_schedule(0.5, 2.0, 20), 0),
+    ("percentile", lambda: rules.percentile(10.0), 0),
+    ("percentile_window", lambda: rules.percentile(50.0, window=16), 0),
+    ("zscore", lambda: rules.zscore(warmup=5, max_norm=None, z=1.5), 0),
+    ("zscore_capped", lambda: rules.zscore(warmup=5, z=1.5), 0),
+    (
+        "zscore_percentile",
+        lambda: rules.zscore(warmup=5, max_norm=None, mode="percentile", z=1.0),
+        0,
+    ),
+    ("ema", lambda: rules.ema(ratio=1.05, beta=0.9), 0),
+    (
+        "ema_warmup",
+        lambda: rules.ema(ratio=1.05, beta=0.95, warmup=5, warmup_max_norm=2.0),
+        0,
+    ),
+    ("quantile", lambda: rules.quantile(), 0),
+    ("quantile_arithmetic", lambda: rules.quantile(0.5, 0.05, 1.0, geometric=False), 0),
+]
+BEFORE, ZERO_RUN, AFTER = 40, 1200, 40  # 1200 zero steps: the quantile underflows
+
+
+def zero_run_streams(seed, frozen):
+    """A stream with ``ZERO_RUN`` zero steps in the ``frozen`` leaves, and the
+    same stream with those steps left out of every leaf (the reference)."""
+    rng = np.random.default_rng(seed)
+    steps = BEFORE + ZERO_RUN + AFTER
+    level = np.exp(rng.normal(0.0, 0.5, size=steps))
+    level[rng.choice(steps, 12, replace=False)] *= 20.0  # spikes to clip
+    shapes = {"a": (3,), "b": (2, 2)}
+    stream = {
+        k: rng.normal(size=(steps, *s)) * level.reshape(-1, *[1] * len(s))
+        for k, s in shapes.items()
+    }
+    run = slice(BEFORE, BEFORE + ZERO_RUN)
+    for k in frozen:
+        stream[k][run] = 0.0
+    kept = np.r_[0:BEFORE, BEFORE + ZERO_RUN : steps]
+    reference = {k: x[kept] for k, x in stream.items()}
+    cast = lambda tree: {k: jnp.asarray(x, jnp.float32) for k, x in tree.items()}  # noqa: E731
+    return cast(stream), cast(reference)
+
+
+def assert_recovers(name, outs, reference, leaves, within):
+    """After the zero run, ``leaves`` are non-zero and equal the run without it."""
+    for k in leaves:
+        got = np.asarray(outs[k])[BEFORE + ZERO_RUN + within :]
+        want = np.asarray(reference[k])[BEFORE + within :]
+        moved = np.abs(got).reshape(len(got), -1).sum(axis=1)
+        assert np.all(moved > 0), (name, k, int(np.sum(moved == 0)))
+        np.testing.assert_allclose(got, want, rtol=1e-5, err_msg=f"{name} {k}")
+
+
+@pytest.mark.parametrize(
+    "scope_name,frozen",
+    [("global", ("a", "b")), ("tensor", ("a",)), ("tensor", ("a", "b"))],
+    ids=["global-all_zero", "tensor-one_zero", "tensor-all_zero"],
+)
+def test_every_rule_recovers_from_a_long_run_of_zero_gradients(scope_name, frozen):
+    stream, reference = zero_run_streams(40, frozen)
+    scope = oc.clip_by_global_norm if scope_name == "global" else oc.clip_by_norm
+    txs = [scope(make()) for _, make, _ in RECOVERY_RULES]
+    results = scan_many(txs, stream)
+    expected = scan_many(txs, reference)
+    not_recovered = []
+    for (name, _, within), (outs, _), (ref_outs, _) in zip(
+        RECOVERY_RULES, results, expected, strict=True
+    ):
+        try:
+            assert_recovers(name, outs, ref_outs, frozen, within)
+        except AssertionError:
+            not_recovered.append(name)
+    assert not not_recovered, not_recovered
+    for (name, _, _), (outs, _), (_, ref_stats) in zip(
+        RECOVERY_RULES, results, expected, strict=True
+    ):
+        # the rules clip on these streams, before and after the zero run
+        assert int(jnp.sum(ref_stats.clipped[BEFORE:])) > 0 or name == "fixed", name
+        # during the run the zero tensors' updates are zero, the others normal
+        for k in stream:
+            run = np.asarray(outs[k])[BEFORE : BEFORE + ZERO_RUN]
+            if k in frozen:
+                np.testing.assert_array_equal(run, 0.0)
+            else:
+                assert np.all(np.abs(run).reshape(ZERO_RUN, -1).sum(axis=1) > 0)
+
+
+def test_quantile_bound_leaves_zero_from_the_dtype_floor():
+    """A bound of exactly 0 (a state saved by a version whose bound underflowed)
+    is lifted to ``finfo.tiny`` and grows back by ``exp(lr * target)`` per step."""
+    tiny = float(jnp.finfo(jnp.float32).tiny)
+    rule = rules.quantile(0.5, 0.2, 0.1)
+    norms = jnp.ones((1000,), jnp.float32)
+
+    def body(state, n):
+        bound, state = rule.update(state, n, 0)
+        return state, bound
+
+    _, bounds = jax.jit(lambda s: jax.lax.scan(body, s, norms))(jnp.zeros(()))
+    bounds = np.asarray(bounds, np.float64)
+    assert bounds[0] == 0.0 and bounds[1] == np.float32(tiny)
+    np.testing.assert_allclose(
+        bounds[1:11] / tiny, np.exp(0.1 * np.arange(10)), rtol=1e-4
+    )
+    # back to the norms' scale within ceil(log(1 / tiny) / 0.1) = 874 steps
+    within = int(np.ceil(np.log(1 / tiny) / 0.1))
+    assert within == 874
+    assert np.all(bounds[1 + within :] > 0.9)
+    # the arithmetic bound leaves 0 by learning_rate * target per step
+    arithmetic = rules.quantile(0.5, 0.2, 1.0, geometric=False)
+    bound, state = jnp.zeros(()), jnp.zeros(())
+    for _ in range(3):
+        bound, state = arithmetic.update(state, jnp.array(1.0), 0)
+    np.testing.assert_allclose([bound, state], [0.2, 0.3], rtol=1e-6)
+
+
+def test_quantile_per_example_fraction_leaves_out_zero_norms():
+    rule = rules.quantile(target=0.5, learning_rate=0.2, initial=1.0)
+    state = rule.init(jnp.zeros(()))
+    # two of four examples are padding (norm 0); of the others one is clipped
+    _, state = rule.update(state, jnp.array([0.0, 0.5, 3.0, 0.0]), 0)
+    np.testing.assert_allclose(state, 1.0, rtol=1e-6)  # fraction 1/2 = target
+    _, state = rule.update(state, jnp.zeros(4), 1)  # a padding-only batch
+    np.testing.assert_allclose(state, 1.0, rtol=1e-6)
+    _, state = rule.update(state, jnp.array([0.0, 0.5, 0.7, 0.2]), 2)
+    np.testing.assert_allclose(state, np.exp(-0.2 * 0.5), rtol=1e-6)
