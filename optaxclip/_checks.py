@@ -27,6 +27,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 # (owner, {internal name: user's name}) of the innermost `arguments` block.
@@ -157,7 +158,11 @@ def check_number(
     array = concrete(value)
     if array is None:
         return
-    if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
+    # jnp.issubdtype knows bfloat16 and the other ml_dtypes floats.
+    real = jnp.issubdtype(array.dtype, jnp.integer) or jnp.issubdtype(
+        array.dtype, jnp.floating
+    )
+    if not real:
         raise fail(name, f"must be a real number ({expected}); got {show(value)}.")
     number = float(array)
     if math.isnan(number):

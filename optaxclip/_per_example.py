@@ -66,9 +66,11 @@ def clip_per_example(
       number of examples clipped on the latest step.
 
     Raises:
-      ValueError: at construction for a negative threshold or an unknown
-        ``nonfinite``; in ``update`` if the leaves do not share a leading batch
-        axis (the message names the offending leaf path and shapes).
+      ValueError: at construction for a negative, NaN or non-scalar
+        threshold (a number or concrete array; a traced one is checked for its
+        shape only and acts as 0 if negative) or an unknown ``nonfinite``; in
+        ``update`` if the leaves do not share a leading batch axis (the
+        message names the offending leaf path and shapes).
 
     Example:
       >>> import jax.numpy as jnp
@@ -175,7 +177,8 @@ def per_example_global_norm_clip(
 
     Raises:
       ValueError: if the leaves do not share a leading batch axis (the message
-        names the offending leaf and shapes).
+        names the offending leaf and shapes), or if ``l2_norm_clip`` is a
+        number or concrete array that is negative, NaN or not a scalar.
 
     Example:
       >>> import jax.numpy as jnp
@@ -219,7 +222,9 @@ def per_example_layer_norm_clip(
       examples clipped.
 
     Raises:
-      ValueError: if the leaves do not share a leading batch axis.
+      ValueError: if the leaves do not share a leading batch axis, or if
+        ``global_l2_norm_clip`` is a number or concrete array that is
+        negative, NaN or not a scalar.
 
     Example:
       >>> import jax.numpy as jnp

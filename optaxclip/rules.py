@@ -14,6 +14,14 @@ therefore only ever learn from finite steps.
 
 Numbers and ``optax.Schedule`` callables are wrapped into :func:`fixed` and
 :func:`scheduled` automatically by every scope function.
+
+Hyperparameters are checked when a rule or transform is built: Python and
+NumPy numbers and concrete JAX arrays raise ``ValueError`` when out of range
+(naming the argument the user passed, a preset's own name included), and
+every array must be a scalar. A traced value (inside ``jit``, e.g. under
+``optax.inject_hyperparams``) is checked for its shape only, since reading it
+would need a host round-trip: an invalid traced value is used as given,
+except that a negative threshold acts as 0 (the update is zeroed).
 """
 
 from __future__ import annotations

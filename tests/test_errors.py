@@ -166,6 +166,7 @@ SCOPES = [
 ]
 BAD_ARRAYS = [
     jnp.array(-1.0),
+    jnp.array(-1, jnp.int32),
     np.array(-1.0),
     np.float32(-1.0),
     jnp.array(NAN),
@@ -181,8 +182,7 @@ def test_concrete_array_threshold_is_checked(scope, argument, bad):
         scope(bad)
     message = str(info.value)
     assert _named(message)[0] == argument
-    value = float(np.asarray(bad, np.float32))
-    assert (str(value) if np.isfinite(value) else repr(value).lower()) in message
+    assert repr(np.asarray(bad).tolist()) in message, message
 
 
 @pytest.mark.parametrize(
@@ -219,7 +219,15 @@ def test_concrete_array_hyperparameters_are_checked(make, argument, shown):
 
 def test_concrete_valid_arrays_are_accepted_and_used():
     grads = {"a": jnp.array([3.0, 4.0])}
-    for threshold in (jnp.array(1.0), np.array(1.0), np.float32(1.0)):
+    for threshold in (
+        jnp.array(1.0),
+        np.array(1.0),
+        np.float32(1.0),
+        jnp.array(1.0, jnp.bfloat16),
+        jnp.array(1.0, jnp.float16),
+        jnp.array(1, jnp.int32),
+        np.int64(1),
+    ):
         tx = oc.clip_by_global_norm(threshold)
         out, _ = tx.update(grads, tx.init(grads))
         np.testing.assert_allclose(out["a"], [0.6, 0.8], rtol=1e-6)
