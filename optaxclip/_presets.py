@@ -162,7 +162,6 @@ def zclip(
     with _checks.arguments(
         "zclip", z="z_thresh", warmup="warmup_steps", max_norm="max_grad_norm"
     ):
-        _checks.check_flag(skip_update_on_spike, "skip_update_on_spike")
         rule = rules.zscore(
             alpha,
             z_thresh,
@@ -345,7 +344,6 @@ def quantile_clip(
       <https://arxiv.org/abs/1905.03871>`_, 2021.
     """
     with _checks.arguments("quantile_clip", target="target_quantile"):
-        _checks.check_flag(geometric, "geometric", static=True)
         rule = rules.quantile(target_quantile, learning_rate, initial, geometric)
         return clip_by_global_norm(rule, nonfinite=nonfinite, axis_name=axis_name)
 

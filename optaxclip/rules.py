@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ._checks import check_choice, check_schedule, check_size
+from ._checks import check_choice, check_flag, check_schedule, check_size
 from ._checks import check_number as check_number
 from ._checks import check_threshold as check_threshold
 
@@ -355,6 +355,7 @@ class zscore:  # noqa: N801
         check_number(self.clip_factor, "clip_factor", lo=0.0)
         check_choice(self.mode, "mode", _ZMODES)
         check_choice(self.clip_option, "clip_option", _ZOPTIONS)
+        check_flag(self.skip_update_on_spike, "skip_update_on_spike")
 
     def init(self, norm_like: jax.Array) -> ZScoreState:
         zero = jnp.zeros_like(norm_like)
@@ -586,6 +587,7 @@ class quantile:  # noqa: N801
     geometric: bool = True
 
     def __post_init__(self):
+        check_flag(self.geometric, "geometric", static=True)
         check_number(self.target, "target", lo=0.0, hi=1.0)
         check_number(self.learning_rate, "learning_rate", lo=0.0)
         check_number(self.initial, "initial", lo=0.0, lo_open=bool(self.geometric))

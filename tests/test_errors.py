@@ -468,3 +468,34 @@ def test_size_under_inject_hyperparams_says_static_args(
     tx = inject(factory, static_args=(*before, argument))(**kwargs)
     out, _ = jax.jit(tx.update)(grads, tx.init(grads), grads)
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(out))
+
+
+@pytest.mark.parametrize(
+    "make,argument,shown",
+    [
+        (
+            lambda: rules.zscore(skip_update_on_spike="yes"),
+            "skip_update_on_spike",
+            "'yes'",
+        ),
+        (
+            lambda: rules.zscore(skip_update_on_spike=np.ones(2, bool)),
+            "skip_update_on_spike",
+            "True",
+        ),
+        (lambda: rules.quantile(geometric=jnp.array(True)), "geometric", "True"),
+        (lambda: rules.quantile(geometric=1), "geometric", "1"),
+        (lambda: rules.percentile(window=jnp.array(8)), "window", "8"),
+    ],
+)
+def test_rule_flags_and_sizes_are_checked(make, argument, shown):
+    with pytest.raises(ValueError) as info:
+        make()
+    message = str(info.value)
+    assert _named(message)[0] == argument and shown in message, message
+
+
+def test_valid_flags_are_accepted():
+    assert rules.zscore(skip_update_on_spike=jnp.array(True)).skip_update_on_spike
+    assert rules.zscore(skip_update_on_spike=np.bool_(False)) is not None
+    assert rules.quantile(geometric=False).geometric is False
