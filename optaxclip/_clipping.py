@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from . import _norms
+from . import _checks, _norms
 from ._stats import ClipState, ClipStats
 from .rules import Rule, as_rule, check_threshold, fixed, scheduled
 
@@ -374,8 +374,7 @@ def fresh_state(rule: Rule, given: Any, init: Callable[[], Any]) -> Any:
 
 def check_nonfinite(nonfinite: str) -> bool:
     """Validates the ``nonfinite`` policy; True for ``"zero"``."""
-    if nonfinite not in _NONFINITE:
-        raise ValueError(f"`nonfinite` must be one of {_NONFINITE}; got {nonfinite!r}.")
+    _checks.check_choice(nonfinite, "nonfinite", _NONFINITE)
     return nonfinite == "zero"
 
 
@@ -636,12 +635,7 @@ class _UnitScope:
                 "adaptive_grad_clip needs the parameters: call "
                 "`tx.update(updates, state, params)`."
             )
-        if jax.tree.structure(updates) != jax.tree.structure(params):
-            raise ValueError(
-                "adaptive_grad_clip: `params` must have the structure of the updates; "
-                f"got {jax.tree.structure(params)} for updates "
-                f"{jax.tree.structure(updates)}."
-            )
+        _checks.check_params("adaptive_grad_clip", updates, params)
         leaves = _norms.float_leaves(updates)
         p_leaves = [
             p
@@ -701,10 +695,13 @@ class _UnitScope:
             # shaped leaves share one compiled kernel.
             bound = threshold[i] if threshold.ndim else threshold
             max_norm = bound.astype(w_norm.dtype) * w_norm
-            over = g_norm > max_norm
+            # Not "g_norm > max_norm": a NaN unit norm is rescaled, as in
+            # optax, so NaN reaches the whole unit under "propagate" (the
+            # default policy zeroes the step anyway).
+            over = ~(g_norm <= max_norm)
             s = jnp.where(over, max_norm / jnp.maximum(g_norm, 1e-6), 1.0)
             smallest.append(jnp.min(s, initial=1.0))
-            clipped.append(jnp.sum(over, dtype=jnp.int32))
+            clipped.append(jnp.sum(g_norm > max_norm, dtype=jnp.int32))
             return scale_leaf(x, s, keep)
 
         out = map_float(rescale, updates)

@@ -11,10 +11,9 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from . import _norms, rules
+from . import _checks, _norms
 from ._clipping import keep_if, zero_unless
 from ._stats import ClipStats
 
@@ -76,7 +75,8 @@ def skip_nonfinite(
       ``optax.apply_if_finite``.
     """
     if max_consecutive is not None:
-        rules.check_number(max_consecutive, "max_consecutive", lo=0, integer=True)
+        with _checks.arguments("skip_nonfinite"):
+            _checks.check_number(max_consecutive, "max_consecutive", lo=0, integer=True)
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
@@ -192,23 +192,12 @@ def skip_spikes(
       OLMo-core ``SkipStepOptimizer`` (allenai/OLMo-core); Team OLMo,
       [2 OLMo 2 Furious](https://arxiv.org/abs/2501.00656), 2024.
     """
-    if (
-        isinstance(window, bool)
-        or not isinstance(window, int | np.integer)
-        or window < 2
-    ):
-        raise ValueError(f"`window` must be a Python int >= 2; got {window!r}.")
-    rules.check_number(sigma, "sigma", lo=0.0)
+    with _checks.arguments("skip_spikes"):
+        _checks.check_size(window, "window", lo=2)
+        _checks.check_number(sigma, "sigma", lo=0.0)
+        _checks.check_size(min_history, "min_history", lo=3, allow_none=True)
     if min_history is None:
         min_history = max(3, window // 2)
-    elif (
-        isinstance(min_history, bool)
-        or not isinstance(min_history, int | np.integer)
-        or min_history < 3
-    ):
-        raise ValueError(
-            f"`min_history` must be a Python int >= 3; got {min_history!r}."
-        )
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):

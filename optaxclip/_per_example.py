@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from . import _norms
+from . import _checks, _norms
 from ._clipping import check_nonfinite, zero_unless
 from ._stats import ClipState, ClipStats
 from .rules import Rule, as_rule, quantile
@@ -68,9 +68,11 @@ def clip_per_example(
       number of examples clipped on the latest step.
 
     Raises:
-      ValueError: at construction for a negative threshold or an unknown
-        ``nonfinite``; in ``update`` if the leaves do not share a leading batch
-        axis (the message names the offending leaf path and shapes).
+      ValueError: at construction for a negative, NaN or non-scalar
+        threshold (a number or concrete array; a traced one is checked for its
+        shape only and acts as 0 if negative) or an unknown ``nonfinite``; in
+        ``update`` if the leaves do not share a leading batch axis (the
+        message names the offending leaf path and shapes).
 
     Example:
       >>> import jax.numpy as jnp
@@ -92,8 +94,7 @@ def clip_per_example(
     rule = as_rule(l2_norm_clip, "l2_norm_clip")
 
     def init_fn(params):
-        del params
-        norm_like = jnp.zeros((), jnp.float32)
+        norm_like = jnp.zeros((), _norms.tree_acc_dtype(params))
         return ClipState(
             rule_state=rule.init(norm_like), stats=ClipStats.zeros(norm_like)
         )
@@ -105,6 +106,7 @@ def clip_per_example(
         if not leaves:
             return updates, state
         norms = example_norms(leaves)
+        state_dtype = state.stats.norm.dtype
         finite = jnp.isfinite(norms)
         all_finite = jnp.all(finite)
         n_finite = jnp.sum(finite, dtype=jnp.int32)
@@ -113,7 +115,11 @@ def clip_per_example(
         ).astype(norms.dtype)
         count = state.stats.count
         seen = norms if _sees_batch(rule) else mean_norm
-        threshold, rule_state = rule.update(state.rule_state, seen, count)
+        threshold, rule_state = rule.update(
+            state.rule_state, seen.astype(state_dtype), count
+        )
+        # A negative threshold (possible only from a traced hyperparameter,
+        # which construction cannot check) acts as 0.
         threshold = jnp.maximum(jnp.asarray(threshold, norms.dtype), 0)
         rule_state = jax.tree.map(
             lambda n, o: jnp.where(all_finite, n, o), rule_state, state.rule_state
@@ -131,9 +137,9 @@ def clip_per_example(
 
         summed = jax.tree.map(clip_sum, updates)
         stats = ClipStats(
-            norm=mean_norm,
-            threshold=threshold,
-            scale=jnp.mean(multipliers),
+            norm=mean_norm.astype(state_dtype),
+            threshold=threshold.astype(state_dtype),
+            scale=jnp.mean(multipliers).astype(state_dtype),
             clipped=jnp.sum(finite & (norms > threshold), dtype=jnp.int32),
             nonfinite_count=state.stats.nonfinite_count
             + (~all_finite).astype(jnp.int32),
@@ -172,7 +178,8 @@ def per_example_global_norm_clip(
 
     Raises:
       ValueError: if the leaves do not share a leading batch axis (the message
-        names the offending leaf and shapes).
+        names the offending leaf and shapes), or if ``l2_norm_clip`` is a
+        number or concrete array that is negative, NaN or not a scalar.
 
     Example:
       >>> import jax.numpy as jnp
@@ -188,6 +195,7 @@ def per_example_global_norm_clip(
     """
     leaves = jax.tree.leaves(grads)
     check_batch(grads, "per_example_global_norm_clip")
+    _checks.check_threshold(l2_norm_clip, "l2_norm_clip")
     norms = example_norms(leaves)
     multipliers = clip_multipliers(norms, l2_norm_clip)
     summed = jax.tree.map(lambda g: batch_sum(multipliers, g), grads)
@@ -215,7 +223,9 @@ def per_example_layer_norm_clip(
       examples clipped.
 
     Raises:
-      ValueError: if the leaves do not share a leading batch axis.
+      ValueError: if the leaves do not share a leading batch axis, or if
+        ``global_l2_norm_clip`` is a number or concrete array that is
+        negative, NaN or not a scalar.
 
     Example:
       >>> import jax.numpy as jnp
@@ -230,6 +240,7 @@ def per_example_layer_norm_clip(
       Models](https://arxiv.org/abs/1710.06963), 2017.
     """
     check_batch(grads, "per_example_layer_norm_clip")
+    _checks.check_threshold(global_l2_norm_clip, "global_l2_norm_clip")
     leaves = jax.tree.leaves(grads)
     if uniform:
         bounds = [global_l2_norm_clip * (1.0 / len(leaves)) ** 0.5] * len(leaves)
@@ -269,14 +280,20 @@ def check_batch(grads: Any, name: str) -> int:
 
 
 def example_norms(leaves: list[jax.Array], p: float = 2.0) -> jax.Array:
-    """The ``p``-norm of each example (leading axis) across ``leaves``."""
+    """The ``p``-norm of each example (leading axis) across ``leaves``.
+
+    Accumulated as the scopes measure: in float32, or float64 when a leaf is
+    float64 under ``jax_enable_x64`` (so a float64 example whose norm is
+    beyond float32's range is clipped, not read as infinite); integer leaves
+    are measured as float32.
+    """
+    arrays = [jnp.asarray(g) for g in leaves]
+    arrays = [g if _norms.is_float(g) else g.astype(jnp.float32) for g in arrays]
+    acc = jnp.result_type(*[_norms.acc_dtype(g.dtype) for g in arrays])
     sums = []
-    for g in leaves:
-        g = jnp.asarray(g)
-        if not _norms.is_float(g):
-            g = g.astype(jnp.float32)
+    for g in arrays:
         part = _norms.power_sum(g, p, tuple(range(1, g.ndim)))
-        sums.append(part.astype(jnp.float32))
+        sums.append(part if part.dtype == acc else part.astype(acc))
     total = jnp.sum(_norms.stack_barrier(sums), axis=0) if len(sums) > 1 else sums[0]
     return _norms.safe_root(total, p)
 

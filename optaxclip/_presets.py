@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from . import _norms, rules
+from . import _checks, _norms, rules
 from ._clipping import (
     check_nonfinite,
     clip_by_global_norm,
@@ -101,8 +101,11 @@ def autoclip(
       Seetharaman et al., [AutoClip: Adaptive Gradient Clipping for Source
       Separation Networks](https://arxiv.org/abs/2007.14469), 2020.
     """
-    rule = rules.percentile(percentile, window=history, include_zeros=include_zeros)
-    return clip_by_global_norm(rule, nonfinite=nonfinite, axis_name=axis_name)
+    with _checks.arguments("autoclip", p="percentile", window="history"):
+        rule = rules.percentile(
+            percentile, window=history, include_zeros=include_zeros
+        )
+        return clip_by_global_norm(rule, nonfinite=nonfinite, axis_name=axis_name)
 
 
 def zclip(
@@ -171,18 +174,21 @@ def zclip(
       Kumar et al., [ZClip: Adaptive Spike Mitigation for LLM
       Pre-Training](https://arxiv.org/abs/2504.02507), 2025.
     """
-    rule = rules.zscore(
-        alpha,
-        z_thresh,
-        warmup_steps,
-        max_norm=max_grad_norm,
-        eps=eps,
-        mode=mode,
-        clip_option=clip_option,
-        clip_factor=clip_factor,
-        skip_update_on_spike=skip_update_on_spike,
-    )
-    return clip_by_global_norm(rule, nonfinite=nonfinite, axis_name=axis_name)
+    with _checks.arguments(
+        "zclip", z="z_thresh", warmup="warmup_steps", max_norm="max_grad_norm"
+    ):
+        rule = rules.zscore(
+            alpha,
+            z_thresh,
+            warmup_steps,
+            max_norm=max_grad_norm,
+            eps=eps,
+            mode=mode,
+            clip_option=clip_option,
+            clip_factor=clip_factor,
+            skip_update_on_spike=skip_update_on_spike,
+        )
+        return clip_by_global_norm(rule, nonfinite=nonfinite, axis_name=axis_name)
 
 
 def adagc(
@@ -243,10 +249,16 @@ def adagc(
       Wang et al., [AdaGC: Improving Training Stability for Large Language
       Model Pretraining](https://arxiv.org/abs/2502.11034), 2025.
     """
-    rule = rules.ema(
-        lambda_rel, beta, warmup_steps, warmup_max_norm=lambda_abs, eps=eps
-    )
-    return clip_by_norm(rule, nonfinite=nonfinite, axis_name=axis_name)
+    with _checks.arguments(
+        "adagc",
+        ratio="lambda_rel",
+        warmup="warmup_steps",
+        warmup_max_norm="lambda_abs",
+    ):
+        rule = rules.ema(
+            lambda_rel, beta, warmup_steps, warmup_max_norm=lambda_abs, eps=eps
+        )
+        return clip_by_norm(rule, nonfinite=nonfinite, axis_name=axis_name)
 
 
 def olmo_adaptive_clip(
@@ -299,8 +311,9 @@ def olmo_adaptive_clip(
       Groeneveld et al., [OLMo: Accelerating the Science of Language
       Models](https://arxiv.org/abs/2402.00838), 2024.
     """
-    rule = rules.ema(max_grad_norm_ratio, beta, 0, eps=eps)
-    return clip_by_norm(rule, nonfinite=nonfinite, axis_name=axis_name)
+    with _checks.arguments("olmo_adaptive_clip", ratio="max_grad_norm_ratio"):
+        rule = rules.ema(max_grad_norm_ratio, beta, 0, eps=eps)
+        return clip_by_norm(rule, nonfinite=nonfinite, axis_name=axis_name)
 
 
 def quantile_clip(
@@ -354,8 +367,9 @@ def quantile_clip(
       Andrew et al., [Differentially Private Learning with Adaptive
       Clipping](https://arxiv.org/abs/1905.03871), 2021.
     """
-    rule = rules.quantile(target_quantile, learning_rate, initial, geometric)
-    return clip_by_global_norm(rule, nonfinite=nonfinite, axis_name=axis_name)
+    with _checks.arguments("quantile_clip", target="target_quantile"):
+        rule = rules.quantile(target_quantile, learning_rate, initial, geometric)
+        return clip_by_global_norm(rule, nonfinite=nonfinite, axis_name=axis_name)
 
 
 # ---------------------------------------------------------------------------
@@ -432,11 +446,12 @@ def spam_clip(
       Huang et al., [SPAM: Spike-Aware Adam with Momentum Reset for Stable
       LLM Training](https://arxiv.org/abs/2501.06842), 2025.
     """
-    rules.check_number(threshold, "threshold", lo=0.0, lo_open=True)
-    rules.check_number(beta2, "beta2", lo=0.0, hi=1.0)
-    rules.check_number(reset_interval, "reset_interval", lo=0, integer=True)
-    rules.check_number(guard_steps, "guard_steps", lo=0, integer=True)
-    keep_nonfinite = not check_nonfinite(nonfinite)
+    with _checks.arguments("spam_clip"):
+        _checks.check_number(threshold, "threshold", lo=0.0, lo_open=True)
+        _checks.check_number(beta2, "beta2", lo=0.0, hi=1.0)
+        _checks.check_number(reset_interval, "reset_interval", lo=0, integer=True)
+        _checks.check_number(guard_steps, "guard_steps", lo=0, integer=True)
+        keep_nonfinite = not check_nonfinite(nonfinite)
 
     def init_fn(params):
         nu = map_float(lambda _, x: jnp.zeros_like(x, dtype=_real_acc(x)), params)
@@ -447,6 +462,7 @@ def spam_clip(
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
+        _checks.check_same_tree("spam_clip", state.nu, updates)
         acc = _norms.tree_acc_dtype(updates)
         t = state.count + 1
         interval = jnp.asarray(reset_interval, jnp.int32)
@@ -558,13 +574,10 @@ def stable_spam_clip(
       Huang et al., [Stable-SPAM: How to Train in 4-Bit More Stably than
       16-Bit Adam](https://arxiv.org/abs/2502.17055), 2025.
     """
-    rules.check_number(beta, "beta", lo=0.0, hi=1.0)
-    if not isinstance(beta, jax.Array) and float(beta) == 1.0:
-        raise ValueError(
-            "`beta` must be < 1 (the bias correction divides by 1 - beta**t); "
-            f"got {beta!r}."
-        )
-    keep_nonfinite = not check_nonfinite(nonfinite)
+    with _checks.arguments("stable_spam_clip"):
+        # beta = 1 would divide by 1 - beta**t = 0 in the bias correction.
+        _checks.check_number(beta, "beta", lo=0.0, hi=1.0, hi_open=True)
+        keep_nonfinite = not check_nonfinite(nonfinite)
 
     def init_fn(params):
         n = len(_norms.float_leaves(params))
@@ -576,6 +589,7 @@ def stable_spam_clip(
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
         leaves = _norms.float_leaves(updates)
+        _checks.check_tensor_count("stable_spam_clip", state.m_max.shape[0], leaves)
         if not leaves:
             return updates, state
         acc = state.m_max.dtype
@@ -673,9 +687,10 @@ def clippy(
       Tang et al., [Improving Training Stability for Multitask Ranking Models
       in Recommender Systems](https://arxiv.org/abs/2302.09178), 2023.
     """
-    rules.check_number(relative, "relative", lo=0.0)
-    rules.check_number(absolute, "absolute", lo=0.0)
-    keep_nonfinite = not check_nonfinite(nonfinite)
+    with _checks.arguments("clippy"):
+        _checks.check_number(relative, "relative", lo=0.0)
+        _checks.check_number(absolute, "absolute", lo=0.0)
+        keep_nonfinite = not check_nonfinite(nonfinite)
 
     def init_fn(params):
         n = len(_norms.float_leaves(params))
@@ -690,6 +705,8 @@ def clippy(
                 "clippy needs the parameters: call `tx.update(updates, state, params)`."
             )
         leaves = _norms.float_leaves(updates)
+        _checks.check_tensor_count("clippy", state.stats.norm.shape[0], leaves)
+        _checks.check_params("clippy", updates, params)
         if not leaves:
             return updates, state
         acc = state.stats.norm.dtype

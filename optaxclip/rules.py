@@ -15,19 +15,29 @@ therefore only ever learn from finite steps.
 Numbers and ``optax.Schedule`` callables are wrapped into
 [`fixed`][optaxclip.rules.fixed] and
 [`scheduled`][optaxclip.rules.scheduled] automatically by every scope function.
+
+Hyperparameters are checked when a rule or transform is built: Python and
+NumPy numbers and concrete JAX arrays raise ``ValueError`` when out of range
+(naming the argument the user passed, a preset's own name included), and
+every array must be a scalar. A traced value (inside ``jit``, e.g. under
+``optax.inject_hyperparams``) is checked for its shape only, since reading it
+would need a host round-trip: an invalid traced value is used as given,
+except that a negative threshold acts as 0 (the update is zeroed).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
+
+from ._checks import check_choice, check_flag, check_schedule, check_size
+from ._checks import check_number as check_number
+from ._checks import check_threshold as check_threshold
 
 __all__ = [
     "Rule",
@@ -133,35 +143,21 @@ def as_rule(threshold: Any, name: str = "threshold") -> Rule:
       A [`Rule`][optaxclip.rules.Rule].
 
     Raises:
-      ValueError: if a concrete number is negative or NaN.
-      TypeError: if ``threshold`` is none of the above.
+      ValueError: if a number or concrete array is negative or NaN, or an
+        array is not a scalar (traced arrays are checked for shape only; a
+        negative traced threshold acts as 0).
+      TypeError: if ``threshold`` is none of the above, or is a rule class
+        rather than an instance (``rules.zscore`` for ``rules.zscore()``).
     """
+    if isinstance(threshold, type):
+        check_threshold(threshold, name)
     if isinstance(threshold, Rule) and not callable(threshold):
         return threshold
     if callable(threshold):
+        check_schedule(threshold, name)
         return scheduled(threshold)
     check_threshold(threshold, name)
     return fixed(threshold)
-
-
-def check_threshold(value: Any, name: str) -> None:
-    """Raises for a concrete threshold that is not a number >= 0 (inf allowed).
-
-    Traced and device arrays are not checked (that would need a host
-    round-trip); Python and NumPy numbers are.
-
-    Raises:
-      TypeError: if ``value`` is not a number or array.
-      ValueError: if it is negative, NaN or not a scalar.
-    """
-    if isinstance(value, bool) or not isinstance(
-        value, int | float | np.number | np.ndarray | jax.Array
-    ):
-        raise TypeError(
-            f"`{name}` must be a number, a scalar array, an optax schedule or a "
-            f"rule from optaxclip.rules; got {value!r} of type {type(value).__name__}."
-        )
-    check_number(value, name, lo=0.0, allow_inf=True)
 
 
 # ---------------------------------------------------------------------------
@@ -253,14 +249,7 @@ class percentile:  # noqa: N801
                 "`include_zeros` must be a Python bool (True reproduces the "
                 f"official AutoClip code); got {self.include_zeros!r}."
             )
-        if self.window is not None and (
-            isinstance(self.window, bool)
-            or not isinstance(self.window, int | np.integer)
-            or self.window < 1
-        ):
-            raise ValueError(
-                f"`window` must be a Python int >= 1 or None; got {self.window!r}."
-            )
+        check_size(self.window, "window", lo=1, allow_none=True)
 
     @property
     def size(self) -> int:
@@ -407,12 +396,9 @@ class zscore:  # noqa: N801
             check_number(self.max_norm, "max_norm", lo=0.0)
         check_number(self.eps, "eps", lo=0.0)
         check_number(self.clip_factor, "clip_factor", lo=0.0)
-        if self.mode not in _ZMODES:
-            raise ValueError(f"`mode` must be one of {_ZMODES}; got {self.mode!r}.")
-        if self.clip_option not in _ZOPTIONS:
-            raise ValueError(
-                f"`clip_option` must be one of {_ZOPTIONS}; got {self.clip_option!r}."
-            )
+        check_choice(self.mode, "mode", _ZMODES)
+        check_choice(self.clip_option, "clip_option", _ZOPTIONS)
+        check_flag(self.skip_update_on_spike, "skip_update_on_spike")
 
     def init(self, norm_like: jax.Array) -> ZScoreState:
         # Three separate buffers, so the state can be donated right after init.
@@ -672,6 +658,7 @@ class quantile:  # noqa: N801
     geometric: bool = True
 
     def __post_init__(self):
+        check_flag(self.geometric, "geometric", static=True)
         check_number(self.target, "target", lo=0.0, hi=1.0)
         check_number(self.learning_rate, "learning_rate", lo=0.0)
         check_number(self.initial, "initial", lo=0.0, lo_open=bool(self.geometric))
@@ -714,41 +701,3 @@ def one_minus(value: Any, dtype: Any) -> jax.Array:
     if isinstance(value, jax.Array):
         return 1 - jnp.asarray(value, dtype)
     return jnp.asarray(1.0 - float(value), dtype)
-
-
-def check_number(
-    value: Any,
-    name: str,
-    *,
-    lo: float | None = None,
-    hi: float | None = None,
-    lo_open: bool = False,
-    integer: bool = False,
-    allow_inf: bool = False,
-) -> None:
-    """Raises ValueError for a concrete number outside its range (or NaN).
-
-    Traced and device arrays (``optax.inject_hyperparams``) are not checked.
-    """
-    if isinstance(value, jax.Array):
-        return
-    if isinstance(value, bool) or not isinstance(
-        value, int | float | np.number | np.ndarray
-    ):
-        raise ValueError(
-            f"`{name}` must be a number or a scalar array; got {value!r} of type "
-            f"{type(value).__name__}."
-        )
-    array = np.asarray(value)
-    if array.ndim != 0 or not np.issubdtype(array.dtype, np.number):
-        raise ValueError(f"`{name}` must be a real scalar; got {value!r}.")
-    number = float(array)
-    if math.isnan(number) or (math.isinf(number) and not allow_inf):
-        raise ValueError(f"`{name}` must be finite; got {value!r}.")
-    if integer and number != int(number):
-        raise ValueError(f"`{name}` must be an integer; got {value!r}.")
-    if lo is not None and (number < lo or (lo_open and number == lo)):
-        relation = ">" if lo_open else ">="
-        raise ValueError(f"`{name}` must be {relation} {lo}; got {value!r}.")
-    if hi is not None and number > hi:
-        raise ValueError(f"`{name}` must be <= {hi}; got {value!r}.")

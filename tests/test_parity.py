@@ -163,6 +163,95 @@ def test_propagate_equals_optax_on_nonfinite(name, ours, theirs, bad):
     assert int(state.stats.nonfinite_count) == 1
 
 
+def _per_leaf(transform):
+    """optax semantics of a per-tensor clip: ``transform`` applied to each leaf."""
+
+    def update(grads):
+        return jax.tree.map(lambda g: transform.update(g, transform.init(g))[0], grads)
+
+    return update
+
+
+# Every scope's "propagate" against optax (clip_by_norm against optax's global
+# clip applied to each leaf, the per-tensor semantics optax would give).
+PROPAGATE = [
+    (
+        "clip_by_global_norm",
+        lambda: oc.clip_by_global_norm(1.0, nonfinite="propagate"),
+        lambda g, p: optax.clip_by_global_norm(1.0).update(g, optax.EmptyState())[0],
+    ),
+    (
+        "clip_by_norm",
+        lambda: oc.clip_by_norm(1.0, nonfinite="propagate"),
+        lambda g, p: _per_leaf(optax.clip_by_global_norm(1.0))(g),
+    ),
+    (
+        "clip_by_block_rms",
+        lambda: oc.clip_by_block_rms(0.5, nonfinite="propagate"),
+        lambda g, p: optax.clip_by_block_rms(0.5).update(g, optax.EmptyState())[0],
+    ),
+    (
+        "clip",
+        lambda: oc.clip(0.5, nonfinite="propagate"),
+        lambda g, p: optax.clip(0.5).update(g, optax.EmptyState())[0],
+    ),
+    (
+        "adaptive_grad_clip",
+        lambda: oc.adaptive_grad_clip(0.1, nonfinite="propagate"),
+        lambda g, p: optax.adaptive_grad_clip(0.1).update(g, optax.EmptyState(), p)[0],
+    ),
+]
+# A bad entry in a vector (its only unit), in one unit of a matrix, and in a
+# matrix whose other units are clipped or not.
+BAD_TREES = {
+    "vector": lambda bad: {
+        "a": jnp.array([1.0, 2.0, bad]),
+        "b": jnp.array([[0.5, -3.0]]),
+    },
+    "one_unit": lambda bad: {
+        "w": jnp.array([[1.0, 20.0, 0.1], [bad, -3.0, 0.2]]),
+        "v": jnp.array([0.3, -0.4]),
+    },
+    "scalar": lambda bad: {
+        "s": jnp.array(bad),
+        "m": jnp.array([[4.0, 0.0], [1.0, 1.0]]),
+    },
+}
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("tree", sorted(BAD_TREES))
+@pytest.mark.parametrize("name,ours,theirs", PROPAGATE, ids=[p[0] for p in PROPAGATE])
+def test_every_scope_propagates_like_optax(name, ours, theirs, tree, bad, jit):
+    grads = BAD_TREES[tree](bad)
+    params = jax.tree.map(lambda g: jnp.full_like(g, 2.0), grads)
+    tx = ours()
+    update = jax.jit(tx.update) if jit else tx.update
+    actual, state = update(grads, tx.init(params), params)
+    expected = theirs(grads, params)
+    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
+        a, e = np.asarray(a), np.asarray(e)
+        # NaN and +-inf exactly where optax has them; finite values to 1e-6.
+        np.testing.assert_array_equal(np.isnan(a), np.isnan(e))
+        np.testing.assert_array_equal(a[np.isinf(e)], e[np.isinf(e)])
+        np.testing.assert_allclose(a, e, rtol=1e-6, atol=0)
+    assert int(state.stats.nonfinite_count) == 1
+
+
+def test_agc_propagates_nan_to_the_whole_unit():
+    # optax rescales a unit whose norm is NaN (NaN / NaN): every entry is NaN.
+    grads = {"g": jnp.array([1.0, 2.0, np.nan])}
+    params = {"g": jnp.ones(3)}
+    tx = oc.adaptive_grad_clip(0.1, nonfinite="propagate")
+    out, _ = tx.update(grads, tx.init(params), params)
+    assert np.isnan(np.asarray(out["g"])).all()
+    tx = oc.adaptive_grad_clip(0.1)  # the default policy zeroes the step
+    out, state = tx.update(grads, tx.init(params), params)
+    np.testing.assert_array_equal(out["g"], np.zeros(3))
+    assert int(state.stats.clipped) == 0  # a NaN unit is not counted as clipped
+
+
 # ---------------------------------------------------------------------------
 # The stateless idiom: ``tx.update(grads, None)`` as optax users write it
 # ---------------------------------------------------------------------------

@@ -246,3 +246,70 @@ def test_bad_arguments_raise():
         oc.clip_per_example(-1.0)
     with pytest.raises(ValueError, match="nonfinite.*'skip'"):
         oc.clip_per_example(1.0, nonfinite="skip")
+
+
+def _huge_float64_batch():
+    """float64 per-example gradients; example 1's norm (~1e30) overflows float32."""
+    rng = np.random.default_rng(11)
+    a = rng.standard_normal((4, 3))
+    b = rng.standard_normal((4, 2, 2))
+    a[1] *= 1e30
+    b[1] *= 1e30
+    b[3] *= 1e-30  # and one whose squares underflow float32
+    return a, b
+
+
+def test_float64_examples_are_measured_in_float64_under_x64():
+    a, b = _huge_float64_batch()
+    with jax.enable_x64(True):
+        grads = [jnp.asarray(a, jnp.float64), jnp.asarray(b, jnp.float64)]
+        ref, norms, _ = np_clip_sum({"a": a, "b": b}, 1.5)
+        assert norms[1] > 1e29 and norms[1] < np.inf  # beyond float32, not inf
+        theirs, theirs_n = optax.per_example_global_norm_clip(grads, 1.5)
+        for fn in (
+            oc.per_example_global_norm_clip,
+            jax.jit(oc.per_example_global_norm_clip),
+        ):
+            summed, n = fn(grads, 1.5)
+            for got, want, opt in zip(
+                summed, (ref["a"], ref["b"]), theirs, strict=True
+            ):
+                assert got.dtype == jnp.float64
+                np.testing.assert_allclose(np.asarray(got), want, rtol=1e-12)
+                np.testing.assert_allclose(np.asarray(got), np.asarray(opt), rtol=1e-12)
+            # The huge example is clipped to the bound, not dropped.
+            assert int(n) == int(theirs_n) == int(np.sum(norms > 1.5))
+
+        tx = oc.clip_per_example(1.5)
+        params = [g[0] for g in grads]
+        summed, state = jax.jit(tx.update)(grads, tx.init(params))
+        assert state.stats.norm.dtype == jnp.float64
+        np.testing.assert_allclose(np.asarray(summed[0]), ref["a"], rtol=1e-12)
+        np.testing.assert_allclose(np.asarray(summed[1]), ref["b"], rtol=1e-12)
+        np.testing.assert_allclose(float(state.stats.norm), np.mean(norms), rtol=1e-12)
+        assert int(state.stats.nonfinite_count) == 0
+        # Initialized without params (float32 state), the float64 batch is
+        # still measured in float64.
+        summed, _ = tx.update(grads, tx.init(None))
+        np.testing.assert_allclose(np.asarray(summed[0]), ref["a"], rtol=1e-12)
+
+
+@pytest.mark.parametrize("uniform", [True, False])
+def test_float64_layer_clip_is_measured_in_float64_under_x64(uniform):
+    a, b = _huge_float64_batch()
+    with jax.enable_x64(True):
+        grads = [jnp.asarray(a, jnp.float64), jnp.asarray(b, jnp.float64)]
+        theirs, theirs_n = optax.per_example_layer_norm_clip(grads, 2.0, uniform)
+        ours, ours_n = oc.per_example_layer_norm_clip(grads, 2.0, uniform)
+        sizes = np.array([3, 4])
+        bounds = (
+            2.0 / np.sqrt([2, 2]) if uniform else 2.0 * np.sqrt(sizes / sizes.sum())
+        )
+        expected_n = []
+        for got, opt, x, bound in zip(ours, theirs, (a, b), bounds, strict=True):
+            ref, norms, _ = np_clip_sum({"x": x}, bound)
+            assert got.dtype == jnp.float64
+            np.testing.assert_allclose(np.asarray(got), ref["x"], rtol=1e-12)
+            np.testing.assert_allclose(np.asarray(got), np.asarray(opt), rtol=1e-12)
+            expected_n.append(int(np.sum(norms > bound)))
+        assert [int(n) for n in ours_n] == [int(n) for n in theirs_n] == expected_n
