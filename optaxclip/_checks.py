@@ -13,7 +13,7 @@ construction. What is checked:
   acts as 0, for instance).
 
 Messages name the argument the user passed. A preset builds its rule inside
-:func:`arguments`, so an error raised by the rule's own checks names the
+`arguments`, so an error raised by the rule's own checks names the
 preset's argument (``zclip(z_thresh=-1)`` reports ``z_thresh``, not the
 rule's field ``z``).
 """
@@ -53,7 +53,7 @@ def arguments(owner: str, **names: str) -> Iterator[None]:
 
 
 def user_name(name: str) -> str:
-    """The user's name for ``name`` in the current :func:`arguments` block."""
+    """The user's name for ``name`` in the current `arguments` block."""
     return _CONTEXT.get()[1].get(name, name)
 
 
@@ -125,7 +125,7 @@ def check_number(
 
     Args:
       value: the user's value.
-      name: the argument's name (translated by :func:`arguments`).
+      name: the argument's name (translated by `arguments`).
       lo: the smallest allowed value, or None.
       hi: the largest allowed value, or None.
       lo_open: exclude ``lo`` itself.
@@ -242,11 +242,11 @@ def check_size(
 
     Args:
       value: the user's value.
-      name: the argument's name (translated by :func:`arguments`).
+      name: the argument's name (translated by `arguments`).
       lo: the smallest allowed size.
       allow_none: whether None (a default) is accepted.
       owner: the factory's name for the ``static_args`` hint, if no
-        :func:`arguments` block gives one.
+        `arguments` block gives one.
     """
     if allow_none and value is None:
         return

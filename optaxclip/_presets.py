@@ -102,9 +102,7 @@ def autoclip(
       Separation Networks](https://arxiv.org/abs/2007.14469), 2020.
     """
     with _checks.arguments("autoclip", p="percentile", window="history"):
-        rule = rules.percentile(
-            percentile, window=history, include_zeros=include_zeros
-        )
+        rule = rules.percentile(percentile, window=history, include_zeros=include_zeros)
         return clip_by_global_norm(rule, nonfinite=nonfinite, axis_name=axis_name)
 
 

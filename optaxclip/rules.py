@@ -244,11 +244,7 @@ class percentile:  # noqa: N801
 
     def __post_init__(self):
         check_number(self.p, "p", lo=0.0, hi=100.0)
-        if not isinstance(self.include_zeros, bool | np.bool_):
-            raise ValueError(
-                "`include_zeros` must be a Python bool (True reproduces the "
-                f"official AutoClip code); got {self.include_zeros!r}."
-            )
+        check_flag(self.include_zeros, "include_zeros", static=True)
         check_size(self.window, "window", lo=1, allow_none=True)
 
     @property

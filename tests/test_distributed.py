@@ -81,7 +81,9 @@ PRESETS = {
 }
 GUARDS = {
     "skip_nonfinite": lambda: oc.skip_nonfinite(optax.sgd(1e-2, momentum=0.9)),
-    "skip_spikes": lambda: oc.skip_spikes(optax.sgd(1e-2, momentum=0.9), window=4, min_history=3),
+    "skip_spikes": lambda: oc.skip_spikes(
+        optax.sgd(1e-2, momentum=0.9), window=4, min_history=3
+    ),
 }
 PRESET_CASES = [("preset", name) for name in PRESETS]
 GUARD_CASES = [("guard", name) for name in GUARDS]
@@ -236,9 +238,10 @@ def assert_state_on_mesh(state, mesh, params_sharding, what: str) -> None:
         assert leaf.sharding.device_set == devices, f"{what}: {leaf.sharding}"
         shardings = by_shape.get(leaf.shape, [])
         if leaf.ndim and shardings:
-            assert any(
-                leaf.sharding.is_equivalent_to(sh, leaf.ndim) for sh in shardings
-            ) or leaf.sharding.is_fully_replicated, f"{what}: {leaf.sharding}"
+            assert (
+                any(leaf.sharding.is_equivalent_to(sh, leaf.ndim) for sh in shardings)
+                or leaf.sharding.is_fully_replicated
+            ), f"{what}: {leaf.sharding}"
         else:
             assert leaf.sharding.is_fully_replicated, f"{what}: {leaf.sharding}"
 
@@ -331,12 +334,8 @@ def test_per_example_clipping_sharded_matches_single_device(layout, mode):
             for _ in range(2):
                 summed, state = tx.update(tree, state)
             out[name] = (summed, state)
-        out["global_fn"] = oc.per_example_global_norm_clip(
-            list(tree.values()), 1.0
-        )
-        out["layer_fn"] = oc.per_example_layer_norm_clip(
-            list(tree.values()), 2.0
-        )
+        out["global_fn"] = oc.per_example_global_norm_clip(list(tree.values()), 1.0)
+        out["layer_fn"] = oc.per_example_layer_norm_clip(list(tree.values()), 2.0)
         return out
 
     expected = jax.jit(run)(per_example, PARAMS)
