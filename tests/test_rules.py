@@ -265,6 +265,7 @@ def test_rules_are_frozen_and_states_are_arrays(name, make):
         (lambda: rules.percentile(-1.0), "`p`.*-1.0"),
         (lambda: rules.percentile(50.0, window=2.5), "`window`.*2.5"),
         (lambda: rules.percentile("10"), "`p`.*'10'"),
+        (lambda: rules.percentile(10.0, include_zeros=1), "`include_zeros`.*1"),
         (lambda: rules.zscore(alpha=-0.1), "`alpha`.*-0.1"),
         (lambda: rules.zscore(warmup=0), "`warmup`.*0"),
         (lambda: rules.zscore(max_norm=-1.0), "`max_norm`.*-1.0"),
