@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from . import _checks, _norms
-from ._clipping import check_nonfinite, zero_unless
+from ._clipping import check_nonfinite, fresh_state, zero_unless
 from ._stats import ClipState, ClipStats
 from .rules import Rule, as_rule, quantile
 
@@ -101,6 +101,10 @@ def clip_per_example(
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
+        if state is None or isinstance(state, optax.EmptyState):
+            # Only the dtype of the tree shapes the state: the per-example
+            # gradients stand in for the params.
+            state = fresh_state(rule, state, lambda: init_fn(updates))
         check_batch(updates, "clip_per_example")
         leaves = _norms.float_leaves(updates)
         if not leaves:

@@ -313,3 +313,15 @@ def test_float64_layer_clip_is_measured_in_float64_under_x64(uniform):
             np.testing.assert_allclose(np.asarray(got), np.asarray(opt), rtol=1e-12)
             expected_n.append(int(np.sum(norms > bound)))
         assert [int(n) for n in ours_n] == [int(n) for n in theirs_n] == expected_n
+
+
+@pytest.mark.parametrize("empty", [None, optax.EmptyState()], ids=["None", "Empty"])
+def test_clip_per_example_accepts_stateless_idiom(empty):
+    rng = np.random.default_rng(11)
+    grads = {"w": jnp.asarray(rng.standard_normal((4, 3, 2)), jnp.float32)}
+    summed, state = oc.clip_per_example(1.0).update(grads, empty)
+    expected, _ = optax.per_example_global_norm_clip([grads["w"]], 1.0)
+    np.testing.assert_allclose(summed["w"], expected[0], rtol=1e-6)
+    assert int(state.stats.count) == 1
+    with pytest.raises(ValueError, match="learns from the norms of earlier steps"):
+        oc.clip_per_example(oc.rules.quantile()).update(grads, empty)
