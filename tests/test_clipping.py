@@ -466,8 +466,10 @@ def test_tree_structure_mismatch_raises():
 
 def test_wrong_state_raises():
     tx = oc.clip_by_global_norm(1.0)
+    # Another transform's state (None / EmptyState() are a fresh state).
+    other = optax.scale_by_adam().init({"a": jnp.ones(2)})
     with pytest.raises(TypeError, match="ClipState"):
-        tx.update({"a": jnp.ones(2)}, optax.EmptyState())
+        tx.update({"a": jnp.ones(2)}, other)
 
 
 # ---------------------------------------------------------------------------

@@ -34,6 +34,7 @@ PRESET_ERRORS = [
     (oc.autoclip, dict(history=10.5), "history", "10.5"),
     (oc.autoclip, dict(history=0), "history", "0"),
     (oc.autoclip, dict(nonfinite="skip"), "nonfinite", "'skip'"),
+    (oc.autoclip, dict(include_zeros="yes"), "include_zeros", "'yes'"),
     (oc.zclip, dict(alpha=1.5), "alpha", "1.5"),
     (oc.zclip, dict(z_thresh=-1), "z_thresh", "-1"),
     (oc.zclip, dict(z_thresh=0.0), "z_thresh", "0.0"),
