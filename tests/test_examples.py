@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,10 +71,13 @@ def load_demo():
     """The demo as a module, for its task and schedule."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("demo", EXAMPLES / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    name = "examples_demo"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, EXAMPLES / "demo.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up here
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 def test_demo_quick_writes_the_tables_the_runs_and_the_figure(tmp_path):
@@ -153,6 +157,12 @@ def test_demo_learning_rate_schedules():
     assert at(warm, 0) == 0.0 and at(warm, 50) == 0.25 and at(warm, 800) == 0.0
     np.testing.assert_allclose(at(warm, 100), 0.5, rtol=1e-6)
     np.testing.assert_allclose(at(warm, 450), 0.25, rtol=1e-6)
+    # One traced peak per run, as inside the demo's compiled program.
+    for cfg in [demo.Config(steps=800), demo.Config(steps=800, warmup=100)]:
+        traced = jax.jit(lambda peak, cfg=cfg: demo.learning_rate(peak, cfg)(100))
+        np.testing.assert_allclose(
+            traced(jnp.float32(2.0)), 2 * at(demo.learning_rate(1.0, cfg), 100)
+        )
 
 
 def test_demo_rejects_bad_arguments():
