@@ -1,11 +1,16 @@
 """Smoke tests: every example runs in its quick mode and reports sensible results."""
 
+import json
 import math
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -40,43 +45,148 @@ def table_rows(output, header_start):
     return rows
 
 
-def test_demo_quick_reports_every_method_and_saves_the_plot(tmp_path):
-    out = tmp_path / "demo.png"
-    stdout = run_example("demo.py", "--out", str(out))
-    rows = table_rows(stdout, "method")
-    by_name = {r[0]: r for r in rows if not r[0].startswith("median")}
-    expected = {
-        "none",
-        "global_norm",
-        "value",
-        "autoclip",
-        "zclip",
-        "quantile_clip",
-        "adagc",
+DEMO_LABELS = {
+    "none": "no clipping",
+    "global_norm": "global norm 1",
+    "zclip": "ZClip",
+    "zclip_nocap": "ZClip, no cap",
+    "autoclip": "AutoClip (p=10)",
+    "adagc": "AdaGC",
+    "value": "value 0.1",
+}
+RUN_FIELDS = {
+    "method",
+    "lr",
+    "seed",
+    "final_mse",
+    "solved",
+    "diverged",
+    "first_solved_step",
+    "clipped_steps",
+    "nonfinite_steps",
+}
+
+
+def load_demo():
+    """The demo as a module, for its task and schedule."""
+    import importlib.util
+
+    name = "examples_demo"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, EXAMPLES / "demo.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up here
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def test_demo_quick_writes_the_tables_the_runs_and_the_figure(tmp_path):
+    out, runs_json = tmp_path / "demo.png", tmp_path / "runs.json"
+    stdout = run_example("demo.py", "--out", str(out), "--json", str(runs_json))
+    data = json.loads(runs_json.read_text())
+    config, runs = data["config"], data["runs"]
+    steps, rates, seeds = config["steps"], config["learning_rates"], config["seeds"]
+    assert (steps, rates, seeds) == (200, [0.2, 1.0], [0, 1])
+    assert len(runs) == len(DEMO_LABELS) * len(rates) * len(seeds)
+    assert {(r["method"], r["lr"], r["seed"]) for r in runs} == {
+        (m, lr, s) for m in DEMO_LABELS for lr in rates for s in seeds
     }
-    assert expected <= set(by_name)
-    clipped = {name: int(row[-3]) for name, row in by_name.items()}
-    nonfinite = {name: int(row[-2]) for name, row in by_name.items()}
-    assert clipped["none"] == 0
-    for name in expected - {"none"}:
-        assert clipped[name] > 0, (name, stdout)
-    for name in expected - {"none"}:
-        assert nonfinite[name] == 0, (name, stdout)
-    for name, row in by_name.items():
-        assert math.isfinite(float(row[1])) or name == "none"
+    for r in runs:
+        assert set(r) == RUN_FIELDS, r
+        mse = r["final_mse"]
+        assert mse is None or (math.isfinite(mse) and mse >= 0), r
+        assert r["solved"] == (mse is not None and mse < 0.01), r
+        assert 0 <= r["nonfinite_steps"] <= steps and 0 <= r["clipped_steps"] <= steps
+        assert r["diverged"] == (mse is None or r["nonfinite_steps"] > 0), r
+        first = r["first_solved_step"]
+        assert first is None or (0 < first <= steps and first % 50 == 0), r
+        if r["solved"]:
+            assert first is not None, r
+    by = {(r["method"], r["lr"], r["seed"]): r for r in runs}
+    for s in seeds:
+        assert all(by["none", lr, s]["clipped_steps"] == 0 for lr in rates)
+        # At peak rate 1.0 the unclipped gradient explodes to NaN, and ZClip
+        # without its cap follows it (its warm-up does not clip); the fixed
+        # bound and capped ZClip clip the first steps and stay finite.
+        assert by["none", 1.0, s]["diverged"] and by["none", 1.0, s]["nonfinite_steps"]
+        assert by["zclip_nocap", 1.0, s]["diverged"]
+        for method in ["global_norm", "zclip", "autoclip", "adagc", "value"]:
+            run = by[method, 1.0, s]
+            assert not run["diverged"] and run["clipped_steps"] > 0, run
+        for method in ["global_norm", "zclip"]:
+            assert by[method, 1.0, s]["final_mse"] < 1 / 6, by[method, 1.0, s]
+    # One table per peak learning rate, one row per method, agreeing with the JSON.
+    for lr in rates:
+        block = stdout.split(f"peak learning rate {lr:g}\n", 1)[1].split("\n\n")[0]
+        lines = block.splitlines()
+        assert lines[0].split()[:2] == ["method", "solved"]
+        for method, label in DEMO_LABELS.items():
+            (line,) = [x for x in lines if re.match(rf"{re.escape(label)}  ", x)]
+            (solved, n), (diverged, _) = re.findall(r"(\d+)/(\d+)", line)
+            mine = [by[method, lr, s] for s in seeds]
+            assert int(n) == len(seeds)
+            assert int(solved) == sum(r["solved"] for r in mine), line
+            assert int(diverged) == sum(r["diverged"] for r in mine), line
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_demo_rejects_an_unknown_method(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(EXAMPLES / "demo.py"), "--quick", "--methods", "nope"],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 2
-    assert "unknown --methods ['nope']" in proc.stderr
+def test_demo_adding_problem_batches():
+    demo = load_demo()
+    inputs, targets = demo.adding_batch(jax.random.key(0), 4096, 30)
+    inputs, targets = np.asarray(inputs), np.asarray(targets)
+    values, markers = inputs[..., 0], inputs[..., 1]
+    assert inputs.shape == (4096, 30, 2) and targets.shape == (4096,)
+    assert np.all((values >= 0) & (values < 1))
+    # Exactly one marker in each half; the target adds the two marked values.
+    assert np.all(markers[:, :15].sum(axis=1) == 1)
+    assert np.all(markers[:, 15:].sum(axis=1) == 1)
+    np.testing.assert_allclose(targets, (values * markers).sum(axis=1), rtol=1e-6)
+    # Every position of each half is used; predicting the mean scores about
+    # 1/6, the variance of the sum of two uniforms.
+    assert set(np.argmax(markers[:, :15], axis=1)) == set(range(15))
+    assert set(15 + np.argmax(markers[:, 15:], axis=1)) == set(range(15, 30))
+    assert abs(np.mean((targets - targets.mean()) ** 2) - 1 / 6) < 0.01
+
+
+def test_demo_learning_rate_schedules():
+    demo = load_demo()
+    plain = demo.learning_rate(0.5, demo.Config(steps=800))
+    warm = demo.learning_rate(0.5, demo.Config(steps=800, warmup=100))
+    at = lambda schedule, t: float(schedule(t))  # noqa: E731
+    assert at(plain, 0) == 0.5 and at(plain, 800) == 0.0
+    np.testing.assert_allclose(at(plain, 400), 0.25, rtol=1e-6)  # cosine midpoint
+    assert at(warm, 0) == 0.0 and at(warm, 50) == 0.25 and at(warm, 800) == 0.0
+    np.testing.assert_allclose(at(warm, 100), 0.5, rtol=1e-6)
+    np.testing.assert_allclose(at(warm, 450), 0.25, rtol=1e-6)
+    # One traced peak per run, as inside the demo's compiled program.
+    for cfg in [demo.Config(steps=800), demo.Config(steps=800, warmup=100)]:
+        traced = jax.jit(lambda peak, cfg=cfg: demo.learning_rate(peak, cfg)(100))
+        np.testing.assert_allclose(
+            traced(jnp.float32(2.0)), 2 * at(demo.learning_rate(1.0, cfg), 100)
+        )
+
+
+def test_demo_rejects_bad_arguments():
+    def run(*args):
+        return subprocess.run(
+            [sys.executable, str(EXAMPLES / "demo.py"), *args],
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            cwd=ROOT,
+        )
+
+    cases = [
+        (["--methods", "nope"], "unknown --methods ['nope']"),
+        (["--steps", "75"], "--steps must be a multiple of 50; got 75"),
+        (["--seeds", "0"], "got '0'"),
+        (["--lrs", "0.5,-1"], "positive learning rates; got '0.5,-1'"),
+        (["--warmup", "800"], "--warmup must be in [0, --steps); got 800"),
+    ]
+    for args, message in cases:
+        proc = run(*args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert message in proc.stderr, (args, proc.stderr)
 
 
 def _check_flax_output(stdout, method):
@@ -104,9 +214,10 @@ def test_flax_nnx_optimizer():
     )
 
 
-def test_llm_spikes_compares_every_method():
+def test_llm_spikes_compares_every_method_over_three_seeds():
     stdout = run_example("llm_spikes.py")
     assert "characters of standard-library source" in stdout
+    assert "medians over 3 seeds" in stdout
     rows = {r[0]: r for r in table_rows(stdout, "method")}
     assert set(rows) == {
         "none",
@@ -118,7 +229,10 @@ def test_llm_spikes_compares_every_method():
     for row in rows.values():
         final = float(row[1])
         assert math.isfinite(final) and final < math.log(128)  # below a uniform guess
-        assert int(row[2]) >= 0
+        # spikes: median [min, max] over the seeds
+        median, low, high = float(row[2]), int(row[3][1:-1]), int(row[4][:-1])
+        assert 0 <= low <= median <= high
+        assert float(row[5].rstrip("x")) >= 1.0
 
 
 def test_sharded_training_matches_single_device():
