@@ -11,7 +11,8 @@ Usage: python .ci/min_requirements.py [EXTRA ...] > constraints.txt
        python .ci/min_requirements.py --check [EXTRA ...]
 
 ``--check`` compares the installed versions with the pins instead (and prints
-them with the Python version), failing when any differs.
+them), failing when any differs or when the interpreter is not the lowest
+Python that ``requires-python`` admits.
 """
 
 import platform
@@ -54,7 +55,8 @@ def pins_for(extras):
     for extra in extras:
         if extra not in optional:
             raise SystemExit(
-                f"extra {extra!r} is not in pyproject.toml; choose from {sorted(optional)}"
+                f"extra {extra!r} is not in pyproject.toml; "
+                f"choose from {sorted(optional)}"
             )
         requirements += optional[extra]
     pins = {}
@@ -80,10 +82,19 @@ def same_version(installed, pinned):
 
 
 def check(pins):
-    print(f"python {platform.python_version()}")
+    requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "requires-python"
+    ]
+    _, lowest = lower_bound(f"python{requires}")
+    print(f"python {platform.python_version()} (requires-python {requires})")
     wrong = []
+    if not same_version(".".join(platform.python_version_tuple()[:2]), lowest):
+        wrong.append(f"python {platform.python_version()} (lowest is {lowest})")
     for name, version in sorted(pins.items()):
-        installed = metadata.version(name)
+        try:
+            installed = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            installed = "(not installed)"
         print(f"{name} {installed}")
         if not same_version(installed, version):
             wrong.append(f"{name} {installed} (pinned {version})")
