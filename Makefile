@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test bench lint docs clean
+.PHONY: install demo test test-min bench lint docs clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,24 @@ demo: install
 test: install
 	$(PY) -m pytest -q -n 2
 
+# The suite again in .venv-min, on the lowest Python the package claims, with
+# every runtime and test/examples dependency pinned to its lower bound in
+# pyproject.toml (.ci/min_requirements.py reads the bounds from there).
+PYTHON_MIN ?= python3.11
+VENV_MIN := .venv-min
+PY_MIN := $(VENV_MIN)/bin/python
+
+$(VENV_MIN)/.installed: pyproject.toml .ci/min_requirements.py
+	rm -rf $(VENV_MIN)
+	$(PYTHON_MIN) -m venv $(VENV_MIN)
+	$(PY_MIN) .ci/min_requirements.py test examples > $(VENV_MIN)/constraints.txt
+	$(PY_MIN) -m pip install --quiet -c $(VENV_MIN)/constraints.txt -e ".[test,examples]"
+	touch $@
+
+test-min: $(VENV_MIN)/.installed
+	$(PY_MIN) .ci/min_requirements.py --check test examples
+	$(PY_MIN) -m pytest -q -n 2
+
 bench: install
 	$(PY) benchmarks/run.py
 
@@ -31,4 +49,4 @@ lint: install
 	$(VENV)/bin/ruff format --check optaxclip tests examples benchmarks
 
 clean:
-	rm -rf $(VENV) build dist site *.egg-info
+	rm -rf $(VENV) $(VENV_MIN) build dist site *.egg-info
