@@ -41,8 +41,7 @@ against the threshold, and the number of seeds solved per method and rate.
     python examples/demo.py --seeds 20 --lrs 0.5
     python examples/demo.py --warmup            # 100-step learning-rate warm-up
     python examples/demo.py --json runs.json    # every run as a row
-    python examples/demo.py --methods none,global_norm --lrs 0.5 \
-        --suggest norms.png                     # a threshold from a recorded run
+    python examples/demo.py --suggest norms.png # a threshold from a recorded run
 
 ``--suggest PNG`` reuses the pre-clip norms recorded in one run: the
 ``global_norm`` run of the first seed at peak rate 0.5 (or at the highest

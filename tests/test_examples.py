@@ -230,6 +230,22 @@ def test_demo_rejects_bad_arguments():
         assert message in proc.stderr, (args, proc.stderr)
 
 
+def test_demo_suggest_needs_the_global_norm_run(tmp_path):
+    png = tmp_path / "norms.png"
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "demo.py"), "--methods", "none,zclip"]
+        + ["--suggest", str(png)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 2, proc.stderr
+    message = "--suggest reads the norms of global_norm; got --methods none,zclip"
+    assert message in proc.stderr and "(add global_norm)" in proc.stderr
+    assert not png.exists()
+
+
 def _check_flax_output(stdout, method):
     losses = [float(m) for m in re.findall(r"step +\d+ +loss ([\d.]+)", stdout)]
     norms = [float(m) for m in re.findall(r"grad_norm ([\d.]+)", stdout)]
