@@ -41,6 +41,15 @@ against the threshold, and the number of seeds solved per method and rate.
     python examples/demo.py --seeds 20 --lrs 0.5
     python examples/demo.py --warmup            # 100-step learning-rate warm-up
     python examples/demo.py --json runs.json    # every run as a row
+    python examples/demo.py --suggest norms.png # a threshold from a recorded run
+
+``--suggest PNG`` reuses the pre-clip norms recorded in one run: the
+``global_norm`` run of the first seed at peak rate 0.5 (or at the highest
+rate if 0.5 is not among ``--lrs``). It prints
+``optaxclip.suggest_threshold``'s report on them and saves
+``optaxclip.plot_norm_history``'s figure, with the fixed bound and the
+suggestion drawn over it, to ``PNG``. It trains nothing more; it needs
+``global_norm`` among ``--methods``.
 
 ``--quick`` is the test suite's smoke test: 200 steps, 2 seeds, rates 0.2
 and 1.0.
@@ -517,6 +526,49 @@ def plot(results: list[Result], cfg: Config, path: str) -> float:
     return lr
 
 
+def suggest(results: list[Result], cfg: Config, path: str) -> str:
+    """The threshold report on one recorded ``global_norm`` run; saves its plot.
+
+    The run is the first seed of ``cfg.seeds`` at peak rate 0.5, or at the
+    highest rate if 0.5 is not among ``cfg.learning_rates`` (the rate of the
+    demo figure's panel 2). Its pre-clip norms, recorded with
+    ``optaxclip.stats`` during training, go to ``optaxclip.suggest_threshold``
+    and ``optaxclip.plot_norm_history``; nothing is trained again.
+
+    Args:
+      results: the trained methods; one of them must be ``global_norm``.
+      cfg: the configuration they were trained with.
+      path: where to save the norm-history figure.
+
+    Returns:
+      The text printed for the run: which run it is, the report, and how many
+      steps the fixed bound rescaled.
+    """
+    (r,) = [r for r in results if r.method.name == "global_norm"]
+    lr = 0.5 if 0.5 in cfg.learning_rates else max(cfg.learning_rates)
+    i = cfg.learning_rates.index(lr)
+    norms = r.norm[i, 0]
+    report = oc.suggest_threshold(norms)
+    oc.plot_norm_history(
+        norms,
+        path,
+        {
+            f"fixed bound {cfg.clip_norm:g}": cfg.clip_norm,
+            f"suggested (p{report.percentile:g})": report.threshold,
+        },
+    )
+    above = int(np.sum(norms > cfg.clip_norm))
+    return "\n".join(
+        [
+            f"threshold suggestion from the pre-clip norms of {r.method.label}, "
+            f"seed {cfg.seeds[0]}, peak learning rate {lr:g}:",
+            str(report),
+            f"the fixed bound {cfg.clip_norm:g} rescaled {above} of the "
+            f"{norms.size} steps",
+        ]
+    )
+
+
 # ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
@@ -584,6 +636,13 @@ def main(argv: list[str] | None = None) -> list[Result]:
     )
     parser.add_argument("--json", metavar="PATH", help="write every run as a row")
     parser.add_argument(
+        "--suggest",
+        metavar="PNG",
+        help="print optaxclip.suggest_threshold's report on the recorded norms "
+        "of global_norm (first seed, peak rate 0.5 or the highest) and save "
+        "plot_norm_history's figure to PNG",
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="200 steps, 2 seeds, rates 0.2,1.0"
     )
     args = parser.parse_args(argv)
@@ -609,6 +668,11 @@ def main(argv: list[str] | None = None) -> list[Result]:
     unknown = [m for m in chosen if m not in available]
     if unknown or not chosen:
         parser.error(f"unknown --methods {unknown}; choose from {list(available)}")
+    if args.suggest and "global_norm" not in chosen:
+        parser.error(
+            f"--suggest reads the norms of global_norm; got --methods {args.methods}"
+            " (add global_norm)"
+        )
 
     # One CPU device per core, so that the runs of a method train in parallel.
     # Read when the backend starts (the first computation below).
@@ -655,6 +719,11 @@ def main(argv: list[str] | None = None) -> list[Result]:
         with open(args.json, "w") as f:
             json.dump({"config": config, "runs": rows(results, cfg)}, f, indent=1)
         print(f"saved {args.json}")
+    if args.suggest:
+        print()
+        os.makedirs(os.path.dirname(args.suggest) or ".", exist_ok=True)
+        print(suggest(results, cfg, args.suggest))
+        print(f"saved {args.suggest}")
     return results
 
 

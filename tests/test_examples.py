@@ -1,5 +1,6 @@
 """Smoke tests: every example runs in its quick mode and reports sensible results."""
 
+import itertools
 import json
 import math
 import os
@@ -82,7 +83,16 @@ def load_demo():
 
 def test_demo_quick_writes_the_tables_the_runs_and_the_figure(tmp_path):
     out, runs_json = tmp_path / "demo.png", tmp_path / "runs.json"
-    stdout = run_example("demo.py", "--out", str(out), "--json", str(runs_json))
+    norms_png = tmp_path / "norms" / "norms.png"
+    stdout = run_example(
+        "demo.py",
+        "--out",
+        str(out),
+        "--json",
+        str(runs_json),
+        "--suggest",
+        str(norms_png),
+    )
     data = json.loads(runs_json.read_text())
     config, runs = data["config"], data["runs"]
     steps, rates, seeds = config["steps"], config["learning_rates"], config["seeds"]
@@ -128,6 +138,37 @@ def test_demo_quick_writes_the_tables_the_runs_and_the_figure(tmp_path):
             assert int(solved) == sum(r["solved"] for r in mine), line
             assert int(diverged) == sum(r["diverged"] for r in mine), line
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    _check_suggest_report(stdout, by["global_norm", 1.0, 0], steps)
+    assert f"saved {norms_png}" in stdout
+    assert norms_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _check_suggest_report(stdout, run, steps):
+    """``--suggest``: the report on global_norm's seed-0 norms at the top rate."""
+    text = stdout.split("threshold suggestion from the pre-clip norms of ", 1)[1]
+    lines = text.splitlines()
+    # --quick has no rate 0.5, so the report is on the highest rate, 1.0.
+    assert lines[0] == "global norm 1, seed 0, peak learning rate 1:", lines[0]
+    assert lines[1] == f"gradient-norm history: {steps} steps", lines[1]
+    levels = [1, 5, 10, 25, 50, 75, 90, 95, 99]
+    values = {}
+    for line, level in zip(lines[2:11], levels, strict=True):
+        name, value = line.split()
+        assert name == f"p{level}", line
+        values[level] = float(value)
+    name, top = lines[11].split()
+    assert name == "max" and math.isfinite(float(top)), lines[11]
+    ordered = [values[p] for p in levels] + [float(top)]
+    assert all(0 < a <= b for a, b in itertools.pairwise(ordered)), ordered
+    assert lines[12] == f"suggested threshold: {lines[4].split()[1]}", lines[12]
+    # The steps above the bound in the recorded norms are the steps that the
+    # run's ClipStats marked clipped (the JSON's count).
+    rescaled = re.search(
+        rf"the fixed bound 1 rescaled (\d+) of the {steps} steps", text
+    )
+    assert rescaled and int(rescaled.group(1)) == run["clipped_steps"] > 0, text
+    # The run clipped its first steps, so the largest norm is above the bound.
+    assert float(top) > 1.0
 
 
 def test_demo_adding_problem_batches():
@@ -187,6 +228,22 @@ def test_demo_rejects_bad_arguments():
         proc = run(*args)
         assert proc.returncode == 2, (args, proc.stderr)
         assert message in proc.stderr, (args, proc.stderr)
+
+
+def test_demo_suggest_needs_the_global_norm_run(tmp_path):
+    png = tmp_path / "norms.png"
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "demo.py"), "--methods", "none,zclip"]
+        + ["--suggest", str(png)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 2, proc.stderr
+    message = "--suggest reads the norms of global_norm; got --methods none,zclip"
+    assert message in proc.stderr and "(add global_norm)" in proc.stderr
+    assert not png.exists()
 
 
 def _check_flax_output(stdout, method):
