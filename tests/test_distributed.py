@@ -405,9 +405,19 @@ def shard_map_cases(cases, specs, mesh, axis_name, grads_seq, **kw):
         out = {case: tx.update(grads, states[case], params) for case, tx in txs.items()}
         return {k: v[0] for k, v in out.items()}, {k: v[1] for k, v in out.items()}
 
+    # On a mesh with Explicit axes the inputs' types must match in_specs:
+    # every input is placed as its spec says (states replicated).
+    def place(tree):
+        return {
+            k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in tree.items()
+        }
+
+    replicated = NamedSharding(mesh, P())
+    states = jax.tree.map(lambda x: jax.device_put(x, replicated), states)
+    params = place(PARAMS)
     history = []
     for grads in grads_seq:
-        updates, states = step(grads, states, PARAMS)
+        updates, states = step(place(grads), states, params)
         history.append((updates, states))
     return history
 
