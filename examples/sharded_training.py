@@ -5,8 +5,9 @@ weight matrix over the ``model`` axis. Nothing in the clip needs to know: under
 ``jax.jit`` with sharded arrays, ``clip_by_global_norm`` measures the norm of
 the whole, unsplit gradient (XLA inserts the cross-device reduction), so the
 step equals the single-device step. The script checks both that and that the
-parameters keep their shardings. The mesh is ``jax.make_mesh``'s default, with
-Explicit axes (shardings are part of the arrays' types).
+parameters keep their shardings. The mesh is ``jax.make_mesh``'s default:
+Explicit axes since JAX 0.9 (shardings are part of the arrays' types), Auto
+before.
 
     python examples/sharded_training.py [--steps 50] [--quick]
 """
@@ -32,7 +33,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import AxisType, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import optaxclip as oc  # noqa: E402
@@ -86,7 +87,7 @@ def main(argv=None):
             f"needs 8 devices, found {jax.device_count()}; is XLA_FLAGS overridden?"
         )
 
-    mesh = jax.make_mesh((4, 2), ("data", "model"))  # Explicit axes by default
+    mesh = jax.make_mesh((4, 2), ("data", "model"))  # Explicit axes since JAX 0.9
     param_sharding = {k: NamedSharding(mesh, spec) for k, spec in PARAM_SPECS.items()}
     batch_sharding = NamedSharding(mesh, P("data", None))
     tx = optax.chain(oc.clip_by_global_norm(args.max_norm), optax.adamw(1e-2))
@@ -97,7 +98,10 @@ def main(argv=None):
     sharded_state = tx.init(sharded)
     local_state = tx.init(params)
 
-    sharded_step = jax.jit(make_step(tx, batch_sharding))
+    # Only an Explicit mesh (the default since JAX 0.9) takes an output
+    # sharding for the matmul; on an Auto one XLA chooses it.
+    explicit = all(t == AxisType.Explicit for t in mesh.axis_types)
+    sharded_step = jax.jit(make_step(tx, batch_sharding if explicit else None))
     local_step = jax.jit(make_step(tx))  # unsharded inputs: runs on one device
     max_diff = 0.0
     for i in range(steps):
