@@ -78,18 +78,7 @@ def compile_rows(case: CompileCase, leaf_counts: Sequence[int]) -> list[CompileR
         traced = time.perf_counter()
         lowered.compile()
         done = time.perf_counter()
-        row = CompileRow(
-            section=3,
-            method=method.label,
-            library=method.library,
-            scope=method.scope,
-            rule=method.rule,
-            with_adamw=case.with_adamw,
-            leaves=n,
-            trace_s=traced - start,
-            compile_s=done - traced,
-            peak_rss_mb=harness.peak_rss_mb(),
-        )
+        row = _row(case, n, traced - start, done - traced, harness.peak_rss_mb())
         print(json.dumps(row_to_dict(row)), flush=True)
         rows.append(row)
     return rows
@@ -125,6 +114,16 @@ def run(cfg: Config, on_rows: Callable[[list[CompileRow]], None]) -> None:
 
 
 def _stopped(case: CompileCase, leaves: int) -> CompileRow:
+    return _row(case, leaves, None, None, None)
+
+
+def _row(
+    case: CompileCase,
+    leaves: int,
+    trace_s: float | None,
+    compile_s: float | None,
+    peak_rss_mb: float | None,
+) -> CompileRow:
     method = methods.by_label()[case.method]
     return CompileRow(
         section=3,
@@ -134,9 +133,9 @@ def _stopped(case: CompileCase, leaves: int) -> CompileRow:
         rule=method.rule,
         with_adamw=case.with_adamw,
         leaves=leaves,
-        trace_s=None,
-        compile_s=None,
-        peak_rss_mb=None,
+        trace_s=trace_s,
+        compile_s=compile_s,
+        peak_rss_mb=peak_rss_mb,
     )
 
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from . import _checks, _norms
-from ._clipping import check_nonfinite, fresh_state, zero_unless
+from ._clipping import check_nonfinite, fresh_state, keep_if, zero_unless
 from ._stats import ClipState, ClipStats
 from .rules import Rule, as_rule, quantile
 
@@ -125,9 +125,7 @@ def clip_per_example(
         # A negative threshold (possible only from a traced hyperparameter,
         # which construction cannot check) acts as 0.
         threshold = jnp.maximum(jnp.asarray(threshold, norms.dtype), 0)
-        rule_state = jax.tree.map(
-            lambda n, o: jnp.where(all_finite, n, o), rule_state, state.rule_state
-        )
+        rule_state = keep_if(all_finite, rule_state, state.rule_state)
         multipliers = clip_multipliers(norms, threshold)
         if zero_nonfinite:
             multipliers = jnp.where(finite, multipliers, 0.0)
