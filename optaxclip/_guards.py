@@ -7,17 +7,27 @@ had never happened.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from . import _checks, _norms
-from ._clipping import keep_if, zero_unless
-from ._stats import ClipStats
+from . import _checks, _norms, rules
+from ._core import (
+    Applied,
+    ClipStats,
+    Context,
+    Measurement,
+    Parts,
+    Step,
+    decode_record,
+    keep_if,
+    zero_unless,
+)
 
-__all__ = ["skip_nonfinite", "skip_spikes"]
+__all__ = ["SkipNonfiniteState", "SkipSpikesState", "skip_nonfinite", "skip_spikes"]
 
 
 class SkipNonfiniteState(NamedTuple):
@@ -25,20 +35,30 @@ class SkipNonfiniteState(NamedTuple):
 
     Attributes:
       inner_state: the wrapped optimizer's state.
-      stats: [`ClipStats`][optaxclip.ClipStats] (``norm``: global norm of the
-        incoming updates; ``threshold``: ``inf``; ``scale``: 1 if applied,
-        0 if skipped; ``clipped``: 1 if skipped; ``nonfinite_count``: total
-        non-finite steps).
+      packed_stats: the latest step's stats, packed; read them as
+        ``state.stats`` (``norm``: global norm of the incoming updates;
+        ``threshold``: ``inf``; ``scale``: 1 if applied, 0 if skipped;
+        ``clipped``: 1 if skipped; ``nonfinite_count``: total non-finite
+        steps).
       consecutive: int32, non-finite steps in a row up to this one.
     """
 
     inner_state: Any
-    stats: ClipStats
+    packed_stats: jax.Array
     consecutive: jax.Array
+
+    @property
+    def stats(self) -> ClipStats:
+        """The latest step's [`ClipStats`][optaxclip.ClipStats]."""
+        return decode_record(self.packed_stats)
 
 
 def skip_nonfinite(
-    inner: optax.GradientTransformation, max_consecutive: int | None = None
+    inner: optax.GradientTransformation,
+    max_consecutive: int | None = None,
+    *,
+    axis_name: _norms.AxisName = None,
+    partition_specs: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Skips every step whose updates hold a NaN or Inf, like ``optax.apply_if_finite``.
 
@@ -56,6 +76,10 @@ def skip_nonfinite(
       inner: the optimizer (or any transform) to guard.
       max_consecutive: the number of consecutive non-finite steps tolerated,
         or None.
+      axis_name: keyword-only; the ``shard_map`` / ``pmap`` mesh axis (or
+        axes) the leaves are split across, so the norm is the whole tree's.
+      partition_specs: keyword-only; which leaves are split across
+        ``axis_name`` (see [`clip_by_global_norm`][optaxclip.clip_by_global_norm]).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -77,36 +101,24 @@ def skip_nonfinite(
     if max_consecutive is not None:
         with _checks.arguments("skip_nonfinite"):
             _checks.check_number(max_consecutive, "max_consecutive", lo=0, integer=True)
-    inner = optax.with_extra_args_support(inner)
+    with _checks.arguments("skip_nonfinite"):
+        scope = GuardScope(axis_name, partition_specs, "skip_nonfinite")
+    action = Skip(optax.with_extra_args_support(inner), None, max_consecutive)
 
-    def init_fn(params):
-        acc = _norms.tree_acc_dtype(params)
-        return SkipNonfiniteState(
-            inner.init(params),
-            ClipStats.zeros(jnp.zeros((), acc)),
-            jnp.zeros((), jnp.int32),
-        )
+    def make(parts: Parts) -> SkipNonfiniteState:
+        inner_state, _, consecutive, _ = parts.action_state
+        return SkipNonfiniteState(inner_state, parts.packed_stats, consecutive)
 
-    def update_fn(updates, state, params=None, **extra_args):
-        # One pass: the norm is NaN or inf exactly when an entry is (or when
-        # one tensor's 2-norm exceeds 2**64, which also counts as non-finite).
-        norm = _norms.global_norm(updates).astype(state.stats.norm.dtype)
-        finite = jnp.isfinite(norm)
-        consecutive = jnp.where(
-            finite, jnp.zeros((), jnp.int32), optax.safe_increment(state.consecutive)
-        )
-        apply = finite
-        if max_consecutive is not None:
-            apply = apply | (consecutive > jnp.asarray(max_consecutive, jnp.int32))
-        out, inner_state = _apply_or_skip(
-            inner, apply, updates, state.inner_state, params, extra_args
-        )
-        stats = _guard_stats(
-            state.stats, norm, jnp.full_like(norm, jnp.inf), apply, finite
-        )
-        return out, SkipNonfiniteState(inner_state, stats, consecutive)
+    def parts_of(state: SkipNonfiniteState) -> Parts:
+        unused = jnp.zeros((), jnp.int32)  # skip_nonfinite does not count skips
+        action_state = SkipParts(state.inner_state, (), state.consecutive, unused)
+        return Parts((), action_state, state.packed_stats)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    step = Step(
+        scope, rules.fixed(float("inf")), action, True, make, parts_of,
+        SkipNonfiniteState,
+    )  # fmt: skip
+    return step.transform()
 
 
 class SkipSpikesState(NamedTuple):
@@ -114,24 +126,28 @@ class SkipSpikesState(NamedTuple):
 
     Attributes:
       inner_state: the wrapped optimizer's state.
-      stats: [`ClipStats`][optaxclip.ClipStats] (``norm``: global norm of the
-        incoming updates; ``threshold``: ``mean + sigma * std`` of the past
-        norms, ``inf`` while not yet checked; ``scale``: 1 if applied, 0 if
-        skipped; ``clipped``: 1 if skipped).
-      norms: ring buffer of the last ``window`` finite update norms.
-      losses: ring buffer of the last ``window`` finite losses.
-      norm_count: int32, norms recorded so far.
-      loss_count: int32, losses recorded so far.
+      rule_state: the rule's state for the gradient norm (for the default
+        rule a [`MeanStdState`][optaxclip.rules.MeanStdState]: the last
+        ``window`` recorded norms and their count).
+      loss_state: the same rule's state for the loss (the ``value`` extra
+        argument).
       skipped: int32, total steps skipped.
+      packed_stats: the latest step's stats, packed; read them as
+        ``state.stats`` (``norm``: global norm of the incoming updates;
+        ``threshold``: the rule's bound, ``inf`` while not yet checked;
+        ``scale``: 1 if applied, 0 if skipped; ``clipped``: 1 if skipped).
     """
 
     inner_state: Any
-    stats: ClipStats
-    norms: jax.Array
-    losses: jax.Array
-    norm_count: jax.Array
-    loss_count: jax.Array
+    rule_state: Any
+    loss_state: Any
     skipped: jax.Array
+    packed_stats: jax.Array
+
+    @property
+    def stats(self) -> ClipStats:
+        """The latest step's [`ClipStats`][optaxclip.ClipStats]."""
+        return decode_record(self.packed_stats)
 
 
 def skip_spikes(
@@ -140,6 +156,9 @@ def skip_spikes(
     sigma: Any = 6.0,
     *,
     min_history: int | None = None,
+    rule: rules.Threshold | None = None,
+    axis_name: _norms.AxisName = None,
+    partition_specs: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Skips steps whose gradient norm (or loss) spikes above its recent history.
 
@@ -164,6 +183,11 @@ def skip_spikes(
     within 0 steps). A step with a NaN or Inf norm or loss is always skipped
     and never recorded.
 
+    The check is a rule, the skip an action: the default rule is
+    [`rules.mean_std`][optaxclip.rules.mean_std], and ``rule=`` takes any
+    other; [`skip_nonfinite`][optaxclip.skip_nonfinite] is the same guard
+    with an infinite threshold.
+
     Args:
       inner: the optimizer to guard.
       window: the number of previous steps compared against (a Python int
@@ -171,6 +195,15 @@ def skip_spikes(
       sigma: how many standard deviations above the mean count as a spike.
       min_history: keyword-only; recorded values (current included) needed
         before steps are checked.
+      rule: keyword-only; any threshold rule (or number, or schedule) in
+        place of the default ``rules.mean_std(window, sigma,
+        min_history=min_history)``: a step is skipped when its norm is above
+        the rule's bound, and the loss is checked by the same rule with its
+        own state (e.g. ``rule=rules.zscore(max_norm=None)``). With ``rule``,
+        leave ``window``, ``sigma`` and ``min_history`` at their defaults.
+      axis_name: keyword-only; mesh axis (or axes) the leaves are split
+        across inside ``shard_map`` / ``pmap``.
+      partition_specs: keyword-only; which leaves are split across it.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -192,58 +225,137 @@ def skip_spikes(
       OLMo-core ``SkipStepOptimizer`` (allenai/OLMo-core); Team OLMo,
       [2 OLMo 2 Furious](https://arxiv.org/abs/2501.00656), 2024.
     """
+    if rule is None:
+        with _checks.arguments("skip_spikes"):
+            rule = rules.mean_std(window, sigma, min_history=min_history)
+    else:
+        given = window != 128 or not _is_default_sigma(sigma) or min_history is not None
+        if given:
+            raise ValueError(
+                f"skip_spikes got `rule`={rule!r} and also window={window!r}, "
+                f"sigma={sigma!r}, min_history={min_history!r}: those configure the "
+                "default rule. Pass them to the rule instead, e.g. "
+                "`rule=rules.mean_std(window, sigma)`."
+            )
+        rule = rules.as_rule(rule, "rule")
     with _checks.arguments("skip_spikes"):
-        _checks.check_size(window, "window", lo=2)
-        _checks.check_number(sigma, "sigma", lo=0.0)
-        _checks.check_size(min_history, "min_history", lo=3, allow_none=True)
-    if min_history is None:
-        min_history = max(3, window // 2)
-    inner = optax.with_extra_args_support(inner)
+        scope = GuardScope(axis_name, partition_specs, "skip_spikes")
+    action = Skip(optax.with_extra_args_support(inner), rule, None)
 
-    def init_fn(params):
-        acc = _norms.tree_acc_dtype(params)
-        # Every field its own buffer, so the state can be donated after init.
+    def make(parts: Parts) -> SkipSpikesState:
+        inner_state, loss_state, _, skipped = parts.action_state
         return SkipSpikesState(
-            inner.init(params),
-            ClipStats.zeros(jnp.zeros((), acc)),
-            jnp.zeros((window,), acc),
-            jnp.zeros((window,), acc),
-            jnp.zeros((), jnp.int32),
+            inner_state, parts.rule_state, loss_state, skipped, parts.packed_stats
+        )
+
+    def parts_of(state: SkipSpikesState) -> Parts:
+        unused = jnp.zeros((), jnp.int32)  # skip_spikes has no max_consecutive
+        action_state = SkipParts(
+            state.inner_state, state.loss_state, unused, state.skipped
+        )
+        return Parts(state.rule_state, action_state, state.packed_stats)
+
+    step = Step(scope, rule, action, True, make, parts_of, SkipSpikesState)
+    return step.transform()
+
+
+def _is_default_sigma(sigma: Any) -> bool:
+    return isinstance(sigma, int | float) and float(sigma) == 6.0
+
+
+@dataclasses.dataclass(frozen=True)
+class GuardMeasurement(Measurement):
+    """The global 2-norm of the updates, and the loss when one is passed."""
+
+    loss: jax.Array | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class GuardScope:
+    """The whole tree's 2-norm; a step is finite when it and the loss are."""
+
+    axis_name: _norms.AxisName
+    partition_specs: Any
+    owner: str
+
+    def norm_like(self, params: Any) -> jax.Array:
+        return jnp.zeros((), _norms.tree_acc_dtype(params))
+
+    def measure(self, updates, params, extra_args) -> GuardMeasurement:
+        del params
+        # One pass: the norm is NaN or inf exactly when an entry is (or when
+        # one tensor's 2-norm exceeds 2**64, which also counts as non-finite).
+        norm = _norms.global_norm(
+            updates, 2, self.axis_name, partition_specs=self.partition_specs
+        ).astype(_norms.tree_acc_dtype(updates))
+        finite = jnp.isfinite(norm)
+        value = extra_args.get("value")
+        loss = None
+        if value is not None:
+            loss = jnp.asarray(value).astype(norm.dtype)
+            finite = finite & jnp.isfinite(loss)
+        return GuardMeasurement(norm, finite, norm, norm, loss)
+
+
+class SkipParts(NamedTuple):
+    """The skip action's state: the inner optimizer's, and its counters."""
+
+    inner_state: Any
+    loss_state: Any
+    consecutive: Any
+    skipped: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Skip:
+    """Action: apply the wrapped optimizer, or skip the step entirely.
+
+    A step is skipped when it is not finite or its norm (or loss, checked
+    by ``loss_rule`` against its own history) is above the threshold,
+    unless more than ``max_consecutive`` non-finite steps came in a row.
+    """
+
+    inner: optax.GradientTransformationExtraArgs
+    loss_rule: rules.Rule | None
+    max_consecutive: int | None
+    stateless = False
+
+    def init(self, params: Any) -> SkipParts:
+        loss_state = ()
+        if self.loss_rule is not None:
+            loss_state = self.loss_rule.init(jnp.zeros((), _norms.tree_acc_dtype(params)))
+        # Every field its own buffer, so the state can be donated after init.
+        return SkipParts(
+            self.inner.init(params),
+            loss_state,
             jnp.zeros((), jnp.int32),
             jnp.zeros((), jnp.int32),
         )
 
-    def update_fn(updates, state, params=None, **extra_args):
-        acc = state.norms.dtype
-        norm = _norms.global_norm(updates).astype(acc)
-        finite = jnp.isfinite(norm)
-        sig = jnp.asarray(sigma, acc)
-        bound, active = _history_bound(state.norms, state.norm_count, sig, min_history)
-        spike = active & (norm > bound)
-        norms, norm_count = state.norms, state.norm_count
-        losses, loss_count = state.losses, state.loss_count
-        value = extra_args.get("value")
-        if value is not None:
-            loss = jnp.asarray(value).astype(acc)
-            finite = finite & jnp.isfinite(loss)
-            l_bound, l_active = _history_bound(losses, loss_count, sig, min_history)
-            spike = spike | (l_active & (loss > l_bound))
-            losses, loss_count = _record(losses, loss_count, loss, finite)
-        # A zero norm (frozen or masked step) is no measurement of the scale.
-        norms, norm_count = _record(norms, norm_count, norm, finite & (norm > 0))
+    def apply(self, updates: Any, measured: GuardMeasurement, ctx: Context) -> Applied:
+        finite = measured.finite
+        spike = measured.norms > ctx.threshold
+        state: SkipParts = ctx.state
+        loss_state = state.loss_state
+        if self.loss_rule is not None and measured.loss is not None:
+            bound, new = self.loss_rule.update(loss_state, measured.loss, ctx.count)
+            spike = spike | (measured.loss > bound)
+            loss_state = keep_if(finite, new, loss_state)
         apply = finite & ~spike
-        out, inner_state = _apply_or_skip(
-            inner, apply, updates, state.inner_state, params, extra_args
+        consecutive = jnp.where(
+            finite,
+            jnp.zeros_like(state.consecutive),
+            optax.safe_increment(state.consecutive),
         )
-        stats = _guard_stats(
-            state.stats, norm, jnp.where(active, bound, jnp.inf), apply, finite
+        if self.max_consecutive is not None:
+            apply = apply | (consecutive > jnp.asarray(self.max_consecutive, jnp.int32))
+        out, inner_state = _apply_or_skip(
+            self.inner, apply, updates, state.inner_state, ctx.params, ctx.extra_args
         )
         skipped = state.skipped + (~apply).astype(jnp.int32)
-        return out, SkipSpikesState(
-            inner_state, stats, norms, losses, norm_count, loss_count, skipped
-        )
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+        scale = apply.astype(measured.norms.dtype)
+        new_state = SkipParts(inner_state, loss_state, consecutive, skipped)
+        return Applied(out, scale, ~apply, new_state)
 
 
 def _apply_or_skip(inner, apply, updates, inner_state, params, extra_args):
@@ -255,36 +367,3 @@ def _apply_or_skip(inner, apply, updates, inner_state, params, extra_args):
     out, new_state = inner.update(updates, inner_state, params, **extra_args)
     out = jax.tree.map(lambda x: zero_unless(apply, jnp.asarray(x)), out)
     return out, keep_if(apply, new_state, inner_state)
-
-
-def _history_bound(buffer, count, sigma, min_history):
-    window = buffer.shape[0]
-    n = jnp.minimum(count, window)
-    valid = jnp.arange(window) < n
-    n_f = jnp.maximum(n, 1).astype(buffer.dtype)
-    mean = jnp.sum(jnp.where(valid, buffer, 0)) / n_f
-    centred = jnp.where(valid, buffer - mean, 0)
-    var = jnp.sum(centred * centred) / jnp.maximum(n - 1, 1).astype(buffer.dtype)
-    active = (n + 1 >= min_history) & (n >= 2)
-    return mean + sigma * jnp.sqrt(var), active
-
-
-def _record(buffer, count, value, finite):
-    slot = count % buffer.shape[0]
-    updated = buffer.at[slot].set(value)
-    return (
-        jnp.where(finite, updated, buffer),
-        jnp.where(finite, optax.safe_increment(count), count),
-    )
-
-
-def _guard_stats(old, norm, threshold, apply, finite) -> ClipStats:
-    one = jnp.ones_like(norm)
-    return ClipStats(
-        norm=norm,
-        threshold=threshold.astype(norm.dtype),
-        scale=jnp.where(apply, one, jnp.zeros_like(one)),
-        clipped=(~apply).astype(jnp.int32),
-        nonfinite_count=old.nonfinite_count + (~finite).astype(jnp.int32),
-        count=optax.safe_increment(old.count),
-    )

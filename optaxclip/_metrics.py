@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._stats import ClipStats, stats
+from ._core import ClipStats, stats
 
 __all__ = ["metrics"]
 

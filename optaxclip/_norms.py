@@ -27,7 +27,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +38,7 @@ __all__ = ["global_norm", "unitwise_norm"]
 
 AxisName = str | tuple[str, ...] | None
 _INF = float("inf")
+INF = _INF
 
 
 # ---------------------------------------------------------------------------
@@ -261,14 +262,30 @@ def safe_root(total: jax.Array, p: float | jax.Array) -> jax.Array:
     """``total ** (1/p)`` with a zero-safe derivative (identity for ``inf``).
 
     NaN and ``inf`` pass through (they mark a non-finite step); at zero the
-    root is taken of 1 and multiplied by 0, so its derivative is 0, not NaN.
+    derivative is 0, not NaN. The root is the last op (its derivative is
+    defined separately), so XLA fuses it into the reduction that feeds it.
     """
     if _is_static(p, _INF, 1.0):
         return total
+    if _is_static(p, 2.0):
+        return _sqrt(total)
     zero = jax.lax.convert_element_type(total == 0, total.dtype)
     base = total + zero
-    root = jax.lax.sqrt(base) if _is_static(p, 2.0) else base ** (1 / p)
-    return root * (1 - zero)
+    return base ** (1 / p) * (1 - zero)
+
+
+@jax.custom_jvp
+def _sqrt(x: jax.Array) -> jax.Array:
+    return jax.lax.sqrt(x)
+
+
+@_sqrt.defjvp
+def _sqrt_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    root = jax.lax.sqrt(x)
+    positive = x > 0
+    safe = jnp.where(positive, root, jnp.ones_like(root))
+    return root, jnp.where(positive, t / (2 * safe), jnp.zeros_like(t))
 
 
 def piece_scale(
@@ -450,8 +467,12 @@ _SHIFT = 2.0**-64
 _UNSHIFT_ROOT = 2.0**32
 
 
-def _is_static(p: Any, *values: float) -> bool:
+def is_static(p: Any, *values: float) -> bool:
+    """Whether the order ``p`` is a Python float among ``values``."""
     return isinstance(p, float) and p in values
+
+
+_is_static = is_static
 
 
 def measure_total(
@@ -492,6 +513,11 @@ def _measure_total(leaves, p, groups):
     # otherwise fuse every leaf's reduction into one giant reduction, whose
     # compile time grows super-linearly with the number of leaves.
     sums = [power_sum(x, p).astype(acc) for x in leaves]
+    if p == 2.0 and len(sums) == 1 and groups == [()]:
+        # One local sum cannot overflow where its own terms did not: it is
+        # inf exactly when the tensor's norm is beyond 2**64 (a non-finite
+        # step). The root then fuses into the reduction's kernel.
+        return safe_root(sums[0], 2.0)
     out = None
     for names in dict.fromkeys(groups):
         vector = stack_barrier(
@@ -512,11 +538,12 @@ def _measure_total(leaves, p, groups):
     if p != 2.0:
         return out
     total, scaled = out[0], out[1]
-    return jnp.where(
-        jnp.isposinf(total),
-        safe_root(scaled, 2.0) * _UNSHIFT_ROOT,
-        safe_root(total, 2.0),
-    )
+    # One root of whichever sum is finite: a single expensive op, which XLA
+    # fuses into the reduction rather than giving it a kernel of its own.
+    overflow = jnp.isposinf(total)
+    chosen = jnp.where(overflow, scaled, total)
+    factor = jnp.where(overflow, _UNSHIFT_ROOT, 1.0).astype(chosen.dtype)
+    return safe_root(chosen, 2.0) * factor
 
 
 def _norm_of_norms(norms: jax.Array, p: float | jax.Array) -> jax.Array:
@@ -565,34 +592,55 @@ def _join(a: jax.Array, b: jax.Array, p: float | jax.Array) -> jax.Array:
     return a + b
 
 
+class Segments(NamedTuple):
+    """Segment norms, with each leaf's own norms for scaling it.
+
+    Attributes:
+      norms: one norm per segment, concatenated into a vector.
+      pieces: per leaf, its segments' norms shaped to broadcast against it.
+    """
+
+    norms: jax.Array
+    pieces: tuple[jax.Array, ...]
+
+
 def segment_norms(
     leaves: Sequence[jax.Array],
     p: float | jax.Array,
     keep_axes: Sequence[tuple[int, ...]],
     groups: Sequence[tuple[str, ...]],
     normalize: bool = False,
-    pieces: bool = False,
-) -> jax.Array | tuple[jax.Array, list[jax.Array], bool]:
+) -> jax.Array:
     """One norm per segment, concatenated into a vector.
 
     Leaf ``i`` is reduced over every axis except ``keep_axes[i]`` (leading
     axes: stacked layers or a batch), giving ``prod(shape[keep])`` segments.
     With ``normalize`` the power sum is divided by the segment size first
     (an RMS for ``p = 2``).
-
-    With ``pieces`` also returns each leaf's own measurement, shaped to
-    broadcast against the leaf, and whether those are (mean) sums of squares
-    (a static ``p = 2``: no root is taken per leaf) rather than norms; turn
-    one into a scale with `piece_scale`. Scaling a leaf by its own
-    piece, rather than by a slice of the vector, keeps the per-leaf kernels
-    of equally shaped leaves identical, so XLA compiles one kernel for all of
-    them instead of one per leaf.
     """
+    return _segments(leaves, p, keep_axes, groups, normalize, None).norms
+
+
+def segment_pieces(
+    leaves: Sequence[jax.Array],
+    p: float | jax.Array,
+    keep_axes: Sequence[tuple[int, ...]],
+    groups: Sequence[tuple[str, ...]],
+    normalize: bool = False,
+) -> Segments:
+    """`segment_norms`, with each leaf's own piece (a `Segments`).
+
+    Scaling a leaf by its own piece, rather than by a slice of the vector,
+    keeps the per-leaf kernels of equally shaped leaves identical, so XLA
+    compiles one kernel for all of them instead of one per leaf.
+    """
+    return _segments(leaves, p, keep_axes, groups, normalize, "norms")
+
+
+def _segments(leaves, p, keep_axes, groups, normalize, parts) -> Segments:
     if not leaves:
-        empty = jnp.zeros((0,), jnp.float32)
-        return (empty, [], False) if pieces else empty
-    squared = pieces and _is_static(p, 2.0)
-    vector, parts = dispatch_ord(
+        return Segments(jnp.zeros((0,), jnp.float32), ())
+    vector, pieces = dispatch_ord(
         p,
         functools.partial(
             _segment_norms,
@@ -600,10 +648,10 @@ def segment_norms(
             keep_axes=keep_axes,
             groups=groups,
             normalize=normalize,
-            parts="squared" if squared else ("norms" if pieces else None),
+            parts=parts,
         ),
     )
-    return (vector, parts, squared) if pieces else vector
+    return Segments(vector, tuple(pieces))
 
 
 def _segment_norms(leaves, p, keep_axes, groups, normalize, parts):
@@ -657,6 +705,12 @@ def _segment_norms(leaves, p, keep_axes, groups, normalize, parts):
     if parts == "squared":
         return norms, total_parts
     norm_parts = [safe_root(t, p) for t in total_parts]
+    if local and norm_parts and _is_static(p, 1.0, 2.0):
+        # The vector is built from the leaves' own norms: each root then
+        # fuses into its leaf's reduction, which nothing else reads.
+        norms = stack_barrier(
+            [jax.lax.reshape(q, (q.size,)) for q in norm_parts], concat=True
+        )
     if _is_static(p, 1.0, 2.0):
         # A float32 sum of squares (or of moduli) overflows only for a
         # segment whose norm is above 2**64 (for p = 1, above float32's
@@ -700,6 +754,16 @@ def segment_view(values: jax.Array, x: jax.Array, keep: tuple[int, ...]) -> jax.
     """Reshapes one leaf's slice of a segment vector to broadcast against it."""
     shape = [x.shape[a] if a in keep else 1 for a in range(x.ndim)]
     return values.reshape(shape)
+
+
+def cross_device_vector(
+    vector: jax.Array,
+    counts: Sequence[int],
+    groups: Sequence[tuple[str, ...]],
+    p: float | jax.Array,
+) -> jax.Array:
+    """Combines a vector of per-leaf segments across the mesh axes of each leaf."""
+    return _cross_device_vector(vector, counts, groups, p)
 
 
 def _cross_device_vector(vector, counts, groups, p):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -9,9 +10,9 @@ import jax.numpy as jnp
 import optax
 
 from . import _checks, _norms
-from ._clipping import check_nonfinite, fresh_state, keep_if, zero_unless
-from ._stats import ClipState, ClipStats
-from .rules import Rule, as_rule, quantile
+from ._core import Measurement, Step, check_nonfinite, safe_scale, zero_unless
+from ._scopes import Rescale
+from .rules import as_rule
 
 __all__ = [
     "clip_per_example",
@@ -35,10 +36,11 @@ def clip_per_example(
     parameters (no batch axis). Works under ``jit`` for batch sizes from 1
     and leaves of any rank; integer leaves are returned untouched.
 
-    ``rules.quantile`` sees the vector of per-example norms and moves the
-    bound by the fraction of unclipped examples (the adaptive clipping of
-    Andrew et al.); any other rule learns from the batch's mean per-example
-    norm. One bound is used for the whole batch.
+    The rule sees the vector of per-example norms (samples of one
+    measurement) and returns one bound for the whole batch: ``rules.quantile``
+    moves it by the fraction of unclipped examples (the adaptive clipping of
+    Andrew et al.), the other rules learn from the batch's mean
+    per-example norm.
 
     The transform adds no noise. For DP-SGD, follow it with Gaussian noise of
     standard deviation ``noise_multiplier * C`` on the sum (``C`` is
@@ -90,75 +92,80 @@ def clip_per_example(
       Andrew et al., [Differentially Private Learning with Adaptive
       Clipping](https://arxiv.org/abs/1905.03871), 2021.
     """
-    zero_nonfinite = check_nonfinite(nonfinite)
+    zero = check_nonfinite(nonfinite)
     rule = as_rule(l2_norm_clip, "l2_norm_clip")
+    return Step(_ExampleScope(), rule, Rescale(), zero).transform()
 
-    def init_fn(params):
-        norm_like = jnp.zeros((), _norms.tree_acc_dtype(params))
-        return ClipState(
-            rule_state=rule.init(norm_like), stats=ClipStats.zeros(norm_like)
-        )
 
-    def update_fn(updates, state, params=None, **extra_args):
-        del params, extra_args
-        if state is None or isinstance(state, optax.EmptyState):
-            # Only the dtype of the tree shapes the state: the per-example
-            # gradients stand in for the params.
-            state = fresh_state(rule, state, lambda: init_fn(updates))
-        check_batch(updates, "clip_per_example")
-        leaves = _norms.float_leaves(updates)
-        if not leaves:
-            return updates, state
-        norms = example_norms(leaves)
-        state_dtype = state.stats.norm.dtype
-        finite = jnp.isfinite(norms)
-        all_finite = jnp.all(finite)
-        n_finite = jnp.sum(finite, dtype=jnp.int32)
-        mean_norm = jnp.sum(jnp.where(finite, norms, 0.0)) / jnp.maximum(
-            n_finite, 1
-        ).astype(norms.dtype)
-        count = state.stats.count
-        seen = norms if _sees_batch(rule) else mean_norm
-        threshold, rule_state = rule.update(
-            state.rule_state, seen.astype(state_dtype), count
-        )
-        # A negative threshold (possible only from a traced hyperparameter,
-        # which construction cannot check) acts as 0.
-        threshold = jnp.maximum(jnp.asarray(threshold, norms.dtype), 0)
-        rule_state = keep_if(all_finite, rule_state, state.rule_state)
-        multipliers = clip_multipliers(norms, threshold)
-        if zero_nonfinite:
-            multipliers = jnp.where(finite, multipliers, 0.0)
+@dataclasses.dataclass(frozen=True)
+class ExampleMeasurement(Measurement):
+    """Per-example norms: the record holds their mean, the rule sees them all.
+
+    Attributes:
+      examples: the norm of each example (float32, float64 under x64).
+      example_finite: whether each example's norm is finite.
+    """
+
+    examples: jax.Array = dataclasses.field(default_factory=lambda: jnp.zeros(0))
+    example_finite: jax.Array = dataclasses.field(
+        default_factory=lambda: jnp.zeros(0, bool)
+    )
+
+    def rescale(self, updates, threshold, keep):
+        norms = self.examples
+        finite = self.example_finite
+        bound = threshold.astype(norms.dtype)
+        multipliers = clip_multipliers(norms, bound)
+        if keep is not None:
+            # The policy is per example: a non-finite example contributes
+            # zero, the others are kept.
+            multipliers = zero_unless(finite, multipliers)
 
         def clip_sum(g):
             if not _norms.is_float(g):
                 return g
-            if zero_nonfinite:
+            if keep is not None:
                 g = zero_unless(finite.reshape((-1,) + (1,) * (g.ndim - 1)), g)
             return batch_sum(multipliers, g)
 
         summed = jax.tree.map(clip_sum, updates)
-        stats = ClipStats(
-            norm=mean_norm.astype(state_dtype),
-            threshold=threshold.astype(state_dtype),
-            scale=jnp.mean(multipliers).astype(state_dtype),
-            clipped=jnp.sum(finite & (norms > threshold), dtype=jnp.int32),
-            nonfinite_count=state.stats.nonfinite_count
-            + (~all_finite).astype(jnp.int32),
-            count=optax.safe_increment(count),
+        dtype = self.norms.dtype
+        scale = jnp.mean(multipliers).astype(dtype) if norms.size else jnp.ones((), dtype)
+        clipped = jnp.sum(finite & (norms > bound), dtype=jnp.int32)
+        return summed, scale, clipped
+
+
+@dataclasses.dataclass(frozen=True)
+class _ExampleScope:
+    owner: str = "clip_per_example"
+
+    def norm_like(self, params):
+        return jnp.zeros((), _norms.tree_acc_dtype(params))
+
+    def measure(self, updates, params, extra_args):
+        del params, extra_args
+        check_batch(updates, "clip_per_example")
+        dtype = _norms.tree_acc_dtype(updates)
+        leaves = _norms.float_leaves(updates)
+        if not leaves:
+            none = jnp.zeros((0,), dtype)
+            return ExampleMeasurement(
+                jnp.zeros((), dtype), jnp.asarray(True), none, None, none, none > 0
+            )
+        norms = example_norms(leaves)
+        finite = jnp.isfinite(norms)
+        n_finite = jnp.sum(finite, dtype=jnp.int32)
+        mean = jnp.sum(jnp.where(finite, norms, 0.0)) / jnp.maximum(
+            n_finite, 1
+        ).astype(norms.dtype)
+        return ExampleMeasurement(
+            mean.astype(dtype),
+            jnp.all(finite),
+            norms.astype(dtype),
+            None,
+            norms,
+            finite,
         )
-        return summed, ClipState(rule_state=rule_state, stats=stats)
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _sees_batch(rule: Rule) -> bool:
-    """Whether ``rule`` learns from the vector of per-example norms.
-
-    Only the quantile rule defines that (the fraction of unclipped examples);
-    every other rule is elementwise over a scalar measurement.
-    """
-    return isinstance(rule, quantile)
 
 
 def per_example_global_norm_clip(
@@ -301,12 +308,10 @@ def example_norms(leaves: list[jax.Array], p: float = 2.0) -> jax.Array:
 
 
 def clip_multipliers(norms: jax.Array, bound: jax.typing.ArrayLike) -> jax.Array:
-    """``min(1, bound / norm)`` per example; 1 where that is 0/0 (as optax)."""
-    bound = jnp.asarray(bound, norms.dtype)
-    positive = norms > 0
-    safe = jnp.where(positive, norms, jnp.ones_like(norms))
-    ratio = jnp.where(positive, bound / safe, jnp.where(bound > 0, jnp.inf, 1.0))
-    return jnp.minimum(ratio, 1.0)
+    """``min(1, bound / norm)`` per example (`safe_scale`), and 1 for a NaN
+    norm: such an example passes unscaled, as optax does."""
+    scale = safe_scale(norms, jnp.asarray(bound, norms.dtype))
+    return jnp.where(jnp.isnan(norms), jnp.ones_like(scale), scale)
 
 
 def batch_sum(multipliers: jax.Array, g: jax.Array) -> jax.Array:

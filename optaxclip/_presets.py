@@ -1,15 +1,16 @@
 """Published adaptive clipping methods, each under its paper's name.
 
-Most are one line: a scope from `optaxclip._clipping` with a rule from
-[`optaxclip.rules`][optaxclip.rules]. The element-wise methods (SPAM, Stable-SPAM) and
-Clippy, whose bound is not one number per measured norm, are small
-transforms of their own built from the same measuring helpers; their states
-hold a [`ClipStats`][optaxclip.ClipStats] so [`optaxclip.stats`][optaxclip.stats] finds
-them.
+Most are one line: a scope from `optaxclip._scopes` with a rule from
+[`optaxclip.rules`][optaxclip.rules]. SPAM, Stable-SPAM and Clippy are
+declarations over the same core step with an action (or scope) of their
+own: SPAM clamps each entry relative to a second moment, Stable-SPAM scales
+the entries above a bias-corrected bound, Clippy rescales each tensor of the
+update relative to the parameters.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, NamedTuple
 
@@ -18,18 +19,34 @@ import jax.numpy as jnp
 import optax
 
 from . import _checks, _norms, rules
-from ._clipping import (
+from ._core import (
+    Applied,
+    ClipStats,
+    Context,
+    Measurement,
+    Parts,
+    Step,
     check_nonfinite,
-    clip_by_global_norm,
-    clip_by_norm,
+    decode_record,
     keep_if,
     map_float,
+    safe_scale,
     scale_leaf,
+    zero_tree,
     zero_unless,
 )
-from ._stats import ClipStats
+from ._scopes import (
+    GlobalScope,
+    Rescale,
+    TensorScope,
+    clip_by_global_norm,
+    clip_by_norm,
+)
 
 __all__ = [
+    "ClippyState",
+    "SpamClipState",
+    "StableSpamClipState",
     "adagc",
     "autoclip",
     "clippy",
@@ -53,6 +70,7 @@ def autoclip(
     include_zeros: bool = False,
     nonfinite: str = "zero",
     axis_name: Any = None,
+    partition_specs: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """AutoClip: clip the global norm to a percentile of its own history.
 
@@ -81,6 +99,8 @@ def autoclip(
       nonfinite: keyword-only; ``"zero"`` (default) or ``"propagate"``.
       axis_name: keyword-only; the ``shard_map`` mesh axis the leaves are
         split across.
+      partition_specs: keyword-only; which leaves are split across
+        ``axis_name`` (a pytree prefix of ``PartitionSpec``).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -103,7 +123,12 @@ def autoclip(
     """
     with _checks.arguments("autoclip", p="percentile", window="history"):
         rule = rules.percentile(percentile, window=history, include_zeros=include_zeros)
-        return clip_by_global_norm(rule, nonfinite=nonfinite, axis_name=axis_name)
+        return clip_by_global_norm(
+            rule,
+            nonfinite=nonfinite,
+            axis_name=axis_name,
+            partition_specs=partition_specs,
+        )
 
 
 def zclip(
@@ -119,6 +144,7 @@ def zclip(
     *,
     nonfinite: str = "zero",
     axis_name: Any = None,
+    partition_specs: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """ZClip: z-score spike clipping of the global norm.
 
@@ -154,6 +180,8 @@ def zclip(
       skip_update_on_spike: leave the EMAs untouched on a spike.
       nonfinite: keyword-only; ``"zero"`` (default) or ``"propagate"``.
       axis_name: keyword-only; the ``shard_map`` mesh axis.
+      partition_specs: keyword-only; which leaves are split across
+        ``axis_name`` (a pytree prefix of ``PartitionSpec``).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -186,7 +214,12 @@ def zclip(
             clip_factor=clip_factor,
             skip_update_on_spike=skip_update_on_spike,
         )
-        return clip_by_global_norm(rule, nonfinite=nonfinite, axis_name=axis_name)
+        return clip_by_global_norm(
+            rule,
+            nonfinite=nonfinite,
+            axis_name=axis_name,
+            partition_specs=partition_specs,
+        )
 
 
 def adagc(
@@ -198,6 +231,8 @@ def adagc(
     *,
     nonfinite: str = "zero",
     axis_name: Any = None,
+    partition_specs: Any = None,
+    stacked_axes: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """AdaGC: per-tensor clipping relative to an EMA of each tensor's norm.
 
@@ -216,7 +251,8 @@ def adagc(
     almost zero); ``gamma`` starts from the tensor's first non-zero norm,
     and a run of zero steps leaves it as it was (recovery within 0 steps).
     NaN/Inf steps are zeroed and leave every ``gamma`` untouched. The
-    warm-up's global norm is computed from the per-tensor norms, exactly.
+    warm-up's global norm is the tree's 2-norm, which the tensor scope
+    passes to the rule.
 
     Args:
       lambda_rel: the bound relative to ``gamma``.
@@ -226,6 +262,10 @@ def adagc(
       eps: added to the norm in the clip coefficients.
       nonfinite: keyword-only; ``"zero"`` (default) or ``"propagate"``.
       axis_name: keyword-only; the ``shard_map`` mesh axis.
+      partition_specs: keyword-only; which leaves are split across
+        ``axis_name`` (a pytree prefix of ``PartitionSpec``).
+      stacked_axes: keyword-only; leading stacked-layer axes (see
+        [`clip_by_norm`][optaxclip.clip_by_norm]).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``stats`` hold one entry
@@ -256,7 +296,13 @@ def adagc(
         rule = rules.ema(
             lambda_rel, beta, warmup_steps, warmup_max_norm=lambda_abs, eps=eps
         )
-        return clip_by_norm(rule, nonfinite=nonfinite, axis_name=axis_name)
+        return clip_by_norm(
+            rule,
+            nonfinite=nonfinite,
+            axis_name=axis_name,
+            partition_specs=partition_specs,
+            stacked_axes=stacked_axes,
+        )
 
 
 def olmo_adaptive_clip(
@@ -266,6 +312,8 @@ def olmo_adaptive_clip(
     *,
     nonfinite: str = "zero",
     axis_name: Any = None,
+    partition_specs: Any = None,
+    stacked_axes: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """OLMo's adaptive clipping: each tensor to a ratio of its norm's EMA.
 
@@ -290,6 +338,10 @@ def olmo_adaptive_clip(
       eps: added to the norm in the clip coefficient.
       nonfinite: keyword-only; ``"zero"`` (default) or ``"propagate"``.
       axis_name: keyword-only; the ``shard_map`` mesh axis.
+      partition_specs: keyword-only; which leaves are split across
+        ``axis_name`` (a pytree prefix of ``PartitionSpec``).
+      stacked_axes: keyword-only; leading stacked-layer axes (see
+        [`clip_by_norm`][optaxclip.clip_by_norm]).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``stats`` hold one entry
@@ -311,7 +363,13 @@ def olmo_adaptive_clip(
     """
     with _checks.arguments("olmo_adaptive_clip", ratio="max_grad_norm_ratio"):
         rule = rules.ema(max_grad_norm_ratio, beta, 0, eps=eps)
-        return clip_by_norm(rule, nonfinite=nonfinite, axis_name=axis_name)
+        return clip_by_norm(
+            rule,
+            nonfinite=nonfinite,
+            axis_name=axis_name,
+            partition_specs=partition_specs,
+            stacked_axes=stacked_axes,
+        )
 
 
 def quantile_clip(
@@ -322,6 +380,7 @@ def quantile_clip(
     *,
     nonfinite: str = "zero",
     axis_name: Any = None,
+    partition_specs: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Quantile-tracking clipping of the global norm (streaming).
 
@@ -348,6 +407,8 @@ def quantile_clip(
       geometric: multiplicative (default) or additive update.
       nonfinite: keyword-only; ``"zero"`` (default) or ``"propagate"``.
       axis_name: keyword-only; the ``shard_map`` mesh axis.
+      partition_specs: keyword-only; which leaves are split across
+        ``axis_name`` (a pytree prefix of ``PartitionSpec``).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -367,7 +428,12 @@ def quantile_clip(
     """
     with _checks.arguments("quantile_clip", target="target_quantile"):
         rule = rules.quantile(target_quantile, learning_rate, initial, geometric)
-        return clip_by_global_norm(rule, nonfinite=nonfinite, axis_name=axis_name)
+        return clip_by_global_norm(
+            rule,
+            nonfinite=nonfinite,
+            axis_name=axis_name,
+            partition_specs=partition_specs,
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -382,14 +448,21 @@ class SpamClipState(NamedTuple):
       nu: the EMA of the clipped squared gradient (float32 or better), shaped
         like the updates.
       count: int32, finite steps seen.
-      stats: [`ClipStats`][optaxclip.ClipStats] (``norm``: global norm before
-        clipping; ``threshold``: global norm after; ``scale``: their ratio;
-        ``clipped``: number of entries clipped).
+      packed_stats: the latest step's stats, packed; read them as
+        ``state.stats`` (``norm``: global norm before clipping;
+        ``threshold``: the spike threshold on ``g**2 / v``; ``scale``: the
+        global norm after clipping over the one before; ``clipped``: number
+        of entries clipped).
     """
 
     nu: Any
     count: jax.Array
-    stats: ClipStats
+    packed_stats: jax.Array
+
+    @property
+    def stats(self) -> ClipStats:
+        """The latest step's [`ClipStats`][optaxclip.ClipStats]."""
+        return decode_record(self.packed_stats)
 
 
 def spam_clip(
@@ -399,6 +472,8 @@ def spam_clip(
     guard_steps: Any = 20,
     *,
     nonfinite: str = "zero",
+    axis_name: _norms.AxisName = None,
+    partition_specs: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """SPAM's spike-aware clipping: each entry against its second moment.
 
@@ -425,6 +500,11 @@ def spam_clip(
       reset_interval: steps between resets of ``v``; 0 for none.
       guard_steps: steps without clipping after the start and each reset.
       nonfinite: keyword-only; ``"zero"`` (default) or ``"propagate"``.
+      axis_name: keyword-only; the ``shard_map`` / ``pmap`` mesh axis (or
+        axes) the leaves are split across (the recorded norms and counts
+        are then the whole tree's).
+      partition_specs: keyword-only; which leaves are split across
+        ``axis_name`` (a pytree prefix of ``PartitionSpec``).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -449,72 +529,82 @@ def spam_clip(
         _checks.check_number(beta2, "beta2", lo=0.0, hi=1.0)
         _checks.check_number(reset_interval, "reset_interval", lo=0, integer=True)
         _checks.check_number(guard_steps, "guard_steps", lo=0, integer=True)
-        keep_nonfinite = not check_nonfinite(nonfinite)
+        zero = check_nonfinite(nonfinite)
+    scope = GlobalScope(2.0, axis_name, partition_specs, owner="spam_clip")
+    action = _SpamAction(beta2, reset_interval, guard_steps, axis_name, partition_specs)
 
-    def init_fn(params):
+    def make(parts: Parts) -> SpamClipState:
+        nu, count = parts.action_state
+        return SpamClipState(nu, count, parts.packed_stats)
+
+    def parts_of(state: SpamClipState) -> Parts:
+        return Parts((), (state.nu, state.count), state.packed_stats)
+
+    step = Step(
+        scope, rules.fixed(threshold), action, zero, make, parts_of, SpamClipState
+    )
+    return step.transform()
+
+
+@dataclasses.dataclass(frozen=True)
+class _SpamAction:
+    """Clamp each entry to ``sqrt(threshold * v)``, then update ``v``."""
+
+    beta2: Any
+    reset_interval: Any
+    guard_steps: Any
+    axis_name: Any
+    partition_specs: Any
+    stateless = False
+
+    def init(self, params: Any) -> tuple[Any, jax.Array]:
         nu = map_float(lambda _, x: jnp.zeros_like(x, dtype=_real_acc(x)), params)
-        acc = _norms.tree_acc_dtype(params)
-        return SpamClipState(
-            nu, jnp.zeros((), jnp.int32), ClipStats.zeros(jnp.zeros((), acc))
-        )
+        return nu, jnp.zeros((), jnp.int32)
 
-    def update_fn(updates, state, params=None, **extra_args):
-        del params, extra_args
-        _checks.check_same_tree("spam_clip", state.nu, updates)
-        acc = _norms.tree_acc_dtype(updates)
-        t = state.count + 1
-        interval = jnp.asarray(reset_interval, jnp.int32)
-        guard = jnp.asarray(guard_steps, jnp.int32)
+    def apply(self, updates: Any, measured: Measurement, ctx: Context) -> Applied:
+        nu_tree, count = ctx.state
+        _checks.check_same_tree("spam_clip", nu_tree, updates)
+        acc = measured.norms.dtype
+        t = count + 1
+        interval = jnp.asarray(self.reset_interval, jnp.int32)
+        guard = jnp.asarray(self.guard_steps, jnp.int32)
         periodic = interval > 0
         phase = jnp.where(periodic, t % jnp.maximum(interval, 1), t)
         reset = periodic & (phase == 0)
         active = (t >= guard) & (phase >= guard)
-        bound_factor = jnp.asarray(threshold, acc)
-        b2 = jnp.asarray(beta2, acc)
-        rest = rules.one_minus(beta2, acc)
-
-        parts, nus = [], []
+        b2 = jnp.asarray(self.beta2, acc)
+        rest = rules.one_minus(self.beta2, acc)
+        nus, counted = [], []
 
         def clip_leaf(_, g, nu):
             nu = jnp.where(reset, jnp.zeros_like(nu), nu)
             magnitude = jnp.abs(g).astype(nu.dtype)
-            bound = jnp.sqrt(bound_factor.astype(nu.dtype) * nu)
+            bound = jnp.sqrt(ctx.threshold.astype(nu.dtype) * nu)
             over = active & (nu > 0) & (magnitude > bound)
             safe = jnp.where(over, magnitude, jnp.ones_like(magnitude))
             factor = jnp.where(over, bound / safe, jnp.ones_like(safe))
             new_mag = jnp.where(over, bound, magnitude)
             nus.append(b2.astype(nu.dtype) * nu + rest.astype(nu.dtype) * new_mag**2)
-            parts.append(
-                (
-                    jnp.sum(magnitude * magnitude).astype(acc),
-                    jnp.sum(new_mag * new_mag).astype(acc),
-                    jnp.sum(over, dtype=jnp.int32),
-                )
-            )
+            counted.append(jnp.sum(over, dtype=jnp.int32))
             return scale_leaf(g, factor, None)
 
-        clipped_tree = map_float(clip_leaf, updates, state.nu)
-        new_nu = map_float(lambda i, _: nus[i], state.nu)
-        if parts:
-            before, after, count = (
-                _norms.stack_barrier([p[k] for p in parts]) for k in range(3)
-            )
-            before, after, n_clipped = jnp.sum(before), jnp.sum(after), jnp.sum(count)
-        else:
-            before = after = jnp.zeros((), acc)
-            n_clipped = jnp.zeros((), jnp.int32)
-        norm, clipped_norm = jnp.sqrt(before), jnp.sqrt(after)
-        finite = jnp.isfinite(norm)
-        out = _zero_unless(finite, clipped_tree, keep_nonfinite)
-        new_nu = keep_if(finite, new_nu, state.nu)
-        scale = jnp.where(norm > 0, clipped_norm / jnp.where(norm > 0, norm, 1), 1)
-        stats = _stats(
-            state.stats, norm, clipped_norm, scale, n_clipped, finite, keep_nonfinite
+        clipped_tree = map_float(clip_leaf, updates, nu_tree)
+        new_nu = map_float(lambda i, _: nus[i], nu_tree)
+        after = _norms.global_norm(
+            clipped_tree, 2, self.axis_name, partition_specs=self.partition_specs
+        ).astype(acc)
+        n_clipped = (
+            jnp.sum(_norms.stack_barrier(counted)) if counted else jnp.zeros((), jnp.int32)
         )
-        count = jnp.where(finite, optax.safe_increment(state.count), state.count)
-        return out, SpamClipState(new_nu, count, stats)
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+        if self.axis_name is not None:
+            n_clipped = jax.lax.psum(n_clipped, self.axis_name)
+        finite = measured.finite
+        norm = measured.norms
+        scale = jnp.where(norm > 0, after / jnp.where(norm > 0, norm, 1), 1)
+        new_nu = keep_if(finite, new_nu, nu_tree)
+        count = jnp.where(finite, optax.safe_increment(count), count)
+        out = zero_tree(ctx.keep, clipped_tree)
+        return Applied(out, zero_unless(ctx.keep, scale), n_clipped, (new_nu, count))
 
 
 class StableSpamClipState(NamedTuple):
@@ -523,18 +613,28 @@ class StableSpamClipState(NamedTuple):
     Attributes:
       m_max: the EMA of each tensor's largest absolute entry.
       count: int32, the number of non-zero gradients each tensor has had.
-      stats: [`ClipStats`][optaxclip.ClipStats] (``norm``: each tensor's largest
-        absolute entry; ``threshold``: the bias-corrected bound ``T``;
-        ``scale``: ``T / max|g|`` where clipped; ``clipped``: entries clipped).
+      packed_stats: the latest step's stats, packed; read them as
+        ``state.stats`` (``norm``: each tensor's largest absolute entry;
+        ``threshold``: the bias-corrected bound ``T``; ``scale``:
+        ``T / max|g|`` where clipped; ``clipped``: entries clipped).
     """
 
     m_max: jax.Array
     count: jax.Array
-    stats: ClipStats
+    packed_stats: jax.Array
+
+    @property
+    def stats(self) -> ClipStats:
+        """The latest step's [`ClipStats`][optaxclip.ClipStats]."""
+        return decode_record(self.packed_stats)
 
 
 def stable_spam_clip(
-    beta: Any = 0.999, *, nonfinite: str = "zero"
+    beta: Any = 0.999,
+    *,
+    nonfinite: str = "zero",
+    axis_name: _norms.AxisName = None,
+    partition_specs: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Stable-SPAM's adaptive spike clipping: entries above a per-tensor bound.
 
@@ -553,6 +653,11 @@ def stable_spam_clip(
       beta: EMA factor of the largest absolute entry (Stable-SPAM's
         ``theta``), in ``[0, 1)``.
       nonfinite: keyword-only; ``"zero"`` (default) or ``"propagate"``.
+      axis_name: keyword-only; the ``shard_map`` / ``pmap`` mesh axis (or
+        axes) the leaves are split across (the recorded norms and counts
+        are then the whole tree's).
+      partition_specs: keyword-only; which leaves are split across
+        ``axis_name`` (a pytree prefix of ``PartitionSpec``).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -575,32 +680,53 @@ def stable_spam_clip(
     with _checks.arguments("stable_spam_clip"):
         # beta = 1 would divide by 1 - beta**t = 0 in the bias correction.
         _checks.check_number(beta, "beta", lo=0.0, hi=1.0, hi_open=True)
-        keep_nonfinite = not check_nonfinite(nonfinite)
+        zero = check_nonfinite(nonfinite)
+    scope = TensorScope(
+        _norms.INF, axis_name, partition_specs, None, False, owner="stable_spam_clip"
+    )
 
-    def init_fn(params):
-        n = len(_norms.float_leaves(params))
-        zeros = jnp.zeros((n,), _norms.tree_acc_dtype(params))
-        return StableSpamClipState(
-            zeros, jnp.zeros((n,), jnp.int32), ClipStats.zeros(zeros)
+    def make(parts: Parts) -> StableSpamClipState:
+        m_max, count = parts.rule_state
+        return StableSpamClipState(m_max, count, parts.packed_stats)
+
+    def parts_of(state: StableSpamClipState) -> Parts:
+        return Parts(_MaxEmaState(state.m_max, state.count), (), state.packed_stats)
+
+    step = Step(
+        scope, _BiasCorrectedMax(beta), _ScaleAbove(), zero, make, parts_of,
+        StableSpamClipState,
+    )  # fmt: skip
+    return step.transform()
+
+
+class _MaxEmaState(NamedTuple):
+    m_max: jax.Array
+    count: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class _BiasCorrectedMax:
+    """Stable-SPAM's bound: a bias-corrected EMA of the largest entry, this
+    step included; a tensor's EMA and count advance only on non-zero steps."""
+
+    beta: Any
+
+    def init(self, norm_like: jax.Array) -> _MaxEmaState:
+        return _MaxEmaState(
+            jnp.zeros_like(norm_like), jnp.zeros(norm_like.shape, jnp.int32)
         )
 
-    def update_fn(updates, state, params=None, **extra_args):
-        del params, extra_args
-        leaves = _norms.float_leaves(updates)
-        _checks.check_tensor_count("stable_spam_clip", state.m_max.shape[0], leaves)
-        if not leaves:
-            return updates, state
-        acc = state.m_max.dtype
-        largest = _norms.stack_barrier(
-            [_norms.power_sum(x, float("inf")).astype(acc) for x in leaves]
-        )
-        b = jnp.asarray(beta, acc)
-        seen = largest > 0
+    def update(self, state: _MaxEmaState, norm: jax.Array, step: jax.Array):
+        del step
+        acc = norm.dtype
+        b = jnp.asarray(self.beta, acc)
+        seen = norm > 0
         count = state.count + seen.astype(jnp.int32)
         m_max = jnp.where(
-            seen, b * state.m_max + rules.one_minus(beta, acc) * largest, state.m_max
+            seen, b * state.m_max + rules.one_minus(self.beta, acc) * norm, state.m_max
         )
         # 1 - beta**t without cancellation: -expm1(t * log(beta)).
+        beta = self.beta
         log_b = (
             jnp.log(b) if isinstance(beta, jax.Array) else jnp.asarray(_log(beta), acc)
         )
@@ -608,46 +734,66 @@ def stable_spam_clip(
         bound = jnp.where(
             count > 0, m_max / jnp.where(count > 0, correction, 1), jnp.inf
         )
+        return bound, _MaxEmaState(m_max, count)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ScaleAbove:
+    """Stable-SPAM's action: entries above a tensor's bound ``T`` are
+    multiplied by ``T / max|g|``; the others are kept."""
+
+    stateless = True
+
+    def init(self, params: Any) -> tuple[()]:
+        del params
+        return ()
+
+    def apply(self, updates: Any, measured: Measurement, ctx: Context) -> Applied:
+        largest, bound = measured.norms, ctx.threshold
+        bound = jnp.broadcast_to(bound, largest.shape)
         over = largest > bound
         factor = jnp.where(over, bound / jnp.where(over, largest, 1), 1)
         counted = []
 
         def clip_leaf(i, g):
-            magnitude = jnp.abs(g).astype(acc)
+            magnitude = jnp.abs(g).astype(largest.dtype)
             mask = magnitude > bound[i]
             counted.append(jnp.sum(mask, dtype=jnp.int32))
             return scale_leaf(
-                g, jnp.where(mask, factor[i], jnp.ones_like(magnitude)), None
+                g, jnp.where(mask, factor[i], jnp.ones_like(magnitude)), ctx.keep
             )
 
-        clipped = map_float(clip_leaf, updates)
-        finite = jnp.all(jnp.isfinite(largest))
-        out = _zero_unless(finite, clipped, keep_nonfinite)
-        n_clipped = jnp.sum(_norms.stack_barrier(counted))
-        stats = _stats(
-            state.stats, largest, bound, factor, n_clipped, finite, keep_nonfinite
+        out = map_float(clip_leaf, updates)
+        n_clipped = (
+            jnp.sum(_norms.stack_barrier(counted)) if counted else jnp.zeros((), jnp.int32)
         )
-        m_max = jnp.where(finite, m_max, state.m_max)
-        count = jnp.where(finite, count, state.count)
-        return out, StableSpamClipState(m_max, count, stats)
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+        return Applied(out, zero_unless(ctx.keep, factor), n_clipped, ctx.state)
 
 
 class ClippyState(NamedTuple):
     """State of [`clippy`][optaxclip.clippy].
 
     Attributes:
-      stats: [`ClipStats`][optaxclip.ClipStats], one entry per tensor (``norm``:
-        the largest ``|u| / (relative * |w| + absolute)``; ``threshold``: 1;
-        ``scale``: the factor applied; ``clipped``: tensors scaled down).
+      packed_stats: the latest step's stats, packed, one entry per tensor;
+        read them as ``state.stats`` (``norm``: the largest
+        ``|u| / (relative * |w| + absolute)``; ``threshold``: 1; ``scale``:
+        the factor applied; ``clipped``: tensors scaled down).
     """
 
-    stats: ClipStats
+    packed_stats: jax.Array
+
+    @property
+    def stats(self) -> ClipStats:
+        """The latest step's [`ClipStats`][optaxclip.ClipStats]."""
+        return decode_record(self.packed_stats)
 
 
 def clippy(
-    relative: Any = 0.1, absolute: Any = 1e-7, *, nonfinite: str = "zero"
+    relative: Any = 0.1,
+    absolute: Any = 1e-7,
+    *,
+    nonfinite: str = "zero",
+    axis_name: _norms.AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Clippy: scale each tensor's *update* so no entry moves its weight too far.
 
@@ -664,6 +810,8 @@ def clippy(
       relative: the largest move relative to the weight's magnitude.
       absolute: the largest move of a zero weight.
       nonfinite: keyword-only; ``"zero"`` (default) or ``"propagate"``.
+      axis_name: keyword-only; the ``shard_map`` / ``pmap`` mesh axis (or
+        axes) the leaves are split across.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -688,33 +836,63 @@ def clippy(
     with _checks.arguments("clippy"):
         _checks.check_number(relative, "relative", lo=0.0)
         _checks.check_number(absolute, "absolute", lo=0.0)
-        keep_nonfinite = not check_nonfinite(nonfinite)
+        zero = check_nonfinite(nonfinite)
+    scope = _RelativeScope(relative, absolute, axis_name)
 
-    def init_fn(params):
+    def make(parts: Parts) -> ClippyState:
+        return ClippyState(parts.packed_stats)
+
+    def parts_of(state: ClippyState) -> Parts:
+        return Parts((), (), state.packed_stats)
+
+    step = Step(
+        scope, rules.fixed(1.0), Rescale(), zero, make, parts_of, ClippyState
+    )
+    return step.transform()
+
+
+@dataclasses.dataclass(frozen=True)
+class RelativeMeasurement(Measurement):
+    """Each tensor's largest move relative to its weights (clippy)."""
+
+    def rescale(self, updates, threshold, keep):
+        scale = safe_scale(self.norms, threshold, keep)
+        out = map_float(lambda i, u: scale_leaf(u, scale[i], keep), updates)
+        return out, scale, jnp.sum(self.norms > threshold, dtype=jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class _RelativeScope:
+    """The tensor scope on the update relative to the parameters."""
+
+    relative: Any
+    absolute: Any
+    axis_name: Any
+    owner: str = "clippy"
+
+    def norm_like(self, params):
         n = len(_norms.float_leaves(params))
-        return ClippyState(
-            ClipStats.zeros(jnp.zeros((n,), _norms.tree_acc_dtype(params)))
-        )
+        return jnp.zeros((n,), _norms.tree_acc_dtype(params))
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def measure(self, updates, params, extra_args):
         del extra_args
         if params is None:
             raise ValueError(
                 "clippy needs the parameters: call `tx.update(updates, state, params)`."
             )
-        leaves = _norms.float_leaves(updates)
-        _checks.check_tensor_count("clippy", state.stats.norm.shape[0], leaves)
         _checks.check_params("clippy", updates, params)
+        acc = _norms.tree_acc_dtype(updates)
+        leaves = _norms.float_leaves(updates)
         if not leaves:
-            return updates, state
-        acc = state.stats.norm.dtype
+            empty = jnp.zeros((0,), acc)
+            return RelativeMeasurement(empty, jnp.asarray(True), empty)
         flat_params = jax.tree.structure(updates).flatten_up_to(params)
         weights = [
             w
             for u, w in zip(jax.tree.leaves(updates), flat_params, strict=True)
             if _norms.is_float(u)
         ]
-        rel, ab = jnp.asarray(relative, acc), jnp.asarray(absolute, acc)
+        rel, ab = jnp.asarray(self.relative, acc), jnp.asarray(self.absolute, acc)
         ratios, largest = [], []
         for u, w in zip(leaves, weights, strict=True):
             mag = jnp.abs(u).astype(acc)
@@ -723,25 +901,10 @@ def clippy(
             ratio = jnp.where(moving, mag / jnp.where(moving, room, 1), 0)
             ratios.append(jnp.max(ratio, initial=0.0))
             largest.append(jnp.max(mag, initial=0.0))
-        ratio = _norms.stack_barrier(ratios)
-        finite = jnp.all(jnp.isfinite(_norms.stack_barrier(largest)))
-        over = ratio > 1
-        scale = jnp.where(over, 1 / jnp.where(over, ratio, 1), 1)
-        scale = jnp.where(jnp.isinf(ratio), jnp.zeros_like(scale), scale)
-        out = map_float(lambda i, u: scale_leaf(u, scale[i], None), updates)
-        out = _zero_unless(finite, out, keep_nonfinite)
-        stats = _stats(
-            state.stats,
-            ratio,
-            jnp.ones_like(ratio),
-            scale,
-            jnp.sum(over, dtype=jnp.int32),
-            finite,
-            keep_nonfinite,
-        )
-        return out, ClippyState(stats)
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+        names = _norms.axis_names(self.axis_name)
+        ratio = _norms.cross_device(_norms.stack_barrier(ratios), names, _norms.INF)
+        big = _norms.cross_device(_norms.stack_barrier(largest), names, _norms.INF)
+        return RelativeMeasurement(ratio, jnp.all(jnp.isfinite(big)), ratio)
 
 
 # ---------------------------------------------------------------------------
@@ -755,22 +918,3 @@ def _log(beta: Any) -> float:
 
 def _real_acc(x: jax.Array) -> jnp.dtype:
     return _norms.acc_dtype(x.dtype)
-
-
-def _zero_unless(finite: jax.Array, tree: Any, keep_nonfinite: bool) -> Any:
-    if keep_nonfinite:
-        return tree
-    return map_float(lambda _, x: zero_unless(finite, x), tree)
-
-
-def _stats(old, norm, threshold, scale, clipped, finite, keep_nonfinite) -> ClipStats:
-    if not keep_nonfinite:
-        scale = jnp.where(finite, scale, jnp.zeros_like(scale))
-    return ClipStats(
-        norm=norm,
-        threshold=threshold.astype(norm.dtype),
-        scale=scale.astype(norm.dtype),
-        clipped=jnp.asarray(clipped, jnp.int32),
-        nonfinite_count=old.nonfinite_count + (~finite).astype(jnp.int32),
-        count=optax.safe_increment(old.count),
-    )

@@ -29,21 +29,32 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, NamedTuple, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, TypeAlias, Union, runtime_checkable
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from ._checks import check_choice, check_flag, check_schedule, check_size
-from ._checks import check_number as check_number
-from ._checks import check_threshold as check_threshold
+from ._checks import (
+    check_choice,
+    check_flag,
+    check_number,
+    check_schedule,
+    check_size,
+    check_threshold,
+)
 
 __all__ = [
+    "EmaState",
+    "MeanStdState",
+    "PercentileState",
     "Rule",
+    "Threshold",
+    "ZScoreState",
     "as_rule",
     "ema",
     "fixed",
+    "mean_std",
     "percentile",
     "quantile",
     "scheduled",
@@ -64,8 +75,24 @@ class Rule(Protocol):
         """Returns the threshold for ``norm`` and the next state.
 
         The threshold is shaped like ``norm``, or is a scalar that applies to
-        every entry of it.
+        every entry of it. ``norm`` may carry extra leading axes of samples
+        of the measurement (per-example norms): a rule then returns one
+        threshold for them all, reducing the samples as its statistic
+        defines (the mean, or for `quantile` the fraction below the bound).
         """
+
+
+Threshold: TypeAlias = Union[float, int, jax.Array, optax.Schedule, Rule]
+"""What every scope accepts as its bound: a number, a scalar array, an
+``optax.Schedule`` of the step count, or a [`Rule`][optaxclip.rules.Rule]."""
+
+
+def samples_mean(norm: jax.Array, ndim: int) -> jax.Array:
+    """``norm`` averaged over its leading axes beyond ``ndim`` (the samples)."""
+    extra = norm.ndim - ndim
+    if extra <= 0:
+        return norm
+    return jnp.mean(norm, axis=tuple(range(extra)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,7 +287,7 @@ class percentile:  # noqa: N801
         del step
         size = self.size
         dt = state.buffer.dtype
-        norm = norm.astype(dt)
+        norm = samples_mean(norm.astype(dt), state.count.ndim)
         # Each entry keeps its own count: on the tensor scope a frozen
         # tensor records nothing while the others go on recording.
         record = jnp.ones(norm.shape, jnp.bool_) if self.include_zeros else norm > 0
@@ -406,6 +433,7 @@ class zscore:  # noqa: N801
 
     def update(self, state: ZScoreState, norm, step):
         del step
+        norm = samples_mean(norm, state.mean.ndim)
         dt = norm.dtype
         alpha = jnp.asarray(self.alpha, dt)
         z_thresh = jnp.asarray(self.z, dt)
@@ -483,10 +511,10 @@ class ema:  # noqa: N801
     ``a <- beta * a + (1 - beta) * min(n, bound)`` (the post-clip norm).
 
     During the first ``warmup`` finite steps (AdaGC): the measured norms are
-    clipped together to a 2-norm of at most ``warmup_max_norm`` (the norms
-    are treated as the parts of one global 2-norm, as the tensor scope's
-    per-tensor norms are; None means no clipping), and ``a`` is the running
-    minimum of the post-clip norms.
+    clipped together so the whole tree's 2-norm is at most
+    ``warmup_max_norm`` (the scope passes that norm to ``update`` as
+    ``total``; None means no clipping), and ``a`` is the running minimum of
+    the post-clip norms.
 
     No absorbing zero: a norm of exactly zero never reaches the average. An
     average of exactly zero is "not set"; zero norms never set it (a tensor
@@ -550,8 +578,19 @@ class ema:  # noqa: N801
     def init(self, norm_like: jax.Array) -> EmaState:
         return EmaState(jnp.zeros((), jnp.int32), jnp.zeros_like(norm_like))
 
-    def update(self, state: EmaState, norm, step):
+    @property
+    def needs_total(self) -> bool:
+        """Whether ``update`` needs the whole tree's norm (``warmup_max_norm``)."""
+        return self.warmup_max_norm is not None
+
+    def update(self, state: EmaState, norm, step, total=None):
+        """The threshold and next state; ``total`` is the tree's global 2-norm.
+
+        ``total`` is read only with ``warmup_max_norm`` (the scopes that
+        measure a 2-norm pass it).
+        """
         del step
+        norm = samples_mean(norm, state.average.ndim)
         dt = norm.dtype
         eps = jnp.asarray(self.eps, dt)
         beta = jnp.asarray(self.beta, dt)
@@ -562,7 +601,14 @@ class ema:  # noqa: N801
         if self.warmup_max_norm is None:
             coefficient = jnp.ones((), dt)
         else:
-            total = jnp.sqrt(jnp.sum(norm * norm))
+            if total is None:
+                raise ValueError(
+                    "rules.ema(warmup_max_norm=...) bounds the global 2-norm of "
+                    "the whole tree during warm-up, and this scope does not "
+                    "measure it. Use it with clip_by_norm (ord=2) or "
+                    "clip_by_global_norm (ord=2), or pass warmup_max_norm=None."
+                )
+            total = jnp.asarray(total, dt)
             cap = jnp.asarray(self.warmup_max_norm, dt)
             coefficient = jnp.where(total > cap - eps, cap / (total + eps), 1)
         w_threshold = norm * coefficient
@@ -686,6 +732,114 @@ class quantile:  # noqa: N801
         else:
             new = jnp.maximum(bound - move, 0)
         return bound, jnp.where(moves, new, bound)
+
+
+class MeanStdState(NamedTuple):
+    """State of [`mean_std`][optaxclip.rules.mean_std].
+
+    Attributes:
+      buffer: the last ``window`` recorded values, shape
+        ``norm.shape + (window,)`` (a ring buffer).
+      count: int32, shaped like the norms: values recorded so far.
+    """
+
+    buffer: jax.Array
+    count: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class mean_std:  # noqa: N801
+    """The mean plus ``sigma`` standard deviations of the last ``window`` values.
+
+    The bound on a step is ``mean + sigma * std`` of the values recorded on
+    earlier steps (at most the last ``window``; ``std`` unbiased; this
+    step's value is not included), and ``inf`` until ``min_history`` values
+    have been recorded, this step's included, and at least two earlier ones
+    (where the unbiased ``std`` is defined). Then this step's value is
+    recorded. This is OLMo-core's spike rule (``SkipStepOptimizer``), the
+    default of [`skip_spikes`][optaxclip.skip_spikes]; as a clipping
+    threshold it bounds a norm to its recent spread.
+
+    No absorbing zero: a value of exactly zero (a frozen or masked step) is
+    not recorded, so a run of zeros, however long, leaves the history as it
+    was (recovery within 0 steps). (OLMo-core records it: after a run of
+    zero steps filling the window the bound is 0, and every later step is a
+    spike until enough non-zero values have been recorded.) Negative values
+    (a loss) are recorded.
+
+    Args:
+      window: the number of earlier values compared against, a Python int
+        ``>= 2``.
+      sigma: how many standard deviations above the mean is the bound,
+        ``>= 0``.
+      min_history: keyword-only; recorded values (this step's included)
+        needed before the bound is finite; default ``max(3, window // 2)``
+        (OLMo-core's ``window // 2``, but never fewer than two earlier
+        values).
+
+    Returns:
+      A rule; its state is a [`MeanStdState`][optaxclip.rules.MeanStdState].
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from optaxclip import rules
+      >>> rule = rules.mean_std(window=4, sigma=1.0, min_history=3)
+      >>> state = rule.init(jnp.zeros(()))
+      >>> for n in [1.0, 3.0, 2.0]:
+      ...     bound, state = rule.update(state, jnp.array(n), 0)
+      ...     print(bound)
+      inf
+      inf
+      3.4142...
+
+    References:
+      OLMo-core ``SkipStepOptimizer`` (allenai/OLMo-core); Team OLMo,
+      [2 OLMo 2 Furious](https://arxiv.org/abs/2501.00656), 2024.
+    """
+
+    window: int = 128
+    sigma: Any = 6.0
+    _: dataclasses.KW_ONLY
+    min_history: int | None = None
+
+    def __post_init__(self):
+        check_size(self.window, "window", lo=2)
+        check_number(self.sigma, "sigma", lo=0.0)
+        check_size(self.min_history, "min_history", lo=3, allow_none=True)
+
+    @property
+    def history(self) -> int:
+        """The recorded values needed before the bound is finite."""
+        if self.min_history is None:
+            return max(3, int(self.window) // 2)
+        return int(self.min_history)
+
+    def init(self, norm_like: jax.Array) -> MeanStdState:
+        norm_like = jnp.asarray(norm_like)
+        buffer = jnp.zeros((*norm_like.shape, int(self.window)), norm_like.dtype)
+        return MeanStdState(buffer, jnp.zeros(norm_like.shape, jnp.int32))
+
+    def update(self, state: MeanStdState, norm, step):
+        del step
+        window = int(self.window)
+        dt = state.buffer.dtype
+        value = samples_mean(jnp.asarray(norm).astype(dt), state.count.ndim)
+        count = state.count
+        n = jnp.minimum(count, window)
+        slots = jax.lax.broadcasted_iota(jnp.int32, state.buffer.shape, value.ndim)
+        valid = slots < n[..., None]
+        n_f = jnp.maximum(n, 1).astype(dt)
+        mean = jnp.sum(jnp.where(valid, state.buffer, 0), axis=-1) / n_f
+        centred = jnp.where(valid, state.buffer - mean[..., None], 0)
+        var = jnp.sum(centred * centred, axis=-1) / jnp.maximum(n - 1, 1).astype(dt)
+        active = (n + 1 >= self.history) & (n >= 2)
+        bound = mean + jnp.asarray(self.sigma, dt) * jnp.sqrt(var)
+        threshold = jnp.where(active, bound, jnp.full_like(bound, jnp.inf))
+        record = value != 0
+        write = (slots == (count % window)[..., None]) & record[..., None]
+        buffer = jnp.where(write, value[..., None], state.buffer)
+        count = jnp.where(record, optax.safe_increment(count), count)
+        return threshold, MeanStdState(buffer, count)
 
 
 def one_minus(value: Any, dtype: Any) -> jax.Array:

@@ -1,17 +1,14 @@
 """The clipping scopes: element, tensor, unit and global.
 
-Every public function here builds one transform from three choices: a scope
-(what is measured), a threshold rule (the bound) and an action (rescale or
-clamp). `_transform` is the single implementation of the step: measure
-once, ask the rule for the threshold, keep the rule's statistics clean of
-non-finite steps, then scale in one fused pass.
+Every public function here declares one transform from three choices: a
+scope (what is measured), a threshold rule (the bound) and an action
+(rescale or clamp), run by the core step (`optaxclip._core.Step`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -19,8 +16,20 @@ import numpy as np
 import optax
 
 from . import _checks, _norms
-from ._stats import ClipState, ClipStats
-from .rules import Rule, as_rule, check_threshold, fixed, scheduled
+from ._core import (
+    Applied,
+    Context,
+    Measurement,
+    Scope,
+    Step,
+    check_nonfinite,
+    map_float,
+    rescale,
+    safe_scale,
+    scale_leaf,
+    zero_unless,
+)
+from .rules import Threshold, as_rule
 
 __all__ = [
     "adaptive_grad_clip",
@@ -31,8 +40,6 @@ __all__ = [
     "clip_by_value",
 ]
 
-Threshold = Any  # a number, a scalar array, an optax.Schedule or a Rule
-_NONFINITE = ("zero", "propagate")
 
 
 # ---------------------------------------------------------------------------
@@ -91,10 +98,10 @@ def clip_by_global_norm(
       Pascanu et al., [On the difficulty of training Recurrent Neural
       Networks](https://arxiv.org/abs/1211.5063), 2013.
     """
-    scope = _GlobalScope(
+    scope = GlobalScope(
         ord=_norms.check_ord(ord), axis_name=axis_name, partition_specs=partition_specs
     )
-    return _transform(scope, as_rule(max_norm, "max_norm"), nonfinite)
+    return scope_transform(scope, max_norm, "max_norm", nonfinite, Rescale())
 
 
 def clip_by_norm(
@@ -142,14 +149,14 @@ def clip_by_norm(
       >>> print(clipped["a"], clipped["b"], state.stats.norm)
       [0.6 0.8] [0.5] [5.  0.5]
     """
-    scope = _TensorScope(
+    scope = TensorScope(
         ord=_norms.check_ord(ord),
         axis_name=axis_name,
         partition_specs=partition_specs,
         stacked_axes=_check_stacked(stacked_axes),
         normalize=False,
     )
-    return _transform(scope, as_rule(max_norm, "max_norm"), nonfinite)
+    return scope_transform(scope, max_norm, "max_norm", nonfinite, Rescale())
 
 
 def clip_by_block_rms(
@@ -187,14 +194,15 @@ def clip_by_block_rms(
       >>> print(clipped["w"], state.stats.norm)
       [ 1. -1.  1. -1.] [2.]
     """
-    scope = _TensorScope(
+    scope = TensorScope(
         ord=2.0,
         axis_name=axis_name,
         partition_specs=partition_specs,
         stacked_axes=_check_stacked(stacked_axes),
         normalize=True,
+        owner="clip_by_block_rms",
     )
-    return _transform(scope, as_rule(threshold, "threshold"), nonfinite)
+    return scope_transform(scope, threshold, "threshold", nonfinite, Rescale())
 
 
 def clip_by_value(
@@ -229,8 +237,8 @@ def clip_by_value(
       >>> print(clipped, state.stats.norm, state.stats.clipped)
       [-1.   0.5  1. ] 3.0 1
     """
-    scope = _ElementScope(axis_name=axis_name, partition_specs=partition_specs)
-    return _transform(scope, as_rule(max_delta, "max_delta"), nonfinite)
+    scope = ElementScope(axis_name=axis_name, partition_specs=partition_specs)
+    return scope_transform(scope, max_delta, "max_delta", nonfinite, Clamp())
 
 
 clip = clip_by_value
@@ -293,104 +301,28 @@ def adaptive_grad_clip(
       Brock et al., [High-Performance Large-Scale Image Recognition Without
       Normalization](https://arxiv.org/abs/2102.06171), 2021.
     """
-    check_threshold(eps, "eps")
-    scope = _UnitScope(
+    _checks.check_threshold(eps, "eps")
+    scope = UnitScope(
         eps=eps,
         axis=axis,
         axis_name=axis_name,
         partition_specs=partition_specs,
         stacked_axes=_check_stacked(stacked_axes),
     )
-    return _transform(scope, as_rule(clipping, "clipping"), nonfinite)
+    return scope_transform(scope, clipping, "clipping", nonfinite, Rescale())
 
 
 # ---------------------------------------------------------------------------
-# The one transform
+# Building a transform
 # ---------------------------------------------------------------------------
 
 
-def _transform(
-    scope: Any, rule: Rule, nonfinite: str
+def scope_transform(
+    scope: Scope[Any], threshold: Threshold, name: str, nonfinite: str, action: Any
 ) -> optax.GradientTransformationExtraArgs:
-    zero_nonfinite = check_nonfinite(nonfinite)
-
-    def init_fn(params):
-        norm_like = scope.norm_like(params)
-        return ClipState(
-            rule_state=rule.init(norm_like), stats=ClipStats.zeros(norm_like)
-        )
-
-    def update_fn(updates, state, params=None, **extra_args):
-        del extra_args
-        if state is None or isinstance(state, optax.EmptyState):
-            state = fresh_state(rule, state, lambda: init_fn(updates))
-        if not isinstance(state, ClipState):
-            raise TypeError(
-                f"Expected the state of an optaxclip transform (ClipState); got "
-                f"{type(state).__name__}. Was `init` called on this transform?"
-            )
-        measured = scope.measure(updates, params)
-        norms = measured.norms
-        _check_shape(norms, state.stats.norm)
-        count = state.stats.count
-        threshold, rule_state = rule.update(state.rule_state, norms, count)
-        # A scalar threshold (fixed, scheduled) stays a scalar for scaling;
-        # the stats record it per entry.
-        threshold = jnp.maximum(jnp.asarray(threshold, norms.dtype), 0)
-        finite = jnp.all(jnp.isfinite(norms))
-        rule_state = keep_if(finite, rule_state, state.rule_state)
-        keep = finite if zero_nonfinite else None
-        new_updates, scale, clipped = scope.apply(updates, measured, threshold, keep)
-        stats = ClipStats(
-            norm=norms,
-            threshold=jnp.broadcast_to(threshold, norms.shape),
-            scale=scale,
-            clipped=jnp.asarray(clipped, jnp.int32),
-            nonfinite_count=state.stats.nonfinite_count + (~finite).astype(jnp.int32),
-            count=optax.safe_increment(count),
-        )
-        return new_updates, ClipState(rule_state=rule_state, stats=stats)
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def fresh_state(rule: Rule, given: Any, init: Callable[[], Any]) -> Any:
-    """The state to use when ``update`` is given ``None`` / ``EmptyState()``.
-
-    optax's stateless transforms accept ``tx.update(g, None)``; so does a
-    transform whose threshold has no history (a number or a schedule, which
-    is then read at step 0): its state is created fresh. A rule that learns
-    from the run refuses: its history would restart every step.
-    """
-    if isinstance(rule, fixed | scheduled):
-        return init()
-    raise ValueError(
-        f"`update` got state {given!r}, but this transform's threshold rule "
-        f"({type(rule).__name__}) learns from the norms of earlier steps, which "
-        "would restart on every step. Call `state = tx.init(params)` once and "
-        "pass the state that each `update` returns to the next one."
-    )
-
-
-def check_nonfinite(nonfinite: str) -> bool:
-    """Validates the ``nonfinite`` policy; True for ``"zero"``."""
-    _checks.check_choice(nonfinite, "nonfinite", _NONFINITE)
-    return nonfinite == "zero"
-
-
-def keep_if(condition: jax.Array, new: Any, old: Any) -> Any:
-    """``new`` where ``condition`` holds, else ``old`` (leafwise select)."""
-    return jax.tree.map(lambda n, o: jnp.where(condition, n, o), new, old)
-
-
-def _check_shape(norms: jax.Array, recorded: jax.Array) -> None:
-    if norms.shape != recorded.shape:
-        raise ValueError(
-            "The updates do not match the tree this transform was initialized "
-            f"with: it measured {norms.shape[0] if norms.ndim else 1} tensor "
-            f"norm(s) but its state holds {recorded.shape}. Call `init` with "
-            "params of the same structure as the updates."
-        )
+    """The core step over ``scope`` with the user's threshold and policy."""
+    zero = check_nonfinite(nonfinite)
+    return Step(scope, as_rule(threshold, name), action, zero).transform()
 
 
 def _check_stacked(stacked_axes: Any) -> Any:
@@ -404,138 +336,120 @@ def _check_stacked(stacked_axes: Any) -> Any:
     return stacked_axes
 
 
-def scale_factor(
-    norms: jax.Array, threshold: jax.Array, keep: jax.Array | None = None
-) -> jax.Array:
-    """``min(1, threshold / norms)`` with no division by zero (and no NaN grads).
-
-    A norm at or under the threshold gives exactly 1 (a zero norm with a
-    zero threshold too), an infinite norm 0, and a NaN norm a NaN scale, as
-    in optax, so ``nonfinite="propagate"`` reproduces optax; the default
-    policy passes ``keep`` (the step's finiteness), which makes the scale 0
-    on a non-finite step.
-    """
-    return _norms.piece_scale(norms, threshold, False, keep)
-
-
-def scale_leaf(x: jax.Array, scale: jax.Array, keep: jax.Array | None) -> jax.Array:
-    """``x * scale`` computed in the accumulation dtype, cast back to ``x.dtype``.
-
-    With ``keep`` given, entries are zeroed where it is False (a select, so a
-    NaN entry becomes 0 rather than NaN * 0).
-    """
-    dtype = _norms.compute_dtype(x.dtype)
-    a = x if x.dtype == dtype else jax.lax.convert_element_type(x, dtype)
-    out = a * (scale if scale.dtype == dtype else scale.astype(dtype))
-    out = out if out.dtype == x.dtype else jax.lax.convert_element_type(out, x.dtype)
-    return zero_unless(keep, out)
-
-
-def zero_unless(keep: jax.Array | None, x: jax.Array) -> jax.Array:
-    """``x`` where ``keep`` holds, else zeros (None: ``x``).
-
-    ``keep`` is a scalar or broadcasts against ``x`` (one flag per example,
-    say). A select, so a NaN entry becomes 0 rather than NaN * 0. The zeros
-    and a broadcast flag are built from ``x`` (``zeros_like``), so they carry
-    its sharding: on meshes with Explicit axes a select needs operands of
-    one sharding.
-    """
-    if keep is None:
-        return x
-    if jnp.ndim(keep):
-        keep = jnp.logical_or(jnp.zeros_like(x, dtype=bool), keep)
-    return jax.lax.select(keep, x, jnp.zeros_like(x))
-
-
-def map_float(fn: Callable[..., jax.Array], tree: Any, *rest: Any) -> Any:
-    """Applies ``fn(i, leaf, *rest_leaves)`` to the float leaves, in order.
-
-    Integer leaves are returned untouched; ``None`` and ``MaskedNode`` stay.
-    """
-    leaves, treedef = jax.tree.flatten(tree)
-    rest_leaves = [treedef.flatten_up_to(r) for r in rest]
-    out, i = [], 0
-    for j, x in enumerate(leaves):
-        if _norms.is_float(x):
-            out.append(fn(i, x, *(r[j] for r in rest_leaves)))
-            i += 1
-        else:
-            out.append(x)
-    return jax.tree.unflatten(treedef, out)
-
-
 # ---------------------------------------------------------------------------
-# Scopes: what is measured and how the bound is applied
+# Actions
 # ---------------------------------------------------------------------------
 
 
+class Rescales(Protocol):
+    """A measurement that knows how to rescale what it measured."""
+
+    def rescale(
+        self, updates: Any, threshold: jax.Array, keep: jax.Array | None
+    ) -> tuple[Any, jax.Array, jax.Array]:
+        """Returns the rescaled updates, the scale and the clipped count."""
+        ...
+
+
 @dataclasses.dataclass(frozen=True)
-class Measured:
-    """A scope's measurement: the norms the rule sees, plus reusable parts."""
+class Rescale:
+    """Action: rescale each measured unit to the bound (the scope says how)."""
 
-    norms: jax.Array
-    parts: Any = None
+    stateless = True
 
-
-@dataclasses.dataclass(frozen=True)
-class _GlobalScope:
-    ord: Any
-    axis_name: Any
-    partition_specs: Any
-
-    def norm_like(self, params):
-        return jnp.zeros((), _norms.tree_acc_dtype(params))
-
-    def measure(self, updates, params):
+    def init(self, params: Any) -> tuple[()]:
         del params
-        norm = _norms.global_norm(
-            updates, self.ord, self.axis_name, partition_specs=self.partition_specs
-        )
-        return Measured(norm.astype(_norms.tree_acc_dtype(updates)))
+        return ()
 
-    def apply(self, updates, measured, threshold, keep):
-        # One scalar kernel computes both the recorded scale and the leaves'
-        # factor: 0 on a zeroed step, where a select on ``factor > 0`` zeroes
-        # the entries (NaN * 0 is NaN). The per-entry loops then read this
-        # one scalar only; reading the norm as well, XLA would evaluate its
-        # finiteness again for every entry (up to a fifth of the scaling
-        # pass on CPU). One kernel for both also keeps a one-leaf step within
-        # XLA CPU's in-line execution threshold (at most 8 kernels), the
-        # fast path for small trees.
-        factor = scale_factor(measured.norms, threshold, keep)
-        kept = None if keep is None else factor > 0
-        out = map_float(lambda _, x: scale_leaf(x, factor, kept), updates)
-        return out, factor, measured.norms > threshold
+    def apply(self, updates: Any, measured: Any, ctx: Context) -> Applied:
+        out, scale, clipped = measured.rescale(updates, ctx.threshold, ctx.keep)
+        return Applied(out, scale, clipped, ctx.state)
 
 
 @dataclasses.dataclass(frozen=True)
-class _ElementScope:
-    axis_name: Any
-    partition_specs: Any
+class Clamp:
+    """Action: clamp every entry to ``[-bound, bound]`` (complex: the modulus)."""
 
-    def norm_like(self, params):
-        return jnp.zeros((), _norms.tree_acc_dtype(params))
+    stateless = True
 
-    def measure(self, updates, params):
+    def init(self, params: Any) -> tuple[()]:
         del params
-        largest = _norms.global_norm(
-            updates, "inf", self.axis_name, partition_specs=self.partition_specs
-        )
-        return Measured(largest.astype(_norms.tree_acc_dtype(updates)))
+        return ()
 
-    def apply(self, updates, measured, threshold, keep):
+    def apply(self, updates: Any, measured: Measurement, ctx: Context) -> Applied:
+        threshold, keep = ctx.threshold, ctx.keep
+
         def clamp(_, x):
             if jnp.iscomplexobj(x):
-                out = scale_leaf(
-                    x, scale_factor(jnp.abs(x), threshold.astype(x.real.dtype)), None
-                )
+                bound = threshold.astype(x.real.dtype)
+                out = rescale(x, jnp.abs(x), bound, None)
             else:
                 bound = threshold.astype(x.dtype)
                 out = jnp.clip(x, -bound, bound)
             return zero_unless(keep, out)
 
-        scale = scale_factor(measured.norms, threshold, keep)
-        return map_float(clamp, updates), scale, measured.norms > threshold
+        norms = measured.norms
+        scale = safe_scale(norms, threshold, keep)
+        return Applied(map_float(clamp, updates), scale, norms > threshold, ctx.state)
+
+
+# ---------------------------------------------------------------------------
+# Scopes: what is measured, and how it is rescaled
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class GlobalMeasurement(Measurement):
+    """The whole tree's norm (or its largest entry, for the element scope)."""
+
+    def rescale(self, updates, threshold, keep):
+        norm = self.norms
+        out = map_float(lambda _, x: rescale(x, norm, threshold, keep), updates)
+        return out, safe_scale(norm, threshold, keep), norm > threshold
+
+
+def _finite(norms: jax.Array) -> jax.Array:
+    return jnp.all(jnp.isfinite(norms))
+
+
+@dataclasses.dataclass(frozen=True)
+class GlobalScope:
+    """The whole pytree: one ``ord``-norm."""
+
+    ord: Any
+    axis_name: Any
+    partition_specs: Any
+    owner: str = "clip_by_global_norm"
+
+    def norm_like(self, params):
+        return jnp.zeros((), _norms.tree_acc_dtype(params))
+
+    def measure(self, updates, params, extra_args):
+        del params, extra_args
+        norm = _norms.global_norm(
+            updates, self.ord, self.axis_name, partition_specs=self.partition_specs
+        ).astype(_norms.tree_acc_dtype(updates))
+        total = norm if _norms.is_static(self.ord, 2.0) else None
+        return GlobalMeasurement(norm, _finite(norm), norm, total)
+
+
+@dataclasses.dataclass(frozen=True)
+class ElementScope:
+    """Every entry: the largest absolute entry is what is measured."""
+
+    axis_name: Any
+    partition_specs: Any
+    owner: str = "clip_by_value"
+
+    def norm_like(self, params):
+        return jnp.zeros((), _norms.tree_acc_dtype(params))
+
+    def measure(self, updates, params, extra_args):
+        del params, extra_args
+        largest = _norms.global_norm(
+            updates, "inf", self.axis_name, partition_specs=self.partition_specs
+        ).astype(_norms.tree_acc_dtype(updates))
+        return GlobalMeasurement(largest, _finite(largest), largest)
 
 
 def _stacked_per_leaf(stacked_axes, tree):
@@ -545,12 +459,58 @@ def _stacked_per_leaf(stacked_axes, tree):
 
 
 @dataclasses.dataclass(frozen=True)
-class _TensorScope:
+class TensorMeasurement(Measurement):
+    """One norm per tensor (or stacked layer slice), with each leaf's piece.
+
+    Attributes:
+      leaves: the float leaves measured.
+      keep_axes: per leaf, the leading stacked axes kept apart.
+      pieces: per leaf, its norms shaped for broadcasting against it.
+    """
+
+    leaves: tuple[jax.Array, ...] = ()
+    keep_axes: tuple[tuple[int, ...], ...] = ()
+    pieces: tuple[jax.Array, ...] = ()
+
+    def rescale(self, updates, threshold, keep):
+        counts = [
+            _norms.segment_count(x, k)
+            for x, k in zip(self.leaves, self.keep_axes, strict=True)
+        ]
+        offsets = np.cumsum([0, *counts])
+
+        def scale(i, x):
+            # Each leaf is scaled from its own measurement, not from a slice
+            # of the norm vector, and a scalar threshold is used as is, so
+            # equally shaped leaves share one compiled kernel.
+            bound = threshold
+            if threshold.ndim:
+                bound = _norms.segment_view(
+                    threshold[offsets[i] : offsets[i + 1]], x, self.keep_axes[i]
+                )
+            piece = self.pieces[i]
+            if not self.keep_axes[i]:
+                # One norm for the leaf: a scalar, as the global scope's,
+                # so the division fuses into the pass over the leaf.
+                piece = jnp.reshape(piece, ())
+                bound = jnp.reshape(bound, ()) if jnp.ndim(bound) else bound
+            return rescale(x, piece, bound, keep)
+
+        out = map_float(scale, updates)
+        norms = self.norms
+        return out, safe_scale(norms, threshold, keep), jnp.sum(norms > threshold)
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorScope:
+    """Each tensor (leaf), or each stacked layer slice of it."""
+
     ord: Any
     axis_name: Any
     partition_specs: Any
     stacked_axes: Any
     normalize: bool
+    owner: str = "clip_by_norm"
 
     def _keep_axes(self, tree):
         leaves = _norms.float_leaves(tree)
@@ -571,8 +531,8 @@ class _TensorScope:
         n = sum(_norms.segment_count(x, k) for x, k in zip(leaves, keep, strict=True))
         return jnp.zeros((n,), _norms.tree_acc_dtype(params))
 
-    def measure(self, updates, params):
-        del params
+    def measure(self, updates, params, extra_args):
+        del params, extra_args
         leaves, keep = self._keep_axes(updates)
         reduced = [
             tuple(a for a in range(x.ndim) if a not in k)
@@ -581,45 +541,85 @@ class _TensorScope:
         groups = _norms.reduction_groups(
             updates, leaves, self.axis_name, self.partition_specs, reduced
         )
-        norms, pieces, squared = _norms.segment_norms(
-            leaves, self.ord, keep, groups, self.normalize, pieces=True
+        segments = _norms.segment_pieces(
+            leaves, self.ord, keep, groups, self.normalize
         )
         dtype = _norms.tree_acc_dtype(updates)
-        pieces = [
-            piece if piece.dtype == dtype else piece.astype(dtype) for piece in pieces
-        ]
-        return Measured(norms.astype(dtype), (leaves, keep, pieces, squared))
-
-    def apply(self, updates, measured, threshold, keep_mask):
-        leaves, keep, pieces, squared = measured.parts
-        counts = [_norms.segment_count(x, k) for x, k in zip(leaves, keep, strict=True)]
-        offsets = np.cumsum([0, *counts])
-
-        def rescale(i, x):
-            # Each leaf is scaled from its own measurement, not from a slice
-            # of the norm vector, and a scalar threshold is used as is, so
-            # equally shaped leaves share one compiled kernel.
-            bound = threshold
-            if threshold.ndim:
-                bound = _norms.segment_view(
-                    threshold[offsets[i] : offsets[i + 1]], x, keep[i]
-                )
-            return scale_leaf(
-                x, _norms.piece_scale(pieces[i], bound, squared), keep_mask
-            )
-
-        out = map_float(rescale, updates)
-        scale = scale_factor(measured.norms, threshold, keep_mask)
-        return out, scale, jnp.sum(measured.norms > threshold)
+        pieces = tuple(
+            piece if piece.dtype == dtype else piece.astype(dtype)
+            for piece in segments.pieces
+        )
+        norms = segments.norms.astype(dtype)
+        total = None
+        if _norms.is_static(self.ord, 2.0) and not self.normalize:
+            total = jnp.sqrt(jnp.sum(norms * norms))
+        return TensorMeasurement(
+            norms,
+            _finite(norms),
+            norms,
+            total,
+            tuple(leaves),
+            tuple(keep),
+            pieces,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
-class _UnitScope:
+class UnitMeasurement(Measurement):
+    """Each tensor's largest unit ratio ``|g_unit| / max(|w_unit|, eps)``.
+
+    Attributes:
+      units: per leaf, the unit norms of the gradient and of the parameter.
+      everywhere: every mesh axis a leaf is split across.
+      unit_groups: per leaf, the mesh axes that split its units apart.
+    """
+
+    units: tuple[tuple[jax.Array, jax.Array], ...] = ()
+    everywhere: tuple[str, ...] = ()
+    unit_groups: tuple[tuple[str, ...], ...] = ()
+
+    def rescale(self, updates, threshold, keep):
+        smallest, clipped = [], []
+        units = self.units
+
+        def scale(i, x):
+            g_norm, w_norm = units[i]
+            # A scalar threshold is used as is (no per-leaf slice), so equally
+            # shaped leaves share one compiled kernel.
+            bound = threshold[i] if threshold.ndim else threshold
+            max_norm = bound.astype(w_norm.dtype) * w_norm
+            # Not "g_norm > max_norm": a NaN unit norm is rescaled, as in
+            # optax, so NaN reaches the whole unit under "propagate" (the
+            # default policy zeroes the step anyway).
+            over = ~(g_norm <= max_norm)
+            s = jnp.where(over, max_norm / jnp.maximum(g_norm, 1e-6), 1.0)
+            smallest.append(jnp.min(s, initial=1.0))
+            clipped.append(jnp.sum(g_norm > max_norm, dtype=jnp.int32))
+            return scale_leaf(x, s, keep)
+
+        out = map_float(scale, updates)
+        if not units:
+            return out, jnp.ones((0,), self.norms.dtype), jnp.zeros((), jnp.int32)
+        factor = _norms.stack_barrier(smallest).astype(self.norms.dtype)
+        if self.everywhere:
+            factor = jax.lax.pmin(factor, self.everywhere)
+        factor = zero_unless(keep, factor)
+        total = _norms.cross_device_vector(
+            _norms.stack_barrier(clipped), [1] * len(units), self.unit_groups, 2.0
+        )
+        return out, factor, jnp.sum(total)
+
+
+@dataclasses.dataclass(frozen=True)
+class UnitScope:
+    """Each unit (row, column, filter) of each tensor, relative to the params."""
+
     eps: Any
     axis: Any
     axis_name: Any
     partition_specs: Any
     stacked_axes: Any
+    owner: str = "adaptive_grad_clip"
 
     def norm_like(self, params):
         n = len(_norms.float_leaves(params))
@@ -629,7 +629,8 @@ class _UnitScope:
         inner = _norms.unit_axes(jax.ShapeDtypeStruct(x.shape[k:], x.dtype), self.axis)
         return tuple(a + k for a in inner)
 
-    def measure(self, updates, params):
+    def measure(self, updates, params, extra_args):
+        del extra_args
         if params is None:
             raise ValueError(
                 "adaptive_grad_clip needs the parameters: call "
@@ -663,7 +664,8 @@ class _UnitScope:
             units.append((g_norm, w_norm))
         acc = _norms.tree_acc_dtype(updates)
         if not units:
-            return Measured(jnp.zeros((0,), acc), ([], (), []))
+            empty = jnp.zeros((0,), acc)
+            return UnitMeasurement(empty, jnp.asarray(True), empty)
         # Inside shard_map, units split along a dim that is not reduced live on
         # different devices: maxima and minima are taken across every named
         # axis (idempotent for replicated leaves), unit counts are summed only
@@ -675,43 +677,20 @@ class _UnitScope:
             )
         ]
         everywhere = tuple(dict.fromkeys(n for names in split for n in names))
-        unit_groups = [
+        unit_groups = tuple(
             tuple(n for n in s if n not in g)
             for s, g in zip(split, groups, strict=True)
-        ]
+        )
         ratios = [jnp.max(g / w).astype(acc) for g, w in units]
         ratios = _norms.cross_device(
-            _norms.stack_barrier(ratios), everywhere, _norms._INF
+            _norms.stack_barrier(ratios), everywhere, _norms.INF
         )
-        return Measured(ratios, (units, everywhere, unit_groups))
-
-    def apply(self, updates, measured, threshold, keep):
-        units, everywhere, unit_groups = measured.parts
-        smallest, clipped = [], []
-
-        def rescale(i, x):
-            g_norm, w_norm = units[i]
-            # A scalar threshold is used as is (no per-leaf slice), so equally
-            # shaped leaves share one compiled kernel.
-            bound = threshold[i] if threshold.ndim else threshold
-            max_norm = bound.astype(w_norm.dtype) * w_norm
-            # Not "g_norm > max_norm": a NaN unit norm is rescaled, as in
-            # optax, so NaN reaches the whole unit under "propagate" (the
-            # default policy zeroes the step anyway).
-            over = ~(g_norm <= max_norm)
-            s = jnp.where(over, max_norm / jnp.maximum(g_norm, 1e-6), 1.0)
-            smallest.append(jnp.min(s, initial=1.0))
-            clipped.append(jnp.sum(g_norm > max_norm, dtype=jnp.int32))
-            return scale_leaf(x, s, keep)
-
-        out = map_float(rescale, updates)
-        if not units:
-            return out, jnp.ones((0,), measured.norms.dtype), jnp.zeros((), jnp.int32)
-        scale = _norms.stack_barrier(smallest).astype(measured.norms.dtype)
-        if everywhere:
-            scale = jax.lax.pmin(scale, everywhere)
-        scale = zero_unless(keep, scale)
-        clipped = _norms._cross_device_vector(
-            _norms.stack_barrier(clipped), [1] * len(units), unit_groups, 2.0
+        return UnitMeasurement(
+            ratios,
+            _finite(ratios),
+            ratios,
+            None,
+            tuple(units),
+            everywhere,
+            unit_groups,
         )
-        return out, scale, jnp.sum(clipped)
