@@ -292,6 +292,18 @@ def check_flag(value: Any, name: str, *, static: bool = False) -> None:
     raise fail(name, f"must be {kind} (True or False); got {show(value)}.")
 
 
+def check_stacked(stacked_axes: Any, name: str = "stacked_axes") -> Any:
+    """Validates ``stacked_axes``: a non-negative int or a pytree prefix of them."""
+    for k in jax.tree.leaves(stacked_axes):
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 0:
+            raise fail(
+                name,
+                f"must be a non-negative int (or a pytree prefix of them); got "
+                f"{k!r}. Under optax.inject_hyperparams, pass it in `static_args`.",
+            )
+    return stacked_axes
+
+
 def check_tensor_count(owner: str, expected: int, leaves: Sequence[Any]) -> None:
     """Raises ValueError when a per-tensor state does not fit the updates.
 

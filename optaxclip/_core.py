@@ -120,12 +120,12 @@ def _pack(norm, threshold, scale, clipped, nonfinite_count, count) -> jax.Array:
 
 def record_count(record: jax.Array) -> jax.Array:
     """The int32 step count stored in a record."""
-    return record[2].astype(jnp.int32)
+    return record[..., 2].astype(jnp.int32)
 
 
 def record_size(record: jax.Array) -> tuple[int, ...]:
     """The shape of the per-step stats a record holds: ``()`` or ``(n,)``."""
-    length = int(record.shape[0])
+    length = int(record.shape[-1])
     if length % 3 == _SCALAR_LENGTH % 3:
         return ()
     return ((length - _VECTOR_HEADER) // 3,)
@@ -162,18 +162,23 @@ def write_record(
 
 
 def decode_record(record: Any) -> ClipStats:
-    """The [`ClipStats`][optaxclip.ClipStats] a packed record holds."""
+    """The [`ClipStats`][optaxclip.ClipStats] a packed record holds.
+
+    Leading axes (records stacked over steps by ``lax.scan``, or over runs
+    by ``vmap``) are kept in front of every field.
+    """
     record = jnp.asarray(record)
     shape = record_size(record)
+    lead = record.shape[:-1]
     fdt = _float_for(record.dtype)
     start = 3 if not shape else _VECTOR_HEADER
-    floats = jax.lax.bitcast_convert_type(record[start:], fdt)
+    floats = jax.lax.bitcast_convert_type(record[..., start:], fdt)
     n = 1 if not shape else shape[0]
     norm, threshold, scale = (
-        floats[k * n : (k + 1) * n].reshape(shape) for k in range(3)
+        floats[..., k * n : (k + 1) * n].reshape(lead + shape) for k in range(3)
     )
     clipped, nonfinite_count, count = (
-        record[k].astype(jnp.int32) for k in range(3)
+        record[..., k].astype(jnp.int32) for k in range(3)
     )
     return ClipStats(norm, threshold, scale, clipped, nonfinite_count, count)
 
@@ -226,13 +231,23 @@ def stats(opt_state: Any) -> tuple[ClipStats, ...]:
       >>> print(s.norm, s.threshold, s.scale, s.clipped)
       5.0 1.0 0.2 1
     """
-    opt_state = _unwrap(opt_state)
-    found = jax.tree.leaves(opt_state, is_leaf=_holds_record)
-    return tuple(
-        decode_record(_variable_value(_record_of(x)))
-        for x in found
-        if _holds_record(x)
-    )
+    return tuple(_find(_unwrap(opt_state)))
+
+
+def _find(tree: Any) -> list[ClipStats]:
+    # A state holding a record may hold other states too (a guard wraps an
+    # optimizer): its fields are searched in order, its own record included.
+    found = []
+    for x in jax.tree.leaves(tree, is_leaf=_holds_record):
+        if not _holds_record(x):
+            continue
+        items = x.items() if isinstance(x, Mapping) else zip(x._fields, x, strict=True)
+        for name, value in items:
+            if name == _RECORD:
+                found.append(decode_record(_variable_value(value)))
+            else:
+                found.extend(_find(value))
+    return found
 
 
 _RECORD = "packed_stats"
@@ -244,10 +259,6 @@ def _holds_record(x: Any) -> bool:
     if isinstance(x, tuple) and _RECORD in getattr(x, "_fields", ()):
         return True
     return isinstance(x, Mapping) and _RECORD in x
-
-
-def _record_of(x: Any) -> Any:
-    return x[_RECORD] if isinstance(x, Mapping) else getattr(x, _RECORD)
 
 
 def _unwrap(obj: Any) -> Any:
@@ -416,14 +427,16 @@ class Measurement:
       observed: what the rule sees: ``norms``, or samples of it with extra
         leading axes (per-example norms), which rules reduce as their
         statistic defines.
-      total: the global 2-norm of the updates when the scope has it for
-        free (rules that need the whole tree's norm read it), else None.
+      total: the whole tree's measurement as one scalar, in the scope's
+        own terms (the global norm for the global and tensor scopes, the
+        largest entry or unit ratio for the element and unit scopes), for
+        rules that bound the whole tree (``rules.ema(warmup_max_norm=...)``).
     """
 
     norms: jax.Array
     finite: jax.Array
     observed: jax.Array
-    total: jax.Array | None = None
+    total: jax.Array
 
 
 M = TypeVar("M", bound=Measurement)
@@ -595,8 +608,7 @@ def observe(
 ) -> tuple[jax.Array, Any]:
     """Asks ``rule`` for the threshold, passing what it observes explicitly."""
     if getattr(rule, "needs_total", False):
-        # e.g. AdaGC's warm-up bounds the whole tree's norm; a scope without
-        # it passes None, which the rule refuses with its own message.
+        # AdaGC's warm-up bounds the whole tree's norm.
         update = rule.update
         return update(state, measured.observed, count, total=measured.total)  # pyright: ignore[reportCallIssue]
     return rule.update(state, measured.observed, count)

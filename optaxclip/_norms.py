@@ -348,6 +348,11 @@ def unit_axes(x: jax.Array, axis: int | tuple[int, ...] | None) -> tuple[int, ..
 # ---------------------------------------------------------------------------
 
 
+def axis_names(axis_name: AxisName) -> tuple[str, ...]:
+    """``axis_name`` as a tuple of mesh axis names (empty for None)."""
+    return _axis_names(axis_name)
+
+
 def _axis_names(axis_name: AxisName) -> tuple[str, ...]:
     if axis_name is None:
         return ()
@@ -544,6 +549,17 @@ def _measure_total(leaves, p, groups):
     chosen = jnp.where(overflow, scaled, total)
     factor = jnp.where(overflow, _UNSHIFT_ROOT, 1.0).astype(chosen.dtype)
     return safe_root(chosen, 2.0) * factor
+
+
+def norm_of_norms(norms: jax.Array, p: float | jax.Array) -> jax.Array:
+    """The ``p``-norm of a vector of ``p``-norms: the norm of their union."""
+    if _is_static(p, _INF):
+        return jnp.max(norms, initial=0.0)
+    if _is_static(p, 1.0):
+        return jnp.sum(norms)
+    if _is_static(p, 2.0):
+        return safe_root(jnp.sum(norms * norms), 2.0)
+    return _norm_of_norms(norms, p)
 
 
 def _norm_of_norms(norms: jax.Array, p: float | jax.Array) -> jax.Array:

@@ -149,22 +149,17 @@ class _ExampleScope:
         leaves = _norms.float_leaves(updates)
         if not leaves:
             none = jnp.zeros((0,), dtype)
-            return ExampleMeasurement(
-                jnp.zeros((), dtype), jnp.asarray(True), none, None, none, none > 0
-            )
+            zero = jnp.zeros((), dtype)
+            return ExampleMeasurement(zero, jnp.asarray(True), none, zero, none, none > 0)
         norms = example_norms(leaves)
         finite = jnp.isfinite(norms)
         n_finite = jnp.sum(finite, dtype=jnp.int32)
         mean = jnp.sum(jnp.where(finite, norms, 0.0)) / jnp.maximum(
             n_finite, 1
         ).astype(norms.dtype)
+        mean = mean.astype(dtype)
         return ExampleMeasurement(
-            mean.astype(dtype),
-            jnp.all(finite),
-            norms.astype(dtype),
-            None,
-            norms,
-            finite,
+            mean, jnp.all(finite), norms.astype(dtype), mean, norms, finite
         )
 
 

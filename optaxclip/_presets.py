@@ -885,7 +885,9 @@ class _RelativeScope:
         leaves = _norms.float_leaves(updates)
         if not leaves:
             empty = jnp.zeros((0,), acc)
-            return RelativeMeasurement(empty, jnp.asarray(True), empty)
+            return RelativeMeasurement(
+                empty, jnp.asarray(True), empty, jnp.zeros((), acc)
+            )
         flat_params = jax.tree.structure(updates).flatten_up_to(params)
         weights = [
             w
@@ -904,7 +906,8 @@ class _RelativeScope:
         names = _norms.axis_names(self.axis_name)
         ratio = _norms.cross_device(_norms.stack_barrier(ratios), names, _norms.INF)
         big = _norms.cross_device(_norms.stack_barrier(largest), names, _norms.INF)
-        return RelativeMeasurement(ratio, jnp.all(jnp.isfinite(big)), ratio)
+        finite = jnp.all(jnp.isfinite(big))
+        return RelativeMeasurement(ratio, finite, ratio, jnp.max(ratio))
 
 
 # ---------------------------------------------------------------------------

@@ -153,7 +153,7 @@ def clip_by_norm(
         ord=_norms.check_ord(ord),
         axis_name=axis_name,
         partition_specs=partition_specs,
-        stacked_axes=_check_stacked(stacked_axes),
+        stacked_axes=_checks.check_stacked(stacked_axes),
         normalize=False,
     )
     return scope_transform(scope, max_norm, "max_norm", nonfinite, Rescale())
@@ -198,7 +198,7 @@ def clip_by_block_rms(
         ord=2.0,
         axis_name=axis_name,
         partition_specs=partition_specs,
-        stacked_axes=_check_stacked(stacked_axes),
+        stacked_axes=_checks.check_stacked(stacked_axes),
         normalize=True,
         owner="clip_by_block_rms",
     )
@@ -307,7 +307,7 @@ def adaptive_grad_clip(
         axis=axis,
         axis_name=axis_name,
         partition_specs=partition_specs,
-        stacked_axes=_check_stacked(stacked_axes),
+        stacked_axes=_checks.check_stacked(stacked_axes),
     )
     return scope_transform(scope, clipping, "clipping", nonfinite, Rescale())
 
@@ -323,17 +323,6 @@ def scope_transform(
     """The core step over ``scope`` with the user's threshold and policy."""
     zero = check_nonfinite(nonfinite)
     return Step(scope, as_rule(threshold, name), action, zero).transform()
-
-
-def _check_stacked(stacked_axes: Any) -> Any:
-    for k in jax.tree.leaves(stacked_axes):
-        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 0:
-            raise ValueError(
-                f"`stacked_axes` must be a non-negative int (or a pytree prefix of "
-                f"them); got {k!r}. Under optax.inject_hyperparams, pass it in "
-                "`static_args`."
-            )
-    return stacked_axes
 
 
 # ---------------------------------------------------------------------------
@@ -429,8 +418,7 @@ class GlobalScope:
         norm = _norms.global_norm(
             updates, self.ord, self.axis_name, partition_specs=self.partition_specs
         ).astype(_norms.tree_acc_dtype(updates))
-        total = norm if _norms.is_static(self.ord, 2.0) else None
-        return GlobalMeasurement(norm, _finite(norm), norm, total)
+        return GlobalMeasurement(norm, _finite(norm), norm, norm)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -449,7 +437,7 @@ class ElementScope:
         largest = _norms.global_norm(
             updates, "inf", self.axis_name, partition_specs=self.partition_specs
         ).astype(_norms.tree_acc_dtype(updates))
-        return GlobalMeasurement(largest, _finite(largest), largest)
+        return GlobalMeasurement(largest, _finite(largest), largest, largest)
 
 
 def _stacked_per_leaf(stacked_axes, tree):
@@ -531,6 +519,20 @@ class TensorScope:
         n = sum(_norms.segment_count(x, k) for x, k in zip(leaves, keep, strict=True))
         return jnp.zeros((n,), _norms.tree_acc_dtype(params))
 
+    def _total(self, norms, leaves, keep):
+        # The whole tree's measurement, in the scope's own terms: the
+        # ``ord``-norm of the tensors' norms, or the RMS of every entry.
+        if not leaves:
+            return jnp.zeros((), norms.dtype)
+        if self.normalize:
+            counts = [_norms.segment_count(x, k) for x, k in zip(leaves, keep, strict=True)]
+            sizes = np.repeat(
+                [x.size // max(c, 1) for x, c in zip(leaves, counts, strict=True)], counts
+            )
+            weights = jnp.asarray(sizes / max(sizes.sum(), 1), norms.dtype)
+            return jnp.sqrt(jnp.sum(weights * norms * norms))
+        return _norms.norm_of_norms(norms, self.ord)
+
     def measure(self, updates, params, extra_args):
         del params, extra_args
         leaves, keep = self._keep_axes(updates)
@@ -550,9 +552,7 @@ class TensorScope:
             for piece in segments.pieces
         )
         norms = segments.norms.astype(dtype)
-        total = None
-        if _norms.is_static(self.ord, 2.0) and not self.normalize:
-            total = jnp.sqrt(jnp.sum(norms * norms))
+        total = self._total(norms, leaves, keep)
         return TensorMeasurement(
             norms,
             _finite(norms),
@@ -665,7 +665,7 @@ class UnitScope:
         acc = _norms.tree_acc_dtype(updates)
         if not units:
             empty = jnp.zeros((0,), acc)
-            return UnitMeasurement(empty, jnp.asarray(True), empty)
+            return UnitMeasurement(empty, jnp.asarray(True), empty, jnp.zeros((), acc))
         # Inside shard_map, units split along a dim that is not reduced live on
         # different devices: maxima and minima are taken across every named
         # axis (idempotent for replicated leaves), unit counts are summed only
@@ -689,7 +689,7 @@ class UnitScope:
             ratios,
             _finite(ratios),
             ratios,
-            None,
+            jnp.max(ratios),
             tuple(units),
             everywhere,
             unit_groups,

@@ -511,10 +511,12 @@ class ema:  # noqa: N801
     ``a <- beta * a + (1 - beta) * min(n, bound)`` (the post-clip norm).
 
     During the first ``warmup`` finite steps (AdaGC): the measured norms are
-    clipped together so the whole tree's 2-norm is at most
-    ``warmup_max_norm`` (the scope passes that norm to ``update`` as
-    ``total``; None means no clipping), and ``a`` is the running minimum of
-    the post-clip norms.
+    scaled together so the whole tree's measurement is at most
+    ``warmup_max_norm`` (the scope passes it to ``update`` as ``total``:
+    the global norm for the tensor and global scopes, AdaGC's warm-up; the
+    largest entry or unit ratio for the element and unit scopes; None
+    means no warm-up bound), and ``a`` is the running minimum of the
+    post-clip norms.
 
     No absorbing zero: a norm of exactly zero never reaches the average. An
     average of exactly zero is "not set"; zero norms never set it (a tensor
@@ -603,10 +605,9 @@ class ema:  # noqa: N801
         else:
             if total is None:
                 raise ValueError(
-                    "rules.ema(warmup_max_norm=...) bounds the global 2-norm of "
-                    "the whole tree during warm-up, and this scope does not "
-                    "measure it. Use it with clip_by_norm (ord=2) or "
-                    "clip_by_global_norm (ord=2), or pass warmup_max_norm=None."
+                    "rules.ema(warmup_max_norm=...) bounds the whole tree's "
+                    "measurement during warm-up: pass it as `total` to "
+                    "`update` (every optaxclip scope does)."
                 )
             total = jnp.asarray(total, dt)
             cap = jnp.asarray(self.warmup_max_norm, dt)

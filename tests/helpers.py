@@ -65,3 +65,19 @@ def assert_trees_close(actual, expected, rtol=1e-6, atol=0.0):
             rtol=rtol,
             atol=atol,
         )
+
+
+def learning_rule_names() -> list[str]:
+    """The names of every learning rule in ``optaxclip.rules`` (the frozen
+    dataclasses it exports, less the fixed and scheduled thresholds)."""
+    import dataclasses
+
+    from optaxclip import rules
+
+    return [
+        name
+        for name in rules.__all__
+        if name not in {"fixed", "scheduled"}
+        and isinstance(getattr(rules, name), type)
+        and dataclasses.is_dataclass(getattr(rules, name))
+    ]

@@ -31,21 +31,21 @@ from jax.sharding import PartitionSpec as P
 
 import optaxclip as oc
 from optaxclip import rules
+from tests.helpers import learning_rule_names
 
 RTOL, ATOL = 1e-6, 1e-7
-NON_RULES = {"Rule", "as_rule", "fixed", "scheduled", "check_threshold"}
 
 
 def rule_cases() -> dict:
     """Every threshold kind: a number, a schedule and each rule in ``rules``."""
     cases = {"number": 1.0, "schedule": optax.linear_schedule(3.0, 0.5, 4)}
-    for name in rules.__all__:
+    for name in learning_rule_names():
         obj = getattr(rules, name)
-        if name in NON_RULES or not isinstance(obj, type):
-            continue
         names = {f.name for f in dataclasses.fields(obj)}
         # Short warm-ups so a few steps exercise the adaptive part.
-        kwargs = {k: 2 for k in ("warmup", "window", "min_history") if k in names}
+        kwargs = {k: 2 for k in ("warmup", "window") if k in names}
+        if "min_history" in names:
+            kwargs["min_history"] = 3
         cases[name] = obj(**kwargs)
     return cases
 
@@ -216,11 +216,7 @@ def test_eight_devices():
 
 
 def test_rule_cases_cover_every_rule():
-    rule_types = {
-        name
-        for name in rules.__all__
-        if name not in NON_RULES and isinstance(getattr(rules, name), type)
-    }
+    rule_types = set(learning_rule_names())
     assert rule_types <= set(RULES)
     for threshold in RULES.values():
         assert isinstance(rules.as_rule(threshold), rules.Rule)

@@ -316,7 +316,8 @@ def test_skip_spikes_recovers_from_a_long_run_of_zero_gradients():
     # zero steps are applied (not skipped), and the history is untouched
     np.testing.assert_array_equal(skipped[before : before + zeros], 0)
     np.testing.assert_array_equal(
-        states.norm_count[before + zeros - 1], ref_states.norm_count[before - 1]
+        states.rule_state.count[before + zeros - 1],
+        ref_states.rule_state.count[before - 1],
     )
     # afterwards every decision and bound equals the run without zeros
     np.testing.assert_array_equal(skipped[before + zeros :], ref_skipped[before:])

@@ -11,13 +11,9 @@ import pytest
 
 import optaxclip as oc
 from optaxclip import rules
+from tests.helpers import learning_rule_names
 
-ADAPTIVE = [
-    name
-    for name in rules.__all__
-    if name not in {"Rule", "as_rule", "fixed", "scheduled", "check_threshold"}
-    and isinstance(getattr(rules, name), type)
-]
+ADAPTIVE = learning_rule_names()
 
 
 def per_example_tree(batch: int, seed: int = 0, scale: float = 1.0) -> dict:

@@ -489,7 +489,8 @@ def spam_reference(
             v[i] = beta2 * v[i] + (1 - beta2) * g * g
             out.append(g)
         before, after = gnorm(leaves), gnorm(out)
-        expected.append((after, after / before if before > 0 else 1.0, out))
+        # stats: the threshold factor, and the norm after over the one before
+        expected.append((threshold, after / before if before > 0 else 1.0, out))
     return expected, v
 
 

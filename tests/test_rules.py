@@ -38,17 +38,24 @@ SCOPES = [
 ]
 
 
-def drive(rule, norms):
-    """Feeds ``norms[t]`` to ``rule`` step by step in one scan; returns thresholds."""
+def drive(rule, norms, totals=None):
+    """Feeds ``norms[t]`` to ``rule`` step by step in one scan; returns thresholds.
+
+    With ``totals``, ``totals[t]`` is passed as the whole tree's norm.
+    """
     state = rule.init(jnp.zeros(norms.shape[1:], norms.dtype))
 
     def body(state, xs):
-        n, t = xs
-        threshold, state = rule.update(state, n, t)
+        n, t, total = xs
+        if totals is None:
+            threshold, state = rule.update(state, n, t)
+        else:
+            threshold, state = rule.update(state, n, t, total=total)
         return state, threshold
 
     steps = jnp.arange(norms.shape[0], dtype=jnp.int32)
-    return jax.jit(lambda s, n: jax.lax.scan(body, s, (n, steps)))(state, norms)
+    tot = steps if totals is None else jnp.asarray(totals, norms.dtype)
+    return jax.jit(lambda s, n: jax.lax.scan(body, s, (n, steps, tot)))(state, norms)
 
 
 # ---------------------------------------------------------------------------
@@ -169,7 +176,8 @@ def test_zscore_all_zero_warmup_does_not_clip_to_zero_forever():
 def test_ema_warmup_is_a_global_clip_and_running_min():
     norms = jnp.asarray([[3.0, 4.0], [0.3, 0.4], [6.0, 8.0], [1.0, 1.0]], jnp.float32)
     rule = rules.ema(ratio=2.0, beta=0.5, warmup=3, warmup_max_norm=1.0)
-    state, thresholds = drive(rule, norms)
+    totals = np.linalg.norm(np.asarray(norms, np.float64), axis=1)
+    state, thresholds = drive(rule, norms, totals)
     # warm-up: each tensor's bound is its share of the global clip to norm 1
     np.testing.assert_allclose(thresholds[0], [0.6, 0.8], rtol=1e-6)
     np.testing.assert_allclose(thresholds[1], [0.3, 0.4], rtol=1e-6)
@@ -179,6 +187,8 @@ def test_ema_warmup_is_a_global_clip_and_running_min():
     np.testing.assert_allclose(
         state.average, [0.5 * 0.3 + 0.5 * 0.6, 0.5 * 0.4 + 0.5 * 0.8]
     )
+    with pytest.raises(ValueError, match="total"):
+        drive(rule, norms)
 
 
 def test_quantile_bound_stays_positive_or_floored():
