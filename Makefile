@@ -44,9 +44,10 @@ docs: install
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 lint: install
-	$(PY) -m pip install --quiet ruff
+	$(PY) -m pip install --quiet ruff pyright
 	$(VENV)/bin/ruff check optaxclip tests examples benchmarks
 	$(VENV)/bin/ruff format --check optaxclip tests examples benchmarks
+	$(VENV)/bin/pyright
 
 clean:
 	rm -rf $(VENV) $(VENV_MIN) build dist site *.egg-info

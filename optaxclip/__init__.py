@@ -6,12 +6,9 @@ adapts to the run).
 """
 
 from . import rules as rules
-from ._scopes import adaptive_grad_clip as adaptive_grad_clip
-from ._scopes import clip as clip
-from ._scopes import clip_by_block_rms as clip_by_block_rms
-from ._scopes import clip_by_global_norm as clip_by_global_norm
-from ._scopes import clip_by_norm as clip_by_norm
-from ._scopes import clip_by_value as clip_by_value
+from ._core import ClipState as ClipState
+from ._core import ClipStats as ClipStats
+from ._core import stats as stats
 from ._guards import SkipNonfiniteState as SkipNonfiniteState
 from ._guards import SkipSpikesState as SkipSpikesState
 from ._guards import skip_nonfinite as skip_nonfinite
@@ -33,9 +30,12 @@ from ._presets import quantile_clip as quantile_clip
 from ._presets import spam_clip as spam_clip
 from ._presets import stable_spam_clip as stable_spam_clip
 from ._presets import zclip as zclip
-from ._core import ClipState as ClipState
-from ._core import ClipStats as ClipStats
-from ._core import stats as stats
+from ._scopes import adaptive_grad_clip as adaptive_grad_clip
+from ._scopes import clip as clip
+from ._scopes import clip_by_block_rms as clip_by_block_rms
+from ._scopes import clip_by_global_norm as clip_by_global_norm
+from ._scopes import clip_by_norm as clip_by_norm
+from ._scopes import clip_by_value as clip_by_value
 from .diagnostics import ThresholdReport as ThresholdReport
 from .diagnostics import plot_norm_history as plot_norm_history
 from .diagnostics import suggest_threshold as suggest_threshold

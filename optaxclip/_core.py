@@ -100,9 +100,7 @@ def empty_record(norm_like: jax.Array) -> jax.Array:
     """
     norm_like = jnp.asarray(norm_like)
     zeros = jnp.zeros(norm_like.shape, _float_for(norm_like.dtype))
-    return _pack(
-        zeros, zeros, jnp.ones_like(zeros), *(jnp.zeros((), jnp.int32),) * 3
-    )
+    return _pack(zeros, zeros, jnp.ones_like(zeros), *(jnp.zeros((), jnp.int32),) * 3)
 
 
 def _pack(norm, threshold, scale, clipped, nonfinite_count, count) -> jax.Array:
@@ -110,9 +108,7 @@ def _pack(norm, threshold, scale, clipped, nonfinite_count, count) -> jax.Array:
     header = [clipped, nonfinite_count, count]
     if norm.ndim:
         header.append(jnp.asarray(norm.shape[0], idt))
-    floats = jnp.concatenate(
-        [jnp.ravel(norm), jnp.ravel(threshold), jnp.ravel(scale)]
-    )
+    floats = jnp.concatenate([jnp.ravel(norm), jnp.ravel(threshold), jnp.ravel(scale)])
     bits = jax.lax.bitcast_convert_type(floats, idt)
     head = jnp.stack([jnp.asarray(h).astype(idt) for h in header])
     return jnp.concatenate([head, bits])
@@ -447,7 +443,10 @@ M_co = TypeVar("M_co", bound=Measurement, covariant=True)
 class Scope(Protocol[M_co]):
     """What is measured: the interface of every scope."""
 
-    owner: str
+    @property
+    def owner(self) -> str:
+        """The public function's name, for error messages."""
+        ...
 
     def norm_like(self, params: Any) -> jax.Array:
         """A zero array shaped like the norms measured on ``params``."""
@@ -495,7 +494,10 @@ class Action(Protocol[M_contra]):
     ``()``), so with a fixed threshold ``update(g, None)`` works.
     """
 
-    stateless: bool
+    @property
+    def stateless(self) -> bool:
+        """Whether the action keeps no state of its own."""
+        ...
 
     def init(self, params: Any) -> Any:
         """The action's own state (``()`` if it keeps none)."""
@@ -576,9 +578,7 @@ class Step(Generic[M]):
         measured = self.scope.measure(updates, params, extra_args)
         check_match(self.scope.owner, measured.norms, parts.packed_stats)
         count = record_count(parts.packed_stats)
-        threshold, rule_state = observe(
-            self.rule, parts.rule_state, measured, count
-        )
+        threshold, rule_state = observe(self.rule, parts.rule_state, measured, count)
         # A negative threshold (only from a traced hyperparameter, which
         # construction cannot check) acts as 0. A scalar threshold stays a
         # scalar, so equally shaped leaves share their kernels.

@@ -323,7 +323,9 @@ class Skip:
     def init(self, params: Any) -> SkipParts:
         loss_state = ()
         if self.loss_rule is not None:
-            loss_state = self.loss_rule.init(jnp.zeros((), _norms.tree_acc_dtype(params)))
+            loss_state = self.loss_rule.init(
+                jnp.zeros((), _norms.tree_acc_dtype(params))
+            )
         # Every field its own buffer, so the state can be donated after init.
         return SkipParts(
             self.inner.init(params),

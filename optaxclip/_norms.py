@@ -34,6 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
+from . import _checks
+
 __all__ = ["global_norm", "unitwise_norm"]
 
 AxisName = str | tuple[str, ...] | None
@@ -189,7 +191,7 @@ def check_ord(ord: Any, name: str = "ord") -> float | jax.Array:
         if ord.lower() in ("inf", "infinity"):
             return _INF
         raise ValueError(f"`{name}` must be a number > 0 or 'inf'; got {ord!r}.")
-    if isinstance(ord, jax.core.Tracer):
+    if _checks.is_traced(ord):
         return ord
     try:
         value = float(np.asarray(ord))
@@ -324,7 +326,9 @@ def piece_scale(
     return num / (jax.lax.sqrt(den) if squared else den)
 
 
-def unit_axes(x: jax.Array, axis: int | tuple[int, ...] | None) -> tuple[int, ...]:
+def unit_axes(
+    x: jax.Array | jax.ShapeDtypeStruct, axis: int | tuple[int, ...] | None
+) -> tuple[int, ...]:
     """Reduction axes of a unit, with ``optax.unitwise_norm``'s defaults."""
     if axis is not None:
         axes = (axis,) if isinstance(axis, int) else tuple(axis)
@@ -540,6 +544,7 @@ def _measure_total(leaves, p, groups):
             part = jnp.stack([jnp.sum(vector), jnp.sum(vector * _SHIFT)])
         part = cross_device(part, names, p)
         out = part if out is None else _join(out, part, p)
+    assert out is not None  # there is at least one leaf, so one group
     if p != 2.0:
         return out
     total, scaled = out[0], out[1]
@@ -597,7 +602,7 @@ def replicated(x: jax.Array) -> jax.Array:
     """
     sharding = getattr(_typeof(x), "sharding", None)
     spec = getattr(sharding, "spec", None)
-    if not spec or all(s is None for s in spec):
+    if sharding is None or not spec or all(s is None for s in spec):
         return x
     return _reshard(x, jax.sharding.NamedSharding(sharding.mesh, PartitionSpec()))
 
@@ -801,4 +806,5 @@ def _cross_device_vector(vector, counts, groups, p):
         rest = tuple(n for n in everywhere if n not in names)
         piece = jax.lax.pmax(piece, rest) if rest else piece
         out = piece if out is None else _join(out, piece, p)
+    assert out is not None  # groups are not all empty here
     return out

@@ -130,7 +130,9 @@ class ExampleMeasurement(Measurement):
 
         summed = jax.tree.map(clip_sum, updates)
         dtype = self.norms.dtype
-        scale = jnp.mean(multipliers).astype(dtype) if norms.size else jnp.ones((), dtype)
+        scale = (
+            jnp.mean(multipliers).astype(dtype) if norms.size else jnp.ones((), dtype)
+        )
         clipped = jnp.sum(finite & (norms > bound), dtype=jnp.int32)
         return summed, scale, clipped
 
@@ -150,13 +152,15 @@ class _ExampleScope:
         if not leaves:
             none = jnp.zeros((0,), dtype)
             zero = jnp.zeros((), dtype)
-            return ExampleMeasurement(zero, jnp.asarray(True), none, zero, none, none > 0)
+            return ExampleMeasurement(
+                zero, jnp.asarray(True), none, zero, none, none > 0
+            )
         norms = example_norms(leaves)
         finite = jnp.isfinite(norms)
         n_finite = jnp.sum(finite, dtype=jnp.int32)
-        mean = jnp.sum(jnp.where(finite, norms, 0.0)) / jnp.maximum(
-            n_finite, 1
-        ).astype(norms.dtype)
+        mean = jnp.sum(jnp.where(finite, norms, 0.0)) / jnp.maximum(n_finite, 1).astype(
+            norms.dtype
+        )
         mean = mean.astype(dtype)
         return ExampleMeasurement(
             mean, jnp.all(finite), norms.astype(dtype), mean, norms, finite

@@ -594,7 +594,9 @@ class _SpamAction:
             clipped_tree, 2, self.axis_name, partition_specs=self.partition_specs
         ).astype(acc)
         n_clipped = (
-            jnp.sum(_norms.stack_barrier(counted)) if counted else jnp.zeros((), jnp.int32)
+            jnp.sum(_norms.stack_barrier(counted))
+            if counted
+            else jnp.zeros((), jnp.int32)
         )
         if self.axis_name is not None:
             n_clipped = jax.lax.psum(n_clipped, self.axis_name)
@@ -765,7 +767,9 @@ class _ScaleAbove:
 
         out = map_float(clip_leaf, updates)
         n_clipped = (
-            jnp.sum(_norms.stack_barrier(counted)) if counted else jnp.zeros((), jnp.int32)
+            jnp.sum(_norms.stack_barrier(counted))
+            if counted
+            else jnp.zeros((), jnp.int32)
         )
         return Applied(out, zero_unless(ctx.keep, factor), n_clipped, ctx.state)
 
@@ -845,9 +849,7 @@ def clippy(
     def parts_of(state: ClippyState) -> Parts:
         return Parts((), (), state.packed_stats)
 
-    step = Step(
-        scope, rules.fixed(1.0), Rescale(), zero, make, parts_of, ClippyState
-    )
+    step = Step(scope, rules.fixed(1.0), Rescale(), zero, make, parts_of, ClippyState)
     return step.transform()
 
 

@@ -41,7 +41,6 @@ __all__ = [
 ]
 
 
-
 # ---------------------------------------------------------------------------
 # Public scope functions
 # ---------------------------------------------------------------------------
@@ -525,9 +524,12 @@ class TensorScope:
         if not leaves:
             return jnp.zeros((), norms.dtype)
         if self.normalize:
-            counts = [_norms.segment_count(x, k) for x, k in zip(leaves, keep, strict=True)]
+            counts = [
+                _norms.segment_count(x, k) for x, k in zip(leaves, keep, strict=True)
+            ]
             sizes = np.repeat(
-                [x.size // max(c, 1) for x, c in zip(leaves, counts, strict=True)], counts
+                [x.size // max(c, 1) for x, c in zip(leaves, counts, strict=True)],
+                counts,
             )
             weights = jnp.asarray(sizes / max(sizes.sum(), 1), norms.dtype)
             return jnp.sqrt(jnp.sum(weights * norms * norms))
@@ -543,9 +545,7 @@ class TensorScope:
         groups = _norms.reduction_groups(
             updates, leaves, self.axis_name, self.partition_specs, reduced
         )
-        segments = _norms.segment_pieces(
-            leaves, self.ord, keep, groups, self.normalize
-        )
+        segments = _norms.segment_pieces(leaves, self.ord, keep, groups, self.normalize)
         dtype = _norms.tree_acc_dtype(updates)
         pieces = tuple(
             piece if piece.dtype == dtype else piece.astype(dtype)

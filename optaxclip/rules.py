@@ -29,7 +29,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, NamedTuple, Protocol, TypeAlias, Union, runtime_checkable
+from typing import (
+    Any,
+    NamedTuple,
+    Protocol,
+    TypeAlias,
+    cast,
+    runtime_checkable,
+)
 
 import jax
 import jax.numpy as jnp
@@ -68,6 +75,7 @@ class Rule(Protocol):
 
     def init(self, norm_like: jax.Array) -> Any:
         """Returns the initial state for measurements shaped like ``norm_like``."""
+        ...
 
     def update(
         self, state: Any, norm: jax.Array, step: jax.Array
@@ -80,9 +88,10 @@ class Rule(Protocol):
         threshold for them all, reducing the samples as its statistic
         defines (the mean, or for `quantile` the fraction below the bound).
         """
+        ...
 
 
-Threshold: TypeAlias = Union[float, int, jax.Array, optax.Schedule, Rule]
+Threshold: TypeAlias = float | int | jax.Array | optax.Schedule | Rule
 """What every scope accepts as its bound: a number, a scalar array, an
 ``optax.Schedule`` of the step count, or a [`Rule`][optaxclip.rules.Rule]."""
 
@@ -182,7 +191,7 @@ def as_rule(threshold: Any, name: str = "threshold") -> Rule:
         return threshold
     if callable(threshold):
         check_schedule(threshold, name)
-        return scheduled(threshold)
+        return scheduled(cast(Callable[[jax.Array], jax.typing.ArrayLike], threshold))
     check_threshold(threshold, name)
     return fixed(threshold)
 
@@ -635,7 +644,7 @@ class ema:  # noqa: N801
         warm = count < jnp.asarray(self.warmup, jnp.int32)
         threshold = jnp.where(warm, w_threshold, a_threshold)
         average = jnp.where(warm, w_average, a_average)
-        return threshold, EmaState(optax.safe_increment(count), average)
+        return threshold, EmaState(jnp.asarray(optax.safe_increment(count)), average)
 
 
 @dataclasses.dataclass(frozen=True)
