@@ -450,6 +450,24 @@ def reduction_groups(
     return groups
 
 
+def count_entries(
+    counts: Sequence[jax.Array], tree: Any, axis_name: AxisName, partition_specs: Any
+) -> jax.Array:
+    """The total of per-leaf int32 counts of entries, across the mesh.
+
+    ``counts[i]`` counts entries of float leaf ``i`` of ``tree`` on this
+    device; a split leaf's counts are summed over the axes it is split
+    across, a replicated leaf's counted once.
+    """
+    if not counts:
+        return jnp.zeros((), jnp.int32)
+    vector = stack_barrier(list(counts))
+    if axis_name is None:
+        return jnp.sum(vector)
+    groups = reduction_groups(tree, float_leaves(tree), axis_name, partition_specs)
+    return jnp.sum(_cross_device_vector(vector, [1] * len(counts), groups, 2.0))
+
+
 def cross_device(
     value: jax.Array, names: tuple[str, ...], p: float | jax.Array
 ) -> jax.Array:

@@ -593,13 +593,9 @@ class _SpamAction:
         after = _norms.global_norm(
             clipped_tree, 2, self.axis_name, partition_specs=self.partition_specs
         ).astype(acc)
-        n_clipped = (
-            jnp.sum(_norms.stack_barrier(counted))
-            if counted
-            else jnp.zeros((), jnp.int32)
+        n_clipped = _norms.count_entries(
+            counted, updates, self.axis_name, self.partition_specs
         )
-        if self.axis_name is not None:
-            n_clipped = jax.lax.psum(n_clipped, self.axis_name)
         finite = measured.finite
         norm = measured.norms
         scale = jnp.where(norm > 0, after / jnp.where(norm > 0, norm, 1), 1)
@@ -695,8 +691,8 @@ def stable_spam_clip(
         return Parts(_MaxEmaState(state.m_max, state.count), (), state.packed_stats)
 
     step = Step(
-        scope, _BiasCorrectedMax(beta), _ScaleAbove(), zero, make, parts_of,
-        StableSpamClipState,
+        scope, _BiasCorrectedMax(beta), _ScaleAbove(axis_name, partition_specs),
+        zero, make, parts_of, StableSpamClipState,
     )  # fmt: skip
     return step.transform()
 
@@ -744,6 +740,8 @@ class _ScaleAbove:
     """Stable-SPAM's action: entries above a tensor's bound ``T`` are
     multiplied by ``T / max|g|``; the others are kept."""
 
+    axis_name: Any
+    partition_specs: Any
     stateless = True
 
     def init(self, params: Any) -> tuple[()]:
@@ -766,10 +764,8 @@ class _ScaleAbove:
             )
 
         out = map_float(clip_leaf, updates)
-        n_clipped = (
-            jnp.sum(_norms.stack_barrier(counted))
-            if counted
-            else jnp.zeros((), jnp.int32)
+        n_clipped = _norms.count_entries(
+            counted, updates, self.axis_name, self.partition_specs
         )
         return Applied(out, zero_unless(ctx.keep, factor), n_clipped, ctx.state)
 

@@ -77,12 +77,15 @@ PRESETS = {
     "quantile_clip": lambda **kw: oc.quantile_clip(**kw),
     "spam_clip": lambda **kw: oc.spam_clip(**kw),
     "stable_spam_clip": lambda **kw: oc.stable_spam_clip(**kw),
-    "clippy": lambda **kw: oc.clippy(**kw),
+    # clippy takes the largest ratio across devices: no partition_specs.
+    "clippy": lambda partition_specs=None, **kw: oc.clippy(**kw),
 }
 GUARDS = {
-    "skip_nonfinite": lambda: oc.skip_nonfinite(optax.sgd(1e-2, momentum=0.9)),
-    "skip_spikes": lambda: oc.skip_spikes(
-        optax.sgd(1e-2, momentum=0.9), window=4, min_history=3
+    "skip_nonfinite": lambda **kw: oc.skip_nonfinite(
+        optax.sgd(1e-2, momentum=0.9), **kw
+    ),
+    "skip_spikes": lambda **kw: oc.skip_spikes(
+        optax.sgd(1e-2, momentum=0.9), window=4, min_history=3, **kw
     ),
 }
 PRESET_CASES = [("preset", name) for name in PRESETS]
@@ -103,7 +106,7 @@ def make_tx(case, **kw):
     if scope == "preset":
         return PRESETS[rule](**kw)
     if scope == "guard":
-        return GUARDS[rule]()
+        return GUARDS[rule](**kw)
     threshold = NUMBER[scope][1] if rule == "number" else RULES[rule]
     return SCOPES[scope](threshold, **kw)
 
@@ -387,7 +390,16 @@ def shard_map_cases(cases, specs, mesh, axis_name, grads_seq, **kw):
     """Runs ``cases`` inside one shard_map, all steps, states replicated."""
     txs = {case: make_tx(case, axis_name=axis_name, **kw) for case in cases}
     states = {case: tx.init(PARAMS) for case, tx in txs.items()}
-    state_specs = jax.tree.map(lambda _: P(), states)
+
+    # Parameter-shaped parts of a state (SPAM's second moment, a guarded
+    # optimizer's momentum) are split like the parameters; the rest is
+    # replicated.
+    def is_param_tree(x):
+        return isinstance(x, dict) and set(x) == set(PARAMS)
+
+    state_specs = jax.tree.map(
+        lambda x: specs if is_param_tree(x) else P(), states, is_leaf=is_param_tree
+    )
     update_specs = {case: specs for case in cases}
 
     @jax.jit
@@ -408,8 +420,12 @@ def shard_map_cases(cases, specs, mesh, axis_name, grads_seq, **kw):
             k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in tree.items()
         }
 
-    replicated = NamedSharding(mesh, P())
-    states = jax.tree.map(lambda x: jax.device_put(x, replicated), states)
+    states = jax.tree.map(
+        lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec)),
+        states,
+        state_specs,
+        is_leaf=lambda x: isinstance(x, P),
+    )
     params = place(PARAMS)
     history = []
     for grads in grads_seq:
@@ -423,6 +439,18 @@ def test_shard_map_mixed_leaves_match_unsharded(mode):
     """Every scope and every rule, with split and replicated leaves."""
     mesh = make_mesh((8,), ("x",), mode)
     cases = FIXED_CASES + RULE_CASES["global"]
+    history = shard_map_cases(
+        cases, MIXED_SPECS, mesh, "x", GRADS, partition_specs=MIXED_SPECS
+    )
+    assert_matches_reference(history, cases, "shard_map")
+
+
+@pytest.mark.parametrize("mode", ["explicit", "auto"])
+def test_shard_map_presets_and_guards_match_unsharded(mode):
+    """Every preset and guard takes axis_name: split leaves give the
+    unsharded result, stats and state included."""
+    mesh = make_mesh((8,), ("x",), mode)
+    cases = PRESET_CASES + GUARD_CASES
     history = shard_map_cases(
         cases, MIXED_SPECS, mesh, "x", GRADS, partition_specs=MIXED_SPECS
     )

@@ -330,3 +330,91 @@ def test_skip_spikes_recovers_from_a_long_run_of_zero_gradients():
         outs["w"][before + zeros :], ref_outs["w"][before:], rtol=1e-6
     )
     assert ref_skipped[before:].sum() == 1  # the spike at step 700, nothing else
+
+
+# ---------------------------------------------------------------------------
+# The skip action takes any rule
+# ---------------------------------------------------------------------------
+
+
+def stream_norms(stream):
+    leaves = [np.asarray(stream[k], np.float64) for k in sorted(stream)]
+    return np.array(
+        [np.sqrt(sum(np.sum(x[t] ** 2) for x in leaves)) for t in range(len(leaves[0]))]
+    )
+
+
+def test_skip_spikes_with_a_fixed_rule_skips_every_norm_above_it():
+    stream = make_stream(41, steps=60)
+    norms = stream_norms(stream)
+    bound = float(np.nanmedian(norms[np.isfinite(norms)]))
+    tx = oc.skip_spikes(optax.sgd(0.1, momentum=0.9), rule=bound)
+    _, (outs, states) = scan_guard(tx, stream)
+    expected = ~np.isfinite(norms) | (norms > bound)
+    assert 0 < expected.sum() < len(norms)
+    np.testing.assert_array_equal(np.asarray(states.stats.clipped), expected)
+    np.testing.assert_allclose(np.asarray(states.stats.threshold), bound, rtol=1e-6)
+    for k in outs:
+        np.testing.assert_array_equal(np.asarray(outs[k])[expected], 0.0)
+    assert_unchanged_when_skipped(
+        tx.init(first(stream)).inner_state, states.inner_state, expected
+    )
+
+
+def test_skip_spikes_with_zscore_skips_where_the_rule_bounds_the_norm():
+    # The guard skips exactly where the rule's bound is below the norm, with
+    # the rule learning from every finite step (spikes included).
+    stream = make_stream(42, steps=80)
+    norms = stream_norms(stream)
+    rule = oc.rules.zscore(warmup=5, max_norm=None)
+    tx = oc.skip_spikes(optax.sgd(0.1), rule=rule)
+    _, (_, states) = scan_guard(tx, stream)
+    state = rule.init(jnp.zeros((), jnp.float32))
+    expected = []
+    for t, n in enumerate(norms):
+        if not np.isfinite(n):
+            expected.append(True)
+            continue
+        bound, state = rule.update(state, jnp.float32(n), jnp.int32(t))
+        expected.append(bool(np.float32(n) > np.asarray(bound)))
+    expected = np.array(expected)
+    assert expected.sum() > bad_steps(stream).sum()
+    np.testing.assert_array_equal(np.asarray(states.stats.clipped), expected)
+
+
+def test_skip_nonfinite_is_the_guard_with_an_infinite_threshold():
+    stream = make_stream(43, steps=40)
+    a = oc.skip_nonfinite(optax.adam(1e-2))
+    b = oc.skip_spikes(optax.adam(1e-2), rule=float("inf"))
+    _, (outs_a, states_a) = scan_guard(a, stream)
+    _, (outs_b, states_b) = scan_guard(b, stream)
+    for k in outs_a:
+        np.testing.assert_array_equal(outs_a[k], outs_b[k])
+    for x, y in zip(
+        jax.tree.leaves(states_a.inner_state), jax.tree.leaves(states_b.inner_state)
+    ):
+        np.testing.assert_array_equal(x, y)
+    np.testing.assert_array_equal(states_a.stats.clipped, bad_steps(stream))
+    np.testing.assert_array_equal(states_a.stats.clipped, states_b.stats.clipped)
+
+
+def test_skip_spikes_refuses_a_rule_and_the_default_rules_settings():
+    with pytest.raises(ValueError, match=r"skip_spikes got `rule`.*window=32"):
+        oc.skip_spikes(optax.sgd(1.0), window=32, rule=oc.rules.zscore())
+    with pytest.raises(ValueError, match="rules.mean_std"):
+        oc.skip_spikes(optax.sgd(1.0), sigma=3.0, rule=1.0)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: oc.skip_nonfinite(optax.sgd(0.1, momentum=0.9)),
+        lambda: oc.skip_spikes(optax.sgd(0.1), rule=1.0),
+    ],
+    ids=["skip_nonfinite", "skip_spikes"],
+)
+def test_guards_refuse_a_missing_state(make):
+    # The wrapped optimizer's state would restart every step.
+    tx = make()
+    with pytest.raises(ValueError, match="keeps a state across steps"):
+        tx.update({"w": jnp.ones(2)}, None)

@@ -886,3 +886,24 @@ def test_autoclip_include_zeros_reproduces_the_official_zero_pinning():
     reference = RefAutoClip(10.0, None, include_zeros=True)
     want = [reference(gnorm(leaves)) for leaves in np_steps(stream)]
     np.testing.assert_allclose(official[1].threshold, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "make", [oc.adagc, oc.olmo_adaptive_clip], ids=["adagc", "olmo_adaptive_clip"]
+)
+def test_per_tensor_presets_forward_stacked_axes(make):
+    # Three stacked layers: one norm, one bound and one statistic per layer,
+    # each layer clipped as its own tensor (as three separate leaves are).
+    rng = np.random.default_rng(5)
+    steps = [rng.normal(size=(3, 4)).astype(np.float32) * s for s in (1, 5, 0.2)]
+    stacked = make(stacked_axes=1)
+    separate = make()
+    s1 = stacked.init({"w": jnp.zeros((3, 4))})
+    s2 = separate.init({f"l{i}": jnp.zeros(4) for i in range(3)})
+    for g in steps:
+        out1, s1 = stacked.update({"w": jnp.asarray(g)}, s1)
+        out2, s2 = separate.update({f"l{i}": jnp.asarray(g[i]) for i in range(3)}, s2)
+        assert s1.stats.norm.shape == (3,)
+        for i in range(3):
+            np.testing.assert_allclose(out1["w"][i], out2[f"l{i}"], rtol=1e-6)
+        np.testing.assert_allclose(s1.stats.threshold, s2.stats.threshold, rtol=1e-6)

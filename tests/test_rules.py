@@ -554,3 +554,58 @@ def test_quantile_per_example_fraction_leaves_out_zero_norms():
     np.testing.assert_allclose(state, 1.0, rtol=1e-6)
     _, state = rule.update(state, jnp.array([0.0, 0.5, 0.7, 0.2]), 2)
     np.testing.assert_allclose(state, np.exp(-0.2 * 0.5), rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# mean_std: the windowed spike rule
+# ---------------------------------------------------------------------------
+
+
+def mean_std_reference(values, window, sigma, min_history):
+    """The bound before each value: mean + sigma * std (ddof 1) of the
+    previous ``window`` recorded values, once enough are recorded."""
+    history, bounds = [], []
+    for v in values:
+        previous = history[-window:]
+        if len(previous) + 1 >= min_history and len(previous) >= 2:
+            bounds.append(np.mean(previous) + sigma * np.std(previous, ddof=1))
+        else:
+            bounds.append(np.inf)
+        if v != 0:
+            history.append(v)
+    return np.array(bounds)
+
+
+@pytest.mark.parametrize("window,sigma,min_history", [(4, 2.0, 3), (16, 1.0, 8)])
+def test_mean_std_matches_its_numpy_reference(window, sigma, min_history):
+    rng = np.random.default_rng(3)
+    values = np.abs(rng.normal(1.0, 0.3, 60)).astype(np.float32)
+    values[[10, 11, 12, 30]] = 0.0  # zeros are not recorded
+    values[40] = 9.0  # a spike is recorded
+    rule = rules.mean_std(window, sigma, min_history=min_history)
+    _, bounds = drive(rule, jnp.asarray(values))
+    expected = mean_std_reference(values.astype(np.float64), window, sigma, min_history)
+    np.testing.assert_allclose(np.asarray(bounds), expected, rtol=1e-5)
+
+
+def test_mean_std_keeps_one_history_per_entry():
+    # Per tensor: a frozen tensor records nothing while the other records.
+    rng = np.random.default_rng(4)
+    a = np.abs(rng.normal(1.0, 0.2, 30)).astype(np.float32)
+    b = np.where(np.arange(30) < 15, 0.0, a[::-1]).astype(np.float32)
+    rule = rules.mean_std(8, 3.0, min_history=3)
+    _, bounds = drive(rule, jnp.asarray(np.stack([a, b], axis=1)))
+    for column, values in enumerate([a, b]):
+        expected = mean_std_reference(values.astype(np.float64), 8, 3.0, 3)
+        np.testing.assert_allclose(np.asarray(bounds)[:, column], expected, rtol=1e-5)
+
+
+def test_mean_std_as_a_clipping_threshold_bounds_the_norm():
+    rule = rules.mean_std(8, 0.0, min_history=3)
+    tx = oc.clip_by_global_norm(rule)
+    state = tx.init({"w": jnp.zeros(2)})
+    for n in [1.0, 2.0, 3.0, 30.0]:
+        out, state = tx.update({"w": jnp.array([n, 0.0])}, state)
+    # the bound of the last step is the mean of the three before it
+    np.testing.assert_allclose(float(state.stats.threshold), 2.0, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(out["w"]), [2.0, 0.0], rtol=1e-6)
