@@ -391,7 +391,9 @@ def test_skip_nonfinite_is_the_guard_with_an_infinite_threshold():
     for k in outs_a:
         np.testing.assert_array_equal(outs_a[k], outs_b[k])
     for x, y in zip(
-        jax.tree.leaves(states_a.inner_state), jax.tree.leaves(states_b.inner_state)
+        jax.tree.leaves(states_a.inner_state),
+        jax.tree.leaves(states_b.inner_state),
+        strict=True,
     ):
         np.testing.assert_array_equal(x, y)
     np.testing.assert_array_equal(states_a.stats.clipped, bad_steps(stream))
