@@ -436,15 +436,15 @@ def _batched(t: Transform, tree: Any) -> Any:
     return tree
 
 
-def _inputs(t: Transform, case: Case, follow: bool | None = None) -> tuple:
+def _inputs(t: Transform, case: Case) -> tuple:
     """(updates, params, follow-up updates or None) of ``t`` on ``case``."""
     tree = case.tree()
+    # Built with NumPy: eager JAX ops would each compile a kernel.
     params = jax.tree.map(
         lambda x: np.ones(x.shape, x.dtype) if _is_float(x) else x, tree
     )
-    follow = case.follow if follow is None else follow
-    # Built with NumPy: eager JAX ops would each compile a kernel.
-    return _batched(t, tree), params, _batched(t, _base()) if follow else None
+    follow = _batched(t, _base()) if case.follow else None
+    return _batched(t, tree), params, follow
 
 
 def _step(t: Transform, updates: Any, params: Any, follow: Any) -> dict:
@@ -462,8 +462,9 @@ def _step(t: Transform, updates: Any, params: Any, follow: Any) -> dict:
 
 
 # XLA:CPU compiles these many-kernel programs two to three times faster with
-# LLVM's optimizations off and the elemental emitters; the HLO, and so every
-# result, is the same. The eager runs use the default pipeline.
+# LLVM's optimizations off and the elemental emitters. Only code generation
+# differs: the HLO (every operation, dtype and select) is the same. The eager
+# runs use the default pipeline.
 _COMPILER_OPTIONS = {
     "xla_backend_optimization_level": 0,
     "xla_cpu_use_fusion_emitters": False,
@@ -581,11 +582,16 @@ def check(t: Transform, case: Case, mode: str) -> None:
     if not case.nonfinite:
         assert _finite_leaves(out)
     if t.kind == "function" and not case.nonfinite:
-        norms = np.sqrt(
-            sum(np.sum(np.abs(x.reshape(BATCH, -1)) ** 2, axis=1) for x in floats_in)
-        )
+        # How many examples were clipped: over the tree, or per layer against
+        # 1 / sqrt(number of layers).
+        sq = [np.sum(np.abs(x.reshape(BATCH, -1)) ** 2, axis=1) for x in floats_in]
         if t.name == "per_example_global_norm_clip":
+            norms = np.sqrt(np.sum(sq, axis=0)) if sq else np.zeros(BATCH)
             assert int(result["clipped"]) == int(np.sum(norms > 1.0))
+        else:
+            layer = 1.0 / math.sqrt(max(len(sq), 1))
+            counts = [int(n) for n in jax.tree.leaves(result["clipped"])]
+            assert counts == [int(np.sum(np.sqrt(q) > layer)) for q in sq]
 
     # Large entries are clipped to the bound (not zeroed); tiny ones pass.
     out64 = [_f64(o) for o in floats_out]
