@@ -7,12 +7,14 @@ one transform in one compiled function, which keeps the file fast) and a
 subset runs eagerly. What is checked for every pair: the tree structure,
 shapes and dtypes are kept; integer, ``None`` and ``MaskedNode`` leaves are
 kept as they were; the values equal the NumPy reference (zeros on a NaN/Inf
-step); finite input gives a finite output and a finite state; large float16
-/ bfloat16 values are clipped to the bound, not zeroed; tiny ones pass
-unclipped; complex leaves keep their phase; ``oc.stats`` exist, count the
-step and the non-finite steps; the guards leave the wrapped optimizer's
-state untouched on a skipped step; and a step after a NaN/Inf or an
-all-zero step behaves as a first step (no absorbing state).
+step); finite input gives a finite output; large float16 / bfloat16 values
+are clipped to the bound, not zeroed; tiny ones pass unclipped; complex
+leaves keep their phase; ``oc.stats`` exist, count the step and the
+non-finite steps, and hold a finite norm and scale for finite input (the
+threshold may be +inf where a rule has no history yet); the guards leave
+the wrapped optimizer's state untouched on a skipped step; and an ordinary
+step after a NaN step or an all-zero step behaves as a first step (no
+absorbing state).
 
 Pairs that fail because of a known defect are not in the main table: they
 are in the ``test_bug_*`` functions at the end, which keep failing until the
