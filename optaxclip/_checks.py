@@ -305,22 +305,6 @@ def check_stacked(stacked_axes: Any, name: str = "stacked_axes") -> Any:
     return stacked_axes
 
 
-def check_tensor_count(owner: str, expected: int, leaves: Sequence[Any]) -> None:
-    """Raises ValueError when a per-tensor state does not fit the updates.
-
-    Args:
-      owner: the public function, for the message.
-      expected: the number of tensors the state was initialized for.
-      leaves: the updates' floating-point leaves.
-    """
-    if expected != len(leaves):
-        _tree_mismatch(
-            owner,
-            f"{expected} floating-point tensor(s)",
-            f"{len(leaves)} (shapes {[tuple(np.shape(x)) for x in leaves]})",
-        )
-
-
 def check_same_tree(owner: str, template: Any, updates: Any) -> None:
     """Raises ValueError unless ``updates`` has the structure and leaf shapes of
     ``template`` (a state built like the params, e.g. a second moment).

@@ -146,7 +146,8 @@ class _ExampleScope:
 
     def measure(self, updates, params, extra_args):
         del params, extra_args
-        check_batch(updates, "clip_per_example")
+        if jax.tree.leaves(updates):
+            check_batch(updates, "clip_per_example")
         dtype = _norms.tree_acc_dtype(updates)
         leaves = _norms.float_leaves(updates)
         if not leaves:
@@ -317,11 +318,12 @@ def batch_sum(multipliers: jax.Array, g: jax.Array) -> jax.Array:
     """``sum_b multipliers[b] * g[b]`` in float32 or better."""
     g = jnp.asarray(g)
     dtype = g.dtype if _norms.is_float(g) else jnp.float32
-    acc = _norms.acc_dtype(dtype)
-    g = g.astype(_norms.compute_dtype(dtype))
+    # Complex leaves keep their imaginary part: summed in complex64 or better.
+    acc = _norms.compute_dtype(dtype)
+    g = g.astype(acc)
     # A broadcast product summed over the batch axis rather than a dot: on a
     # mesh with Explicit axes a contraction over a split batch axis has no
     # defined output sharding, a reduction over it does.
-    m = multipliers.astype(acc).astype(g.dtype).reshape((-1,) + (1,) * (g.ndim - 1))
+    m = multipliers.astype(acc).reshape((-1,) + (1,) * (g.ndim - 1))
     out = jnp.sum(m * g, axis=0, dtype=acc)
     return out.astype(dtype)

@@ -751,8 +751,7 @@ class _ScaleAbove:
     def apply(self, updates: Any, measured: Measurement, ctx: Context) -> Applied:
         largest, bound = measured.norms, ctx.threshold
         bound = jnp.broadcast_to(bound, largest.shape)
-        over = largest > bound
-        factor = jnp.where(over, bound / jnp.where(over, largest, 1), 1)
+        factor = safe_scale(largest, bound)
         counted = []
 
         def clip_leaf(i, g):
