@@ -83,7 +83,8 @@ def skip_nonfinite(
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
-      `SkipNonfiniteState`; extra arguments are passed to ``inner``.
+      [`SkipNonfiniteState`][optaxclip.SkipNonfiniteState]; extra arguments
+      are passed to ``inner``.
 
     Example:
       >>> import jax.numpy as jnp, optax
@@ -101,8 +102,7 @@ def skip_nonfinite(
     if max_consecutive is not None:
         with _checks.arguments("skip_nonfinite"):
             _checks.check_number(max_consecutive, "max_consecutive", lo=0, integer=True)
-    with _checks.arguments("skip_nonfinite"):
-        scope = GuardScope(axis_name, partition_specs, "skip_nonfinite")
+    scope = GuardScope(axis_name, partition_specs, "skip_nonfinite")
     action = Skip(optax.with_extra_args_support(inner), None, max_consecutive)
 
     def make(parts: Parts) -> SkipNonfiniteState:
@@ -207,7 +207,8 @@ def skip_spikes(
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
-      `SkipSpikesState`; extra arguments (``value`` included) are
+      [`SkipSpikesState`][optaxclip.SkipSpikesState]; extra arguments
+      (``value`` included) are
       passed to ``inner``.
 
     Example:
@@ -238,8 +239,7 @@ def skip_spikes(
                 "`rule=rules.mean_std(window, sigma)`."
             )
         rule = rules.as_rule(rule, "rule")
-    with _checks.arguments("skip_spikes"):
-        scope = GuardScope(axis_name, partition_specs, "skip_spikes")
+    scope = GuardScope(axis_name, partition_specs, "skip_spikes")
     action = Skip(optax.with_extra_args_support(inner), rule, None)
 
     def make(parts: Parts) -> SkipSpikesState:

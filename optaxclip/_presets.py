@@ -508,7 +508,7 @@ def spam_clip(
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
-      `SpamClipState`.
+      [`SpamClipState`][optaxclip.SpamClipState].
 
     Example:
       >>> import jax.numpy as jnp
@@ -659,7 +659,7 @@ def stable_spam_clip(
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
-      `StableSpamClipState`.
+      [`StableSpamClipState`][optaxclip.StableSpamClipState].
 
     Example:
       >>> import jax.numpy as jnp
@@ -814,7 +814,7 @@ def clippy(
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
-      `ClippyState`.
+      [`ClippyState`][optaxclip.ClippyState].
 
     Raises:
       ValueError: in ``update`` if ``params`` is None.
