@@ -460,28 +460,28 @@ class TensorMeasurement(Measurement):
     pieces: tuple[jax.Array, ...] = ()
 
     def rescale(self, updates, threshold, keep):
-        counts = [
-            _norms.segment_count(x, k)
-            for x, k in zip(self.leaves, self.keep_axes, strict=True)
-        ]
-        offsets = np.cumsum([0, *counts])
+        factors = None
+        if threshold.ndim:
+            # A rule's bounds: every leaf's factor is computed in one vector
+            # and split off it into a buffer of its own. Read as a slice, a
+            # bound would make each leaf's kernels (and every optimizer
+            # kernel fused with them) unique, compiled once per leaf.
+            counts = [
+                _norms.segment_count(x, k)
+                for x, k in zip(self.leaves, self.keep_axes, strict=True)
+            ]
+            factors = _norms.leaf_scales(self.pieces, threshold, False, counts)
 
         def scale(i, x):
-            # Each leaf is scaled from its own measurement, not from a slice
-            # of the norm vector, and a scalar threshold is used as is, so
-            # equally shaped leaves share one compiled kernel.
-            bound = threshold
-            if threshold.ndim:
-                bound = _norms.segment_view(
-                    threshold[offsets[i] : offsets[i + 1]], x, self.keep_axes[i]
-                )
             piece = self.pieces[i]
+            if factors is not None:
+                factor = _norms.segment_view(factors[i], x, self.keep_axes[i])
+                return scale_leaf(x, factor, keep)
             if not self.keep_axes[i]:
                 # One norm for the leaf: a scalar, as the global scope's,
                 # so the division fuses into the pass over the leaf.
                 piece = jnp.reshape(piece, ())
-                bound = jnp.reshape(bound, ()) if jnp.ndim(bound) else bound
-            return rescale(x, piece, bound, keep)
+            return rescale(x, piece, threshold, keep)
 
         out = map_float(scale, updates)
         norms = self.norms
@@ -581,12 +581,16 @@ class UnitMeasurement(Measurement):
     def rescale(self, updates, threshold, keep):
         smallest, clipped = [], []
         units = self.units
+        bounds = None
+        if threshold.ndim:
+            # A rule's bounds, split into a buffer per leaf (see TensorMeasurement).
+            bounds = _norms.split_entries(threshold, [1] * len(units))
 
         def scale(i, x):
             g_norm, w_norm = units[i]
             # A scalar threshold is used as is (no per-leaf slice), so equally
             # shaped leaves share one compiled kernel.
-            bound = threshold[i] if threshold.ndim else threshold
+            bound = threshold if bounds is None else bounds[i].reshape(())
             max_norm = bound.astype(w_norm.dtype) * w_norm
             # Not "g_norm > max_norm": a NaN unit norm is rescaled, as in
             # optax, so NaN reaches the whole unit under "propagate" (the

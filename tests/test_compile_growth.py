@@ -1,0 +1,190 @@
+"""A learning rule's compiled step grows with the leaf count as the fixed clip's.
+
+XLA compiles each distinct kernel once and shares it among identical ones,
+so with a fixed threshold equally shaped leaves cost one kernel between
+them. A rule's threshold is a vector with one entry per tensor; read by each
+leaf as a slice, every leaf's scaling (and each optimizer kernel fused with
+it) became a kernel of its own, and compile time grew by several kernels
+per leaf. These tests count, without timing anything, the distinct kernels
+of the compiled step and the instructions of the traced one at two leaf
+counts.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optaxclip as oc
+from optaxclip import _norms, rules
+
+# The shapes of a small transformer block, as in benchmarks/compile_time.py.
+SHAPES = [(8,), (8,), (8, 24), (8, 8), (8,), (8,), (8, 32), (32, 8)]
+SMALL, LARGE = 16, 32
+# XLA's fusion decisions move a few vector kernels between leaf counts; a
+# slice per leaf would add at least one kernel per leaf (16 here).
+SLACK = 4
+
+FIXED = ("fixed", lambda: oc.clip_by_norm(1.0))
+RULES = [
+    ("ema", lambda: oc.clip_by_norm(rules.ema(ratio=1.05))),
+    ("zscore", lambda: oc.clip_by_norm(rules.zscore())),
+    ("percentile", lambda: oc.clip_by_norm(rules.percentile(10.0, window=8))),
+    ("quantile", lambda: oc.clip_by_norm(rules.quantile())),
+    ("adagc", lambda: oc.adagc()),
+    ("stacked_ema", lambda: oc.clip_by_norm(rules.ema(), stacked_axes=1)),
+]
+
+
+def tree(n: int, stacked: bool = False) -> dict[str, jax.Array]:
+    lead = (3,) if stacked else ()
+    return {
+        f"l{i:03d}": jnp.zeros(lead + SHAPES[i % len(SHAPES)], jnp.float32)
+        for i in range(n)
+    }
+
+
+def lowered(make, n: int, stacked: bool = False, adamw: bool = False):
+    params = tree(n, stacked)
+    tx = make()
+    tx = optax.chain(tx, optax.adamw(1e-3)) if adamw else tx
+    # optax's bias correction mixes a Python float with the int32 count.
+    with jax.numpy_dtype_promotion("standard"):
+        return jax.jit(tx.update).lower(params, tx.init(params), params)
+
+
+def distinct_kernels(hlo: str) -> int:
+    """The number of distinct computations (up to names) in compiled ``hlo``."""
+    bodies = re.findall(r"^%\S+ \(.*?\{\n(.*?)\n\}", hlo, re.M | re.S)
+    assert bodies, "no computation found in the compiled HLO"
+    normal = {
+        re.sub(r"%[\w.\-]+", "%", re.sub(r", metadata=\{[^}]*\}", "", b))
+        for b in bodies
+    }
+    return len(normal)
+
+
+def growth(
+    make, stacked: bool = False, sizes: tuple[int, int] = (SMALL, LARGE)
+) -> tuple[int, int]:
+    """(distinct kernels, traced lines) added from SMALL to LARGE leaves."""
+    small = lowered(make, sizes[0], stacked)
+    large = lowered(make, sizes[1], stacked)
+    kernels = distinct_kernels(large.compile().as_text()) - distinct_kernels(
+        small.compile().as_text()
+    )
+    lines = len(large.as_text().splitlines()) - len(small.as_text().splitlines())
+    return kernels, lines
+
+
+@pytest.fixture(scope="module")
+def fixed_growth():
+    return {stacked: growth(FIXED[1], stacked) for stacked in (False, True)}
+
+
+def test_fixed_clip_shares_kernels_among_equal_leaves(fixed_growth):
+    # The baseline the rules are held to: two more blocks of the same eight
+    # shapes compile (almost) no new kernel, and the traced step grows.
+    for kernels, lines in fixed_growth.values():
+        assert kernels <= SLACK
+        assert lines > 0
+
+
+@pytest.mark.parametrize("name,make", RULES, ids=[n for n, _ in RULES])
+def test_rule_grows_like_the_fixed_clip(name, make, fixed_growth):
+    fixed_kernels, fixed_lines = fixed_growth[name.startswith("stacked")]
+    kernels, lines = growth(make, name.startswith("stacked"))
+    assert kernels <= fixed_kernels + SLACK, f"{name}: {kernels} more kernels"
+    assert lines <= 1.3 * fixed_lines, f"{name}: {lines} vs {fixed_lines} lines"
+
+
+def test_agc_rule_grows_like_agc_with_a_number():
+    # Fewer leaves: AGC compiles more kernels per leaf (a slice per leaf would
+    # still add at least 8).
+    sizes = (4, 12)
+    fixed_kernels, fixed_lines = growth(lambda: oc.adaptive_grad_clip(0.1), sizes=sizes)
+    kernels, lines = growth(lambda: oc.adaptive_grad_clip(rules.ema()), sizes=sizes)
+    assert kernels <= fixed_kernels + SLACK
+    assert lines <= 1.3 * fixed_lines
+
+
+# ---------------------------------------------------------------------------
+# The splitting helper
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_split_entries_equals_slices(jit):
+    counts = [1, 3, 1, 2, 3, 1] * 30  # more pieces than one reduction takes
+    offsets = np.cumsum([0, *counts])
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=offsets[-1]).astype(np.float32)
+    values[:4] = [np.nan, np.inf, -np.inf, -0.0]
+    split = jax.jit(_norms.split_entries, static_argnums=1) if jit else None
+    pieces = (split or _norms.split_entries)(jnp.asarray(values), tuple(counts))
+    assert len(pieces) == len(counts)
+    for i, piece in enumerate(pieces):
+        want = values[offsets[i] : offsets[i + 1]]
+        assert piece.shape == want.shape and piece.dtype == jnp.float32
+        np.testing.assert_array_equal(np.asarray(piece), want)
+        np.testing.assert_array_equal(np.signbit(np.asarray(piece)), np.signbit(want))
+
+
+def test_split_entries_derivative_and_vmap_are_the_slices():
+    counts = (2, 1, 3)
+    x = jnp.arange(6.0)
+    weights = [jnp.array([1.0, 2.0]), jnp.array([3.0]), jnp.array([4.0, 5.0, 6.0])]
+
+    def loss(v):
+        pieces = _norms.split_entries(v, counts)
+        return sum(jnp.sum(w * p * p) for w, p in zip(weights, pieces, strict=True))
+
+    np.testing.assert_allclose(
+        np.asarray(jax.jit(jax.grad(loss))(x)), 2 * np.arange(6.0) * np.arange(1.0, 7.0)
+    )
+    batch = jnp.stack([x, -x])
+    pieces = jax.vmap(lambda v: _norms.split_entries(v, counts))(batch)
+    np.testing.assert_array_equal(
+        np.asarray(pieces[2]), [[3.0, 4.0, 5.0], [-3, -4, -5]]
+    )
+
+
+def test_split_entries_of_no_and_one_piece():
+    assert _norms.split_entries(jnp.zeros((0,)), []) == []
+    (one,) = _norms.split_entries(jnp.array([1.0, 2.0]), [2])
+    np.testing.assert_array_equal(np.asarray(one), [1.0, 2.0])
+
+
+@pytest.mark.parametrize("squared", [False, True])
+def test_leaf_scales_equal_each_leafs_piece_scale(squared):
+    # The pieces of a leaf of 1, 3 and 2 segments (stacked layers), shaped to
+    # broadcast against their leaves; a vector of bounds, one per segment.
+    rng = np.random.default_rng(1)
+    pieces = [
+        jnp.asarray(rng.uniform(0, 4, size=s), jnp.float32)
+        for s in [(1, 1), (3, 1, 1), (2, 1)]
+    ]
+    pieces[1] = pieces[1].at[0].set(0.0)  # a zero norm under a zero bound
+    counts = [1, 3, 2]
+    bounds = jnp.asarray([1.0, 0.0, 2.0, 0.5, 3.0, np.inf], jnp.float32)
+    got = jax.jit(_norms.leaf_scales, static_argnums=(2, 3))(
+        pieces, bounds, squared, tuple(counts)
+    )
+    offsets = np.cumsum([0, *counts])
+    for i, piece in enumerate(pieces):
+        bound = bounds[offsets[i] : offsets[i + 1]].reshape(piece.shape)
+        want = _norms.piece_scale(piece, bound, squared)
+        np.testing.assert_array_equal(np.asarray(got[i]).reshape(piece.shape), want)
+    # Spot values: 1 at or under the bound, bound / norm above it.
+    norm = np.sqrt(float(pieces[0][0, 0])) if squared else float(pieces[0][0, 0])
+    np.testing.assert_allclose(float(got[0][0]), min(1.0, 1.0 / norm), rtol=1e-6)
+    assert float(got[1][0]) == 1.0
+
+
+def test_leaf_scales_of_no_leaves():
+    assert _norms.leaf_scales([], jnp.zeros((0,)), True, []) == []
