@@ -516,12 +516,6 @@ class Parts(NamedTuple):
     packed_stats: jax.Array
 
 
-class StateCodec(Protocol):
-    """How a transform's public state class holds the three `Parts`."""
-
-    def __call__(self, parts: Parts) -> Any: ...
-
-
 def _clip_state(parts: Parts) -> ClipState:
     return ClipState(parts.rule_state, parts.packed_stats)
 
@@ -539,8 +533,10 @@ class Step(Generic[M]):
       rule: turns the observation into the threshold.
       action: rescales, clamps or skips.
       zero_nonfinite: the ``nonfinite="zero"`` policy (else propagate).
-      make_state: builds the public state from the `Parts`.
-      parts_of: reads the `Parts` back from the public state.
+      make_state: builds the transform's public state class from the
+        `Parts` (`ClipState` by default).
+      parts_of: reads the `Parts` back from that state.
+      state_type: that state class (a state of another class is refused).
     """
 
     scope: Scope[M]
