@@ -112,10 +112,10 @@ def autoclip(
       >>> state = tx.init({"w": jnp.zeros(2)})
       >>> for g in [[3.0, 4.0], [0.6, 0.8], [30.0, 40.0]]:
       ...     out, state = tx.update({"w": jnp.array(g)}, state)
-      ...     print(out["w"].round(4), state.stats.threshold)
-      [3. 4.] 5.0
-      [0.6 0.8] 3.0
-      [3. 4.] 5.0
+      ...     print([round(float(v), 4) for v in out["w"]], state.stats.threshold)
+      [3.0, 4.0] 5.0
+      [0.6, 0.8] 3.0
+      [3.0, 4.0] 5.0
 
     References:
       Seetharaman et al., [AutoClip: Adaptive Gradient Clipping for Source
