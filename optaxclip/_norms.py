@@ -174,6 +174,19 @@ def compute_dtype(dtype: Any) -> jnp.dtype:
     return acc
 
 
+def per_tensor_like(tree: Any) -> jax.Array:
+    """A zero vector with one entry per float leaf of ``tree`` (its norms)."""
+    return jnp.zeros((len(float_leaves(tree)),), tree_acc_dtype(tree))
+
+
+def matching_float_leaves(updates: Any, params: Any) -> list[jax.Array]:
+    """The leaves of ``params`` at the float leaves of ``updates``, in order."""
+    flat = jax.tree.structure(updates).flatten_up_to(params)
+    return [
+        w for u, w in zip(jax.tree.leaves(updates), flat, strict=True) if is_float(u)
+    ]
+
+
 def tree_acc_dtype(tree: Any) -> jnp.dtype:
     """float64 if any leaf accumulates in float64, else float32."""
     dtypes = {acc_dtype(x.dtype) for x in float_leaves(tree)}
@@ -741,8 +754,6 @@ def _segment_norms(leaves, p, keep_axes, groups, normalize, parts):
     if _is_static(p, _INF):
         return total, total_parts
     norms = safe_root(total, p)
-    if parts == "squared":
-        return norms, total_parts
     norm_parts = [safe_root(t, p) for t in total_parts]
     if local and norm_parts and _is_static(p, 1.0, 2.0):
         # The vector is built from the leaves' own norms: each root then

@@ -752,14 +752,21 @@ class _ScaleAbove:
         largest, bound = measured.norms, ctx.threshold
         bound = jnp.broadcast_to(bound, largest.shape)
         factor = safe_scale(largest, bound)
+        # Each leaf's bound and factor in buffers of their own (not slices),
+        # so equally shaped leaves share compiled kernels.
+        ones = [1] * largest.shape[0]
+        bounds = _norms.split_entries(bound, ones)
+        factors = _norms.split_entries(factor, ones)
         counted = []
 
         def clip_leaf(i, g):
             magnitude = jnp.abs(g).astype(largest.dtype)
-            mask = magnitude > bound[i]
+            mask = magnitude > bounds[i].reshape(())
             counted.append(jnp.sum(mask, dtype=jnp.int32))
             return scale_leaf(
-                g, jnp.where(mask, factor[i], jnp.ones_like(magnitude)), ctx.keep
+                g,
+                jnp.where(mask, factors[i].reshape(()), jnp.ones_like(magnitude)),
+                ctx.keep,
             )
 
         out = map_float(clip_leaf, updates)
@@ -854,7 +861,12 @@ class RelativeMeasurement(Measurement):
 
     def rescale(self, updates, threshold, keep):
         scale = safe_scale(self.norms, threshold, keep)
-        out = map_float(lambda i, u: scale_leaf(u, scale[i], keep), updates)
+        # Each leaf's factor in a buffer of its own (not a slice), so equally
+        # shaped leaves share compiled kernels.
+        factors = _norms.split_entries(scale, [1] * self.norms.shape[0])
+        out = map_float(
+            lambda i, u: scale_leaf(u, factors[i].reshape(()), keep), updates
+        )
         return out, scale, jnp.sum(self.norms > threshold, dtype=jnp.int32)
 
 
@@ -868,8 +880,7 @@ class _RelativeScope:
     owner: str = "clippy"
 
     def norm_like(self, params):
-        n = len(_norms.float_leaves(params))
-        return jnp.zeros((n,), _norms.tree_acc_dtype(params))
+        return _norms.per_tensor_like(params)
 
     def measure(self, updates, params, extra_args):
         del extra_args
@@ -885,12 +896,7 @@ class _RelativeScope:
             return RelativeMeasurement(
                 empty, jnp.asarray(True), empty, jnp.zeros((), acc)
             )
-        flat_params = jax.tree.structure(updates).flatten_up_to(params)
-        weights = [
-            w
-            for u, w in zip(jax.tree.leaves(updates), flat_params, strict=True)
-            if _norms.is_float(u)
-        ]
+        weights = _norms.matching_float_leaves(updates, params)
         rel, ab = jnp.asarray(self.relative, acc), jnp.asarray(self.absolute, acc)
         ratios, largest = [], []
         for u, w in zip(leaves, weights, strict=True):

@@ -626,8 +626,7 @@ class UnitScope:
     owner: str = "adaptive_grad_clip"
 
     def norm_like(self, params):
-        n = len(_norms.float_leaves(params))
-        return jnp.zeros((n,), _norms.tree_acc_dtype(params))
+        return _norms.per_tensor_like(params)
 
     def _axes(self, x, k):
         inner = _norms.unit_axes(jax.ShapeDtypeStruct(x.shape[k:], x.dtype), self.axis)
@@ -642,13 +641,7 @@ class UnitScope:
             )
         _checks.check_params("adaptive_grad_clip", updates, params)
         leaves = _norms.float_leaves(updates)
-        p_leaves = [
-            p
-            for u, p in zip(
-                jax.tree.leaves(updates), jax.tree.leaves(params), strict=True
-            )
-            if _norms.is_float(u)
-        ]
+        p_leaves = _norms.matching_float_leaves(updates, params)
         ks = [int(k or 0) for k in _stacked_per_leaf(self.stacked_axes, updates)]
         axes = [self._axes(x, k) for x, k in zip(leaves, ks, strict=True)]
         groups = _norms.reduction_groups(

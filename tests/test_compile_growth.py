@@ -103,6 +103,18 @@ def test_rule_grows_like_the_fixed_clip(name, make, fixed_growth):
     assert lines <= 1.3 * fixed_lines, f"{name}: {lines} vs {fixed_lines} lines"
 
 
+@pytest.mark.parametrize(
+    "make", [oc.clippy, oc.stable_spam_clip], ids=["clippy", "stable_spam_clip"]
+)
+def test_per_tensor_presets_share_kernels_like_the_fixed_clip(make, fixed_growth):
+    # One factor (and bound) per tensor, each read from a buffer of its own.
+    # Their per-leaf work differs from a rescale, so kernels are compared, not
+    # traced lines.
+    fixed_kernels, _ = fixed_growth[False]
+    kernels, _ = growth(make)
+    assert kernels <= fixed_kernels + SLACK, f"{kernels} more kernels"
+
+
 def test_agc_rule_grows_like_agc_with_a_number():
     # Fewer leaves: AGC compiles more kernels per leaf (a slice per leaf would
     # still add at least 8).
