@@ -22,7 +22,7 @@ GRADS = {
     "b": jnp.asarray([0.3, 0.4], jnp.float32),
 }
 PARAMS = jax.tree.map(jnp.zeros_like, GRADS)
-SCALAR_KEYS = ["norm", "threshold", "scale", "clipped", "nonfinite_count"]
+SCALAR_KEYS = ["norm", "threshold", "scale", "norm_after", "clipped", "nonfinite_count"]
 TENSOR_KEYS = ["norm_max", "threshold_min", "scale_min", "clipped", "nonfinite_count"]
 # optax.MultiSteps and inject_hyperparams mix Python floats and int32 counts,
 # which strict promotion rejects.
@@ -56,25 +56,25 @@ def test_one_clip_in_a_chain_gives_the_global_stats():
     assert all(isinstance(v, jax.Array) and v.shape == () for v in m.values())
 
 
-def test_two_clips_are_indexed_in_chain_order():
+def test_a_second_clip_gets_a_suffix_in_chain_order():
     tx = optax.chain(oc.clip_by_norm(1.0), oc.clip_by_global_norm(0.5), optax.sgd(0.1))
     m = oc.metrics(one_step(tx))
-    assert list(m) == [f"clip/0/{k}" for k in TENSOR_KEYS] + [
-        f"clip/1/{k}" for k in SCALAR_KEYS
+    assert list(m) == [f"clip/{k}" for k in TENSOR_KEYS] + [
+        f"clip_1/{k}" for k in SCALAR_KEYS
     ]
     per_tensor = {k: float(np.linalg.norm(v)) for k, v in GRADS.items()}
-    np.testing.assert_allclose(m["clip/0/norm_max"], max(per_tensor.values()), 1e-6)
-    np.testing.assert_allclose(m["clip/0/threshold_min"], 1.0)
+    np.testing.assert_allclose(m["clip/norm_max"], max(per_tensor.values()), 1e-6)
+    np.testing.assert_allclose(m["clip/threshold_min"], 1.0)
     np.testing.assert_allclose(
-        m["clip/0/scale_min"], min(1.0 / n for n in per_tensor.values()), rtol=1e-6
+        m["clip/scale_min"], min(1.0 / n for n in per_tensor.values()), rtol=1e-6
     )
-    assert int(m["clip/0/clipped"]) == sum(n > 1.0 for n in per_tensor.values())
+    assert int(m["clip/clipped"]) == sum(n > 1.0 for n in per_tensor.values())
     # The second clip sees the first one's output: every tensor at norm <= 1.
     after_first = {
         k: np.asarray(v) * min(1.0, 1.0 / per_tensor[k]) for k, v in GRADS.items()
     }
-    np.testing.assert_allclose(m["clip/1/norm"], np_global_norm(after_first), 1e-6)
-    assert int(m["clip/1/clipped"]) == 1
+    np.testing.assert_allclose(m["clip_1/norm"], np_global_norm(after_first), 1e-6)
+    assert int(m["clip_1/clipped"]) == 1
 
 
 def test_per_tensor_scope_is_summarized():
@@ -114,13 +114,22 @@ def test_inject_hyperparams_threshold_is_reported():
     assert m["clip/scale"] == pytest.approx(3.0 / np_global_norm(GRADS), rel=1e-6)
 
 
-def test_several_clips_with_a_guard():
+def test_a_guard_has_keys_of_its_own():
     tx = oc.skip_nonfinite(optax.chain(oc.zclip(), optax.sgd(0.1)))
     m = oc.metrics(one_step(tx), host=True)
-    # The guard records the global norm too; both are named by their index.
-    assert sorted({k.split("/")[1] for k in m}) == ["0", "1"]
-    assert m["clip/0/norm"] == pytest.approx(np_global_norm(GRADS), rel=1e-6)
-    assert m["clip/1/norm"] == pytest.approx(np_global_norm(GRADS), rel=1e-6)
+    # The clip keeps its keys; the guard's are under its own name.
+    assert [k for k in m if k.startswith("clip/skip")] == [
+        f"clip/skip_nonfinite/{k}"
+        for k in ["norm", "threshold", "skipped", "skipped_total", "nonfinite_count"]
+    ]
+    assert [k for k in m if not k.startswith("clip/skip")] == [
+        f"clip/{k}" for k in SCALAR_KEYS
+    ]
+    assert m["clip/norm"] == pytest.approx(np_global_norm(GRADS), rel=1e-6)
+    assert m["clip/skip_nonfinite/norm"] == pytest.approx(
+        np_global_norm(GRADS), rel=1e-6
+    )
+    assert m["clip/skip_nonfinite/skipped"] == 0
 
 
 def test_nonfinite_step_is_counted():
@@ -188,7 +197,7 @@ def test_under_jit_returns_arrays_equal_to_eager():
     for k in eager:
         assert isinstance(jitted[k], jax.Array) and jitted[k].shape == ()
         np.testing.assert_array_equal(jitted[k], eager[k])
-    assert jitted["clip/1/norm"] == pytest.approx(
+    assert jitted["clip_1/norm"] == pytest.approx(
         np_global_norm(
             {
                 k: np.asarray(v) * min(1.0, 1.0 / np.linalg.norm(v))
@@ -205,6 +214,7 @@ def test_host_gives_python_numbers():
         "clip/norm": float,
         "clip/threshold": float,
         "clip/scale": float,
+        "clip/norm_after": float,
         "clip/clipped": int,
         "clip/nonfinite_count": int,
     }
@@ -235,7 +245,7 @@ def test_prefix():
     ]
     assert list(oc.metrics(state, prefix="")) == SCALAR_KEYS
     two = one_step(optax.chain(oc.clip_by_value(1.0), oc.clip_by_global_norm(1.0)))
-    assert list(oc.metrics(two, prefix=""))[0] == "0/norm"
+    assert list(oc.metrics(two, prefix=""))[:7] == SCALAR_KEYS + ["1/norm"]
     with pytest.raises(TypeError, match=r"prefix=3"):
         oc.metrics(state, prefix=3)
     with pytest.raises(TypeError, match=r"host='yes'"):
