@@ -264,6 +264,11 @@ def clip_by_value(
 
 
 clip = clip_by_value
+"""Alias of [`clip_by_value`][optaxclip.clip_by_value], under optax's name ``clip``.
+
+``oc.clip(max_delta)`` is ``oc.clip_by_value(max_delta)``: the same arguments,
+state and result, so ``optax.clip(1.0)`` ports by changing the module only.
+"""
 
 
 def adaptive_grad_clip(
