@@ -178,12 +178,13 @@ def read_record(record: Record) -> ClipStats:
     rows = jnp.asarray(record.norm_threshold_scale)
     counts = jnp.asarray(record.counts)
     norm, threshold, scale = (rows[(slice(None),) * lead + (k,)] for k in range(3))
-    flags = counts[..., 2:]
     if norm.ndim > lead:
         # Per-tensor scopes: a tensor is non-finite where its own norm is.
         nonfinite = ~jnp.isfinite(norm)
+    elif counts.shape[-1] > 2:
+        nonfinite = counts[..., 2:].astype(bool)
     else:
-        nonfinite = flags.astype(bool)
+        nonfinite = jnp.zeros(count.shape + (0,), bool)
     tensor_norms = record.tensor_norms
     if isinstance(tensor_norms, tuple) or tensor_norms is None:
         tensor_norms = jnp.zeros(count.shape + (0,), rows.dtype)
