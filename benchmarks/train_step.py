@@ -66,24 +66,32 @@ def clipped(
     return lambda adamw: optax.chain(make(*args, **kwargs), adamw)
 
 
+def ours(make: Callable[..., Any], *args: Any, **kwargs: Any) -> Candidate:
+    """optaxclip's ``make(*args, **kwargs)`` in front of adamw, labelled by
+    the call (``oc.clip_by_global_norm(1.0)``)."""
+    shown = [repr(a) for a in args] + [f"{k}={v!r}" for k, v in kwargs.items()]
+    label = f"oc.{make.__name__}({', '.join(shown)})"
+    return Candidate(label, "optaxclip", clipped(make, *args, **kwargs))
+
+
+OPTAX_GLOBAL = "optax.clip_by_global_norm(1.0)"
+
+
 def candidates() -> list[Candidate]:
     """The steps of section 5, the step without a clip first.
 
-    One line per candidate: a clip with other options is one more line.
+    One line per candidate: another clip, or the same with other options, is
+    one more line.
     """
     return [
         Candidate(NO_CLIP, "none", lambda adamw: adamw),
-        Candidate("optax.clip_by_global_norm(1.0)", "optax",
-                  clipped(optax.clip_by_global_norm, 1.0)),
-        Candidate("clip_by_global_norm(1.0)", "optaxclip",
-                  clipped(oc.clip_by_global_norm, 1.0)),
-        Candidate("zclip()", "optaxclip", clipped(oc.zclip)),
-        Candidate("clip_by_norm(1.0), per tensor", "optaxclip",
-                  clipped(oc.clip_by_norm, 1.0)),
-        Candidate("adagc()", "optaxclip", clipped(oc.adagc)),
-        Candidate("skip_spikes(adamw), loss checked too", "optaxclip",
-                  oc.skip_spikes, takes_loss=True),
-    ]  # fmt: skip
+        Candidate(OPTAX_GLOBAL, "optax", clipped(optax.clip_by_global_norm, 1.0)),
+        ours(oc.clip_by_global_norm, 1.0),
+        ours(oc.zclip),
+        ours(oc.clip_by_norm, 1.0),  # per tensor
+        ours(oc.adagc),
+        Candidate("oc.skip_spikes(adamw)", "optaxclip", oc.skip_spikes, True),
+    ]
 
 
 # ---------------------------------------------------------------------------

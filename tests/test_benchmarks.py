@@ -719,8 +719,8 @@ def test_train_step_is_a_donated_language_model_step_with_the_clip_in_front():
     assert abs(loss - np.log(model.vocab)) < 0.5
     cands = {c.label: c for c in train_step.candidates()}
     results = {}
-    for label in (train_step.NO_CLIP, "optax.clip_by_global_norm(1.0)",
-                  "clip_by_global_norm(1.0)"):  # fmt: skip
+    for label in (train_step.NO_CLIP, train_step.OPTAX_GLOBAL,
+                  "oc.clip_by_global_norm(1.0)"):  # fmt: skip
         c = cands[label]
         tx = c.optimizer(optax.sgd(1.0))
         held = jax.tree.map(jnp.copy, params)
