@@ -43,8 +43,8 @@ class Model(NamedTuple):
 # run's. "1M" has 0.93M parameters in 45 tensors, "4M" 3.7M in 45.
 MODELS: dict[str, Model] = {
     "tiny": Model(vocab=64, d_model=32, heads=2, layers=1, batch=2, seq_len=16),
-    "1M": Model(vocab=512, d_model=128, heads=4, layers=4, batch=8, seq_len=64),
-    "4M": Model(vocab=1024, d_model=256, heads=8, layers=4, batch=8, seq_len=64),
+    "1M": Model(vocab=512, d_model=128, heads=4, layers=4, batch=4, seq_len=64),
+    "4M": Model(vocab=1024, d_model=256, heads=8, layers=4, batch=4, seq_len=64),
 }
 
 NO_CLIP = "adamw, no clip"
