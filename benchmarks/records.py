@@ -13,6 +13,9 @@ from typing import Any
 
 # Candidates of sections 1 and 4 (the ``impl`` of a ClipRow).
 OPTAXCLIP = "optaxclip"
+# The "rule" of the global clip that records each tensor's norm: not a rule,
+# but read against the same clip without it, as a rule is.
+PER_TENSOR_STATS = "per_tensor_stats"
 OPTAX = "optax"
 STATE_DROPPED = "optaxclip, state dropped"
 REF_CLIP = "ref measure+scale"

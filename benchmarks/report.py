@@ -26,6 +26,7 @@ if not __package__:  # run as a script: make the benchmarks package importable
 from benchmarks.records import (  # noqa: E402
     OPTAX,
     OPTAXCLIP,
+    PER_TENSOR_STATS,
     REF_CLIP,
     REF_COPY,
     STATE_DROPPED,
@@ -552,7 +553,8 @@ def _step_summary(step: Sequence[StepRow]) -> list[str]:
     rules = [
         r.seconds / ours.seconds
         for r in step
-        if (r.library, r.scope) == ("optaxclip", "global") and r.rule
+        if (r.library, r.scope) == ("optaxclip", "global")
+        and r.rule not in (None, PER_TENSOR_STATS)
     ]
     if rules:
         out.append(
@@ -632,6 +634,18 @@ def _compile_summary(comp: Sequence[CompileRow]) -> list[str]:
             "**Compile time.** Compiling an adamw step with optaxclip's global "
             f"clip took {_range(vs_optax)}x the time with optax's, at "
             f"{_range(counts, 0)} parameter tensors."
+        )
+    recorded = [
+        (n, by[("optaxclip", "global", PER_TENSOR_STATS, n)] / base)
+        for n in counts
+        if ("optaxclip", "global", PER_TENSOR_STATS, n) in by
+        and (base := by.get(("optaxclip", "global", None, n)))
+    ]
+    if recorded:
+        n, ratio = recorded[-1]
+        out.append(
+            f"Recording each tensor's norm (`per_tensor_stats=True`) took {ratio:.2f}x "
+            f"the global clip's compile time at {n} tensors."
         )
     if counts:
         most = counts[-1]

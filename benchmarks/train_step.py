@@ -87,6 +87,7 @@ def candidates() -> list[Candidate]:
         Candidate(NO_CLIP, "none", lambda adamw: adamw),
         Candidate(OPTAX_GLOBAL, "optax", clipped(optax.clip_by_global_norm, 1.0)),
         ours(oc.clip_by_global_norm, 1.0),
+        ours(oc.clip_by_global_norm, 1.0, per_tensor_stats=True),
         ours(oc.zclip),
         ours(oc.clip_by_norm, 1.0),  # per tensor
         ours(oc.adagc),

@@ -83,7 +83,9 @@ def run(logdir: str, steps: int = 200, lr: float = 0.05, plot: str | None = None
             logged.append(logs)
             seen_grads.append([np.asarray(g) for g in jax.tree.leaves(grads)])
     # The names metrics() gave each tensor, in the order of the tree.
-    paths = [k.removeprefix("clip/norm/") for k in logged[0] if k.startswith("clip/norm/")]
+    paths = [
+        k.removeprefix("clip/norm/") for k in logged[0] if k.startswith("clip/norm/")
+    ]
     if plot:
         norms = np.array([[s[f"clip/norm/{p}"] for p in paths] for s in logged])
         clipped = np.array([s["clip/clipped"] for s in logged])
