@@ -4,11 +4,12 @@ A two-layer nnx MLP trains with ``clip_by_global_norm(1.0,
 per_tensor_stats=True)`` before AdamW. Every step logs the clip's keys
 (``clip/norm``, ``clip/norm_after``, ``clip/clipped``, ...) and one key per
 tensor named by its parameter path (``clip/norm/l1/kernel``, ...) with
-``tensorboardX`` (no TensorFlow needed). ``tensorboard --logdir runs/clip``
-shows them; ``--plot`` also saves the per-tensor norm heatmap.
+``tensorboardX`` (no TensorFlow needed; ``pip install tensorboardX``, or the
+``test`` extra). ``tensorboard --logdir runs/clip`` shows them; ``--plot``
+also saves the per-tensor norm heatmap.
 
     python examples/tensorboard_logging.py [--logdir runs/clip] [--steps 200]
-                                           [--plot tensors.png]
+                                           [--plot tensors.png] [--quick]
 """
 
 from __future__ import annotations
@@ -99,8 +100,10 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--plot", default=None, help="save the heatmap (PNG)")
+    parser.add_argument("--quick", action="store_true", help="20 steps (smoke test)")
     args = parser.parse_args(argv)
-    paths, _, logged = run(args.logdir, args.steps, args.lr, args.plot)
+    steps = 20 if args.quick else args.steps
+    paths, _, logged = run(args.logdir, steps, args.lr, args.plot)
     clipped = sum(s["clip/clipped"] for s in logged)
     last = logged[-1]
     print(f"wrote {len(logged)} steps to {args.logdir}; clipped {clipped} steps")

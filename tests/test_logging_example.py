@@ -70,3 +70,19 @@ def test_event_file_holds_every_per_tensor_norm(tmp_path):
         )
     assert sum(s["clip/clipped"] for s in logged) > 0  # the bound was reached
     assert plot.stat().st_size > 0
+
+
+def test_example_runs_from_the_command_line(tmp_path):
+    import subprocess
+    import sys
+
+    logdir = tmp_path / "runs"
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "tensorboard_logging.py"), "--quick",
+         "--logdir", str(logdir)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote 20 steps" in proc.stdout
+    scalars = read_scalars(logdir)
+    assert sorted(scalars["clip/norm/l2/kernel"]) == list(range(20))
