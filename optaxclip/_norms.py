@@ -269,7 +269,7 @@ def _reduce_from_square(sq, p, axes, keepdims):
     if isinstance(p, float) and p == 2.0:
         return jnp.sum(sq, axis=axes, keepdims=keepdims)
     if isinstance(p, float) and p == _INF:
-        return jnp.sqrt(jnp.max(sq, axis=axes, keepdims=keepdims, initial=0.0))
+        return _sqrt(jnp.max(sq, axis=axes, keepdims=keepdims, initial=0.0))
     return jnp.sum(sq ** (p / 2), axis=axes, keepdims=keepdims)
 
 
