@@ -620,7 +620,11 @@ class ema:  # noqa: N801
                 )
             total = jnp.asarray(total, dt)
             cap = jnp.asarray(self.warmup_max_norm, dt)
-            coefficient = jnp.where(total > cap - eps, cap / (total + eps), 1)
+            over = total > cap - eps
+            # The division only where it is taken: a zero tree's total with
+            # eps = 0 would be 0 / 0, whose derivative poisons the select.
+            safe = jnp.where(over, total + eps, jnp.ones_like(total))
+            coefficient = jnp.where(over, cap / safe, 1)
         w_threshold = norm * coefficient
         clipped = norm * coefficient
         w_average = jnp.where(
