@@ -316,3 +316,29 @@ def test_derivatives_are_finite_and_match_finite_differences(name):
     np.testing.assert_allclose(smooth[:, 3], fd, rtol=1e-6, atol=1e-8, err_msg="grad")
     # The point is not trivial: moving g changes the updates.
     assert abs(fd[1]) > 1e-3
+
+
+@pytest.mark.parametrize("scope", [oc.clip_by_global_norm, oc.clip_by_norm])
+def test_derivatives_of_complex_leaves_are_finite(scope):
+    # |z| is measured from |z|**2, whose powers have infinite derivatives at
+    # 0 (|z| itself for ord 1, |z|**p for p < 2).
+    ords = [1, 2, "inf", 3]
+
+    def f(g, t, ord):
+        tx = scope(t, ord=ord)
+        out, _ = tx.update(g, tx.init(g))
+        z = out["z"]
+        return jnp.sum(jnp.real(z) - 2 * jnp.imag(z)) + jnp.sum(out["x"])
+
+    @jax.jit
+    def derivatives(g, t):
+        return [jax.grad(f, argnums=(0, 1))(g, t, ord) for ord in ords]
+
+    zero = {"z": jnp.zeros(3, jnp.complex64), "x": jnp.zeros(2)}
+    one_zero_leaf = {"z": jnp.zeros(3, jnp.complex64), "x": jnp.array([3.0, 4.0])}
+    for g in (zero, one_zero_leaf):
+        for t in (0.0, 1.0):
+            out = derivatives(g, jnp.asarray(t))
+            for ord, (dg, dt) in zip(ords, out, strict=True):
+                for leaf in (*jax.tree.leaves(dg), dt):
+                    assert np.all(np.isfinite(np.asarray(leaf))), (ord, t, dg, dt)
