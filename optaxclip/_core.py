@@ -111,25 +111,34 @@ def rescale(
     a = x if x.dtype == dtype else jax.lax.convert_element_type(x, dtype)
     n = norm.astype(dtype) if norm.dtype != dtype else norm
     b = bound.astype(dtype) if bound.dtype != dtype else bound
-    out = jnp.where(n <= b, a, _divide(a, n) * b)
+    out = _clipped(a, n, b)
     out = out if out.dtype == x.dtype else jax.lax.convert_element_type(out, x.dtype)
     return zero_unless(keep, out)
 
 
 @jax.custom_jvp
-def _divide(a: jax.Array, n: jax.Array) -> jax.Array:
-    # ``a / n`` whose derivative is finite at ``n = 0`` (that branch of the
-    # select in `rescale` is never taken there, but its derivative is still
-    # multiplied by zero: it must not be NaN). A plain division in the
-    # compiled step, so it fuses into the pass over ``a``.
-    return a / n
+def _clipped(a: jax.Array, n: jax.Array, b: jax.Array) -> jax.Array:
+    # ``where(n <= b, a, a / n * b)``, the ops of optax's clip, so the
+    # compiled step is unchanged (the division fuses into the pass over
+    # ``a``). Its own derivative, because the branch that is not taken is
+    # still differentiated and its derivative multiplied by zero: at
+    # ``n = 0`` (a zero gradient) ``a / n`` is NaN, and at ``b = inf`` (a
+    # rule that has recorded nothing yet) ``a * b / n**2`` is; either makes
+    # the product NaN.
+    return jnp.where(n <= b, a, a / n * b)
 
 
-@_divide.defjvp
-def _divide_jvp(primals, tangents):
-    (a, n), (ta, tn) = primals, tangents
-    safe = jnp.where(n != 0, n, jnp.ones_like(n))
-    return a / n, ta / safe - a * tn / (safe * safe)
+@_clipped.defjvp
+def _clipped_jvp(primals, tangents):
+    (a, n, b), (ta, tn, tb) = primals, tangents
+    over = ~(n <= b)
+    # Every coefficient is computed from operands the branch would see
+    # where it is taken, and from harmless stand-ins where it is not, so
+    # each one is finite wherever ``a`` is.
+    inv = 1 / jnp.where(over, n, jnp.ones_like(n))
+    ratio = jnp.where(over, b, jnp.zeros_like(b)) * inv
+    clipped = ta * ratio + a * inv * (tb - ratio * tn)
+    return _clipped(a, n, b), jnp.where(over, clipped, ta)
 
 
 def scale_leaf(x: jax.Array, scale: jax.Array, keep: jax.Array | None) -> jax.Array:

@@ -297,8 +297,14 @@ def _reduce_from_square(sq, p, axes, keepdims):
         return jnp.sum(sq, axis=axes, keepdims=keepdims)
     if isinstance(p, float) and p == _INF:
         top = jnp.max(nan_to_inf(sq), axis=axes, keepdims=keepdims, initial=0.0)
-        return jnp.sqrt(top)
-    return jnp.sum(sq ** (p / 2), axis=axes, keepdims=keepdims)
+        return _sqrt(top)
+    # |z|**p from |z|**2 where it is positive (0 elsewhere, the same value):
+    # the derivative of sq**(p/2) at 0 is infinite for p < 2, and NaN once
+    # multiplied by a zero tangent.
+    positive = sq > 0
+    safe = jnp.where(positive, sq, jnp.ones_like(sq))
+    terms = jnp.where(positive, safe ** (p / 2), jnp.zeros_like(sq))
+    return jnp.sum(terms, axis=axes, keepdims=keepdims)
 
 
 def safe_root(total: jax.Array, p: float | jax.Array) -> jax.Array:

@@ -615,7 +615,7 @@ class _SpamAction:
         def clip_leaf(_, g, nu):
             nu = jnp.where(reset, jnp.zeros_like(nu), nu)
             magnitude = jnp.abs(g).astype(nu.dtype)
-            bound = jnp.sqrt(ctx.threshold.astype(nu.dtype) * nu)
+            bound = _norms.safe_root(ctx.threshold.astype(nu.dtype) * nu, 2.0)
             over = active & (nu > 0) & (magnitude > bound)
             safe = jnp.where(over, magnitude, jnp.ones_like(magnitude))
             factor = jnp.where(over, bound / safe, jnp.ones_like(safe))

@@ -574,7 +574,7 @@ class TensorScope:
                 counts,
             )
             weights = jnp.asarray(sizes / max(sizes.sum(), 1), norms.dtype)
-            return jnp.sqrt(jnp.sum(weights * norms * norms))
+            return _norms.safe_root(jnp.sum(weights * norms * norms), 2.0)
         return _norms.norm_of_norms(norms, self.ord)
 
     def measure(self, updates, params, extra_args):
