@@ -87,6 +87,8 @@ class Method:
     name: str
     label: str
     make: Callable[[], optax.GradientTransformation]
+    threshold: float | None = None  # the fixed bound; None for rules and "none"
+    after: bool = False  # placed after the optimizer (it bounds the update)
 
 
 def methods(clip_norm: float, clip_value: float) -> dict[str, Method]:
@@ -99,11 +101,7 @@ def methods(clip_norm: float, clip_value: float) -> dict[str, Method]:
             # plain SGD would. Only the recorded norm differs from no transform.
             lambda: oc.clip_by_global_norm(float("inf"), nonfinite="propagate"),
         ),
-        "global_norm": Method(
-            "global_norm",
-            f"global norm {clip_norm:g}",
-            lambda: oc.clip_by_global_norm(clip_norm),
-        ),
+        "global_norm": fixed_bound(clip_norm),
         "zclip": Method("zclip", "ZClip", oc.zclip),
         "zclip_nocap": Method(
             "zclip_nocap", "ZClip, no cap", lambda: oc.zclip(max_grad_norm=None)
@@ -113,7 +111,25 @@ def methods(clip_norm: float, clip_value: float) -> dict[str, Method]:
         "value": Method(
             "value", f"value {clip_value:g}", lambda: oc.clip_by_value(clip_value)
         ),
+        # No threshold: no step moves the weights by more than 1% of their
+        # norm (after the optimizer, so it bounds the step, not the gradient).
+        "recommended": Method(
+            "recommended",
+            "recommended",
+            oc.trust_ratio_clip,
+            after=True,
+        ),
     }
+
+
+def fixed_bound(threshold: float) -> Method:
+    """``clip_by_global_norm(threshold)``, the method ``global_norm``."""
+    return Method(
+        "global_norm",
+        f"global norm {threshold:g}",
+        lambda: oc.clip_by_global_norm(threshold),
+        threshold=threshold,
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -255,6 +271,8 @@ def prepare(method: Method, cfg: Config) -> Callable[..., Result]:
 
     def optimizer(peak):
         sgd = optax.sgd(learning_rate(peak, cfg), momentum=cfg.momentum)
+        if method.after:
+            return optax.chain(sgd, method.make())
         return optax.chain(method.make(), sgd)
 
     def loss_fn(params, x, y):
@@ -363,32 +381,37 @@ def _device_count(runs: int) -> int:
 # ---------------------------------------------------------------------------
 
 
-def rows(results: list[Result], cfg: Config) -> list[dict]:
-    """Every run as a dict: the fields of ``--json``."""
+def run_rows(r: Result, cfg: Config) -> list[dict]:
+    """Every run of one method as a dict: the fields of ``--json``."""
     out = []
-    for r in results:
-        for i, lr in enumerate(cfg.learning_rates):
-            for j, seed in enumerate(cfg.seeds):
-                curve = r.test_mse[i, j]
-                final = float(curve[-1])
-                below = np.flatnonzero(curve < SOLVED)
-                nonfinite = int(r.nonfinite[i, j].sum())
-                out.append(
-                    {
-                        "method": r.method.name,
-                        "lr": lr,
-                        "seed": seed,
-                        "final_mse": final if math.isfinite(final) else None,
-                        "solved": bool(final < SOLVED),
-                        "diverged": bool(nonfinite > 0 or not math.isfinite(final)),
-                        "first_solved_step": (
-                            int(r.eval_steps[below[0]]) if below.size else None
-                        ),
-                        "clipped_steps": int(r.clipped[i, j].sum()),
-                        "nonfinite_steps": nonfinite,
-                    }
-                )
+    for i, lr in enumerate(cfg.learning_rates):
+        for j, seed in enumerate(cfg.seeds):
+            curve = r.test_mse[i, j]
+            final = float(curve[-1])
+            below = np.flatnonzero(curve < SOLVED)
+            nonfinite = int(r.nonfinite[i, j].sum())
+            out.append(
+                {
+                    "method": r.method.name,
+                    "threshold": r.method.threshold,
+                    "lr": lr,
+                    "seed": seed,
+                    "final_mse": final if math.isfinite(final) else None,
+                    "solved": bool(final < SOLVED),
+                    "diverged": bool(nonfinite > 0 or not math.isfinite(final)),
+                    "first_solved_step": (
+                        int(r.eval_steps[below[0]]) if below.size else None
+                    ),
+                    "clipped_steps": int(r.clipped[i, j].sum()),
+                    "nonfinite_steps": nonfinite,
+                }
+            )
     return out
+
+
+def rows(results: list[Result], cfg: Config) -> list[dict]:
+    """Every run of every method as a dict: the fields of ``--json``."""
+    return [row for r in results for row in run_rows(r, cfg)]
 
 
 def _mse(x: float) -> str:
@@ -399,7 +422,6 @@ def _mse(x: float) -> str:
 
 def table(results: list[Result], cfg: Config, lr: float) -> str:
     """The summary of every method at one peak learning rate."""
-    runs = [row for row in rows(results, cfg) if row["lr"] == lr]
     n = len(cfg.seeds)
     head = (
         f"{'method':<16} {'solved':>6}  {'final test MSE: median [min, max]':<34} "
@@ -407,7 +429,7 @@ def table(results: list[Result], cfg: Config, lr: float) -> str:
     )
     lines = [f"peak learning rate {lr:g}", head, "-" * len(head)]
     for r in results:
-        mine = [row for row in runs if row["method"] == r.method.name]
+        mine = [row for row in run_rows(r, cfg) if row["lr"] == lr]
         # A non-finite MSE counts as the largest value.
         finals = np.asarray(
             [math.inf if x["final_mse"] is None else x["final_mse"] for x in mine]
@@ -526,6 +548,126 @@ def plot(results: list[Result], cfg: Config, path: str) -> float:
     return lr
 
 
+SWEEP_THRESHOLDS = (0.1, 0.3, 1.0, 3.0, 10.0)
+
+
+def _cell(mine: list[dict]) -> dict:
+    """Seeds solved, diverged and stalled, and the median first solved step."""
+    firsts = [x["first_solved_step"] for x in mine if x["solved"]]
+    solved = sum(x["solved"] for x in mine)
+    diverged = sum(x["diverged"] for x in mine)
+    return {
+        "solved": solved,
+        "diverged": diverged,
+        "stalled": len(mine) - solved - diverged,
+        "first": int(np.median(firsts)) if firsts else None,
+    }
+
+
+def sweep_cells(results: list[Result], cfg: Config) -> list[list[dict]]:
+    """``_cell`` of every method (row) at every peak learning rate (column)."""
+    return [
+        [
+            _cell([x for x in run_rows(r, cfg) if x["lr"] == lr])
+            for lr in cfg.learning_rates
+        ]
+        for r in results
+    ]
+
+
+def _sweep_label(method: Method) -> str:
+    if method.name == "global_norm":
+        return f"{method.threshold:g}"
+    return method.label
+
+
+def sweep_table(results: list[Result], cfg: Config) -> str:
+    """The sweep's grid as text: one row per threshold, one column per rate."""
+    n = len(cfg.seeds)
+    width = 18
+    head = f"{'threshold':<16}" + "".join(
+        f"{'lr ' + format(lr, 'g'):>{width}}" for lr in cfg.learning_rates
+    )
+    lines = [head, "-" * len(head)]
+    for r, cells in zip(results, sweep_cells(results, cfg), strict=True):
+        text = []
+        for c in cells:
+            parts = [f"{c['solved']}/{n}"]
+            parts.append(f"@{c['first']}" if c["first"] is not None else "")
+            if c["diverged"]:
+                parts.append(f"{c['diverged']}nan")
+            if c["stalled"]:
+                parts.append(f"{c['stalled']}st")
+            text.append(" ".join(p for p in parts if p))
+        lines.append(
+            f"{_sweep_label(r.method):<16}" + "".join(f"{t:>{width}}" for t in text)
+        )
+    return "\n".join(lines)
+
+
+SWEEP_NOTE = (
+    "each cell: seeds solved (final test MSE < 0.01) @ the median first "
+    "evaluation below 0.01 over the solved seeds; Nnan: N seeds diverged (a "
+    "gradient or the final test MSE was NaN/Inf: the bound let the norm "
+    "explode); Nst: N seeds stalled (finite but not solved: the bound kept the "
+    "steps too short to leave the mean, whose MSE is 0.167)."
+)
+
+
+def plot_sweep(results: list[Result], cfg: Config, path: str) -> None:
+    """Saves the sweep's heat maps: seeds solved, and steps to solve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = sweep_cells(results, cfg)
+    n = len(cfg.seeds)
+    solved = np.array([[c["solved"] for c in row] for row in cells], float)
+    first = np.array(
+        [[np.nan if c["first"] is None else c["first"] for c in row] for row in cells]
+    )
+    labels = [_sweep_label(r.method) for r in results]
+    rates = [f"{lr:g}" for lr in cfg.learning_rates]
+    fig, axes = plt.subplots(
+        1,
+        2,
+        figsize=(5 + 2.6 * len(rates), 1.2 + 0.55 * len(labels)),
+        constrained_layout=True,
+    )
+    panels = [
+        (solved, "RdYlGn", 0, n, f"1. Seeds solved (of {n})"),
+        (first, "viridis_r", 0, cfg.steps, "2. Steps to solve (median over solved)"),
+    ]
+    for ax, (values, cmap, lo, hi, title) in zip(axes, panels, strict=True):
+        image = ax.imshow(values, cmap=cmap, vmin=lo, vmax=hi, aspect="auto")
+        fig.colorbar(image, ax=ax, shrink=0.8)
+        ax.set_xticks(range(len(rates)), rates)
+        ax.set_yticks(range(len(labels)), labels)
+        ax.set_xlabel("peak learning rate")
+        ax.set_ylabel("global-norm threshold")
+        ax.set_title(title)
+        for i, row in enumerate(cells):
+            for j, c in enumerate(row):
+                if ax is axes[0]:
+                    text = [f"{c['solved']}/{n}"]
+                    if c["diverged"]:
+                        text.append(f"{c['diverged']} NaN")
+                    if c["stalled"]:
+                        text.append(f"{c['stalled']} stall")
+                else:
+                    text = ["-" if c["first"] is None else str(c["first"])]
+                ax.text(j, i, "\n".join(text), ha="center", va="center", fontsize=8)
+    fig.suptitle(
+        f"Fixed global-norm thresholds x peak learning rate: adding problem "
+        f"T={cfg.seq_len}, {cfg.steps} steps. NaN: too large a bound, the norm "
+        f"explodes; stall: too small a bound, the run stays near the mean",
+        fontsize=9,
+    )
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def suggest(results: list[Result], cfg: Config, path: str) -> str:
     """The threshold report on one recorded ``global_norm`` run; saves its plot.
 
@@ -632,7 +774,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument("--clip-norm", type=float, default=defaults.clip_norm)
     parser.add_argument("--clip-value", type=float, default=defaults.clip_value)
     parser.add_argument(
-        "--out", default=os.path.join("out", "demo.png"), help="where to save the PNG"
+        "--out", help="where to save the PNG (default out/demo.png, out/sweep.png)"
     )
     parser.add_argument("--json", metavar="PATH", help="write every run as a row")
     parser.add_argument(
@@ -644,6 +786,19 @@ def main(argv: list[str] | None = None) -> list[Result]:
     )
     parser.add_argument(
         "--quick", action="store_true", help="200 steps, 2 seeds, rates 0.2,1.0"
+    )
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="fixed global-norm thresholds (--thresholds) and no clipping, "
+        "against the peak rates, with recommended; prints the grid and saves "
+        "its heat map (--out, default out/sweep.png)",
+    )
+    parser.add_argument(
+        "--thresholds",
+        type=_rates,
+        default=SWEEP_THRESHOLDS,
+        help="comma list of the fixed bounds of --sweep (default 0.1,0.3,1,3,10)",
     )
     args = parser.parse_args(argv)
 
@@ -668,6 +823,16 @@ def main(argv: list[str] | None = None) -> list[Result]:
     unknown = [m for m in chosen if m not in available]
     if unknown or not chosen:
         parser.error(f"unknown --methods {unknown}; choose from {list(available)}")
+    if args.sweep:
+        if args.suggest:
+            parser.error("--suggest reads one global_norm run; drop it with --sweep")
+        todo = [available["none"]]
+        todo += [fixed_bound(t) for t in args.thresholds]
+        todo += [available["recommended"]]
+        chosen = [m.name for m in todo]
+    else:
+        todo = [available[name] for name in chosen]
+    out = args.out or os.path.join("out", "sweep.png" if args.sweep else "demo.png")
     if args.suggest and "global_norm" not in chosen:
         parser.error(
             f"--suggest reads the norms of global_norm; got --methods {args.methods}"
@@ -694,28 +859,50 @@ def main(argv: list[str] | None = None) -> list[Result]:
     runs = len(cfg.seeds) * len(cfg.learning_rates)
     # Compiling is most of a short run's time: compile the methods in
     # parallel (XLA releases the GIL) while the first ones train.
-    with ThreadPoolExecutor(min(len(chosen), _cores())) as pool:
-        pending = [pool.submit(prepare, available[name], cfg) for name in chosen]
-        for name, compiling in zip(chosen, pending, strict=True):
-            desc = f"{available[name].label:<16}"
-            with tqdm(total=runs * cfg.steps, desc=desc, unit="step") as bar:
-                train = compiling.result()
-                results.append(train(lambda bar=bar: bar.update(cfg.eval_every)))
+    with ThreadPoolExecutor(min(len(todo), _cores())) as pool:
+        pending = [pool.submit(prepare, method, cfg) for method in todo]
+        if args.sweep:  # one bar for the whole grid
+            total = len(todo) * runs * cfg.steps
+            with tqdm(total=total, desc="sweep", unit="step") as bar:
+                for compiling in pending:
+                    train = compiling.result()
+                    results.append(train(lambda: bar.update(cfg.eval_every)))
+        else:
+            for method, compiling in zip(todo, pending, strict=True):
+                desc = f"{method.label:<16}"
+                with tqdm(total=runs * cfg.steps, desc=desc, unit="step") as bar:
+                    train = compiling.result()
+                    results.append(train(lambda bar=bar: bar.update(cfg.eval_every)))
     seconds = time.perf_counter() - start
-    for lr in cfg.learning_rates:
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    if args.sweep:
         print()
-        print(table(results, cfg, lr))
-    print()
-    print(TABLE_NOTE.format(steps=cfg.steps))
-    print(
-        f"trained {len(chosen)} methods x {len(cfg.learning_rates)} rates x "
-        f"{len(cfg.seeds)} seeds in {seconds:.0f} s"
-    )
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    lr = plot(results, cfg, args.out)
-    print(f"saved {args.out} (panels 1 and 2 at peak learning rate {lr:g})")
+        print(sweep_table(results, cfg))
+        print()
+        print(SWEEP_NOTE)
+        print(
+            f"trained no clipping, {len(args.thresholds)} fixed thresholds and "
+            f"recommended x {len(cfg.learning_rates)} rates x {len(cfg.seeds)} "
+            f"seeds in {seconds:.0f} s"
+        )
+        plot_sweep(results, cfg, out)
+        print(f"saved {out}")
+    else:
+        for lr in cfg.learning_rates:
+            print()
+            print(table(results, cfg, lr))
+        print()
+        print(TABLE_NOTE.format(steps=cfg.steps))
+        print(
+            f"trained {len(chosen)} methods x {len(cfg.learning_rates)} rates x "
+            f"{len(cfg.seeds)} seeds in {seconds:.0f} s"
+        )
+        lr = plot(results, cfg, out)
+        print(f"saved {out} (panels 1 and 2 at peak learning rate {lr:g})")
     if args.json:
         config = dataclasses.asdict(cfg) | {"methods": chosen}
+        if args.sweep:
+            config |= {"thresholds": list(args.thresholds)}
         with open(args.json, "w") as f:
             json.dump({"config": config, "runs": rows(results, cfg)}, f, indent=1)
         print(f"saved {args.json}")
