@@ -457,6 +457,19 @@ TABLE_NOTE = (
 )
 
 
+# One colour per method in every panel of the figure.
+COLORS = {
+    "none": "C3",
+    "global_norm": "C0",
+    "zclip": "C1",
+    "zclip_nocap": "C4",
+    "autoclip": "C8",
+    "adagc": "C5",
+    "value": "C7",
+    "recommended": "C2",
+}
+
+
 def plot(results: list[Result], cfg: Config, path: str) -> float:
     """Saves the three-panel figure; returns the learning rate it shows."""
     import matplotlib
@@ -467,8 +480,8 @@ def plot(results: list[Result], cfg: Config, path: str) -> float:
     by_name = {r.method.name: r for r in results}
     lr = 0.5 if 0.5 in cfg.learning_rates else max(cfg.learning_rates)
     i = cfg.learning_rates.index(lr)
-    pairs = [(by_name.get("none"), "C3"), (by_name.get("global_norm"), "C0")]
-    pairs = [(r, c) for r, c in pairs if r is not None]
+    shown = ["none", "global_norm", "recommended"]  # panel 1
+    pairs = [(by_name[n], COLORS[n]) for n in shown if n in by_name]
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), constrained_layout=True)
     top = 1.0  # where NaN is drawn
     ax = axes[0]
@@ -492,7 +505,8 @@ def plot(results: list[Result], cfg: Config, path: str) -> float:
     ax.legend(fontsize=8, loc="lower left")
 
     ax = axes[1]
-    for r, color in pairs:
+    # The gradient norm: recommended's stats hold the step's ratio instead.
+    for r, color in [(r, c) for r, c in pairs if r.method.name != "recommended"]:
         norm = r.norm[i, 0]
         what = "gradient norm" if r.method.name == "none" else "norm before clipping"
         ax.plot(norm, color=color, lw=0.8, label=f"{r.method.label}: {what}")
@@ -530,6 +544,7 @@ def plot(results: list[Result], cfg: Config, path: str) -> float:
             solved,
             width,
             label=r.method.label,
+            color=COLORS[r.method.name],
         )
     ax.set_xticks(x, [f"{v:g}" for v in cfg.learning_rates])
     ax.set_yticks(range(0, len(cfg.seeds) + 1, max(1, len(cfg.seeds) // 5)))
