@@ -566,15 +566,24 @@ def plot(results: list[Result], cfg: Config, path: str) -> float:
 SWEEP_THRESHOLDS = (0.1, 0.3, 1.0, 3.0, 10.0)
 
 
+AT_MEAN = 0.1  # a finite run that ends above this has not left the mean (0.167)
+
+
 def _cell(mine: list[dict]) -> dict:
-    """Seeds solved, diverged and stalled, and the median first solved step."""
+    """One (method, rate) cell: how its seeds ended, and the median solved step.
+
+    Every seed is one of: solved (final test MSE < 0.01), diverged (NaN),
+    at the mean (finite, final MSE >= 0.1: it never left predicting the
+    mean) or slow (finite, 0.01 <= final MSE < 0.1: still learning at the
+    last step).
+    """
     firsts = [x["first_solved_step"] for x in mine if x["solved"]]
-    solved = sum(x["solved"] for x in mine)
-    diverged = sum(x["diverged"] for x in mine)
+    finite = [x for x in mine if not x["diverged"] and not x["solved"]]
     return {
-        "solved": solved,
-        "diverged": diverged,
-        "stalled": len(mine) - solved - diverged,
+        "solved": sum(x["solved"] for x in mine),
+        "diverged": sum(x["diverged"] for x in mine),
+        "mean": sum(x["final_mse"] >= AT_MEAN for x in finite),
+        "slow": sum(x["final_mse"] < AT_MEAN for x in finite),
         "first": int(np.median(firsts)) if firsts else None,
     }
 
@@ -609,10 +618,9 @@ def sweep_table(results: list[Result], cfg: Config) -> str:
         for c in cells:
             parts = [f"{c['solved']}/{n}"]
             parts.append(f"@{c['first']}" if c["first"] is not None else "")
-            if c["diverged"]:
-                parts.append(f"{c['diverged']}nan")
-            if c["stalled"]:
-                parts.append(f"{c['stalled']}st")
+            for key in ("diverged", "mean", "slow"):
+                if c[key]:
+                    parts.append(f"{c[key]}{SWEEP_CODES[key]}")
             text.append(" ".join(p for p in parts if p))
         lines.append(
             f"{_sweep_label(r.method):<16}" + "".join(f"{t:>{width}}" for t in text)
@@ -620,12 +628,14 @@ def sweep_table(results: list[Result], cfg: Config) -> str:
     return "\n".join(lines)
 
 
+SWEEP_CODES = {"diverged": "nan", "mean": "mean", "slow": "slow"}
 SWEEP_NOTE = (
     "each cell: seeds solved (final test MSE < 0.01) @ the median first "
-    "evaluation below 0.01 over the solved seeds; Nnan: N seeds diverged (a "
-    "gradient or the final test MSE was NaN/Inf: the bound let the norm "
-    "explode); Nst: N seeds stalled (finite but not solved: the bound kept the "
-    "steps too short to leave the mean, whose MSE is 0.167)."
+    "evaluation below 0.01 over the solved seeds, then the other seeds: Nnan: "
+    "N diverged (a gradient or the final test MSE was NaN/Inf); Nmean: N "
+    "finite but stuck at the mean (final MSE >= 0.1; predicting the mean "
+    "scores 0.167); Nslow: N still learning at the last step (final MSE in "
+    "[0.01, 0.1))."
 )
 
 
@@ -666,17 +676,21 @@ def plot_sweep(results: list[Result], cfg: Config, path: str) -> None:
             for j, c in enumerate(row):
                 if ax is axes[0]:
                     text = [f"{c['solved']}/{n}"]
-                    if c["diverged"]:
-                        text.append(f"{c['diverged']} NaN")
-                    if c["stalled"]:
-                        text.append(f"{c['stalled']} stall")
+                    for key, word in [
+                        ("diverged", "NaN"),
+                        ("mean", "at mean"),
+                        ("slow", "slow"),
+                    ]:
+                        if c[key]:
+                            text.append(f"{c[key]} {word}")
                 else:
                     text = ["-" if c["first"] is None else str(c["first"])]
                 ax.text(j, i, "\n".join(text), ha="center", va="center", fontsize=8)
     fig.suptitle(
-        f"Fixed global-norm thresholds x peak learning rate: adding problem "
-        f"T={cfg.seq_len}, {cfg.steps} steps. NaN: too large a bound, the norm "
-        f"explodes; stall: too small a bound, the run stays near the mean",
+        f"Global-norm threshold x peak learning rate, adding problem "
+        f"T={cfg.seq_len}, {cfg.steps} steps. NaN: diverged; at mean: finite, "
+        "stuck at the mean (too large a bound, or none); slow: still learning "
+        "at the end (too small a bound)",
         fontsize=9,
     )
     fig.savefig(path, dpi=100)

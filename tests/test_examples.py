@@ -176,9 +176,12 @@ def test_demo_sweep_quick_grid_agrees_with_the_runs(tmp_path):
     assert [row[0] for row in grid] == ["no", "0.1", "10", "recommended"]
     for (method, threshold), row in zip(rows_expected, grid, strict=True):
         text = " ".join(row)
-        cells = re.findall(r"(\d+)/(\d+)(?: @(\d+))?(?: (\d+)nan)?(?: (\d+)st)?", text)
+        cells = re.findall(
+            r"(\d+)/(\d+)(?: @(\d+))?(?: (\d+)nan)?(?: (\d+)mean)?(?: (\d+)slow)?",
+            text,
+        )
         assert len(cells) == len(rates), text
-        for lr, (solved, n, first, nan, stalled) in zip(rates, cells, strict=True):
+        for lr, (solved, n, first, nan, mean, slow) in zip(rates, cells, strict=True):
             mine = [
                 r
                 for r in runs
@@ -188,8 +191,10 @@ def test_demo_sweep_quick_grid_agrees_with_the_runs(tmp_path):
             assert int(solved) == sum(r["solved"] for r in mine), text
             diverged = sum(r["diverged"] for r in mine)
             assert int(nan or 0) == diverged, text
-            left = len(mine) - int(solved) - diverged
-            assert int(stalled or 0) == left, text
+            finite = [r for r in mine if not r["solved"] and not r["diverged"]]
+            at_mean = sum(r["final_mse"] >= 0.1 for r in finite)
+            assert int(mean or 0) == at_mean, text
+            assert int(slow or 0) == len(finite) - at_mean, text
             firsts = [r["first_solved_step"] for r in mine if r["solved"]]
             if firsts:
                 assert int(first) == int(np.median(firsts)), text
