@@ -82,6 +82,9 @@ PRESET_ERRORS = [
     (oc.clippy, dict(relative=-0.1), "relative", "-0.1"),
     (oc.clippy, dict(absolute=-1e-7), "absolute", "-1e-07"),
     (oc.clippy, dict(nonfinite="skip"), "nonfinite", "'skip'"),
+    (oc.trust_ratio_clip, dict(max_ratio=-0.01), "max_ratio", "-0.01"),
+    (oc.trust_ratio_clip, dict(eps=-1e-3), "eps", "-0.001"),
+    (oc.trust_ratio_clip, dict(nonfinite="skip"), "nonfinite", "'skip'"),
 ]
 PRESETS = sorted({p for p, *_ in PRESET_ERRORS}, key=lambda f: f.__name__)
 # Any hashable names a mesh axis; any pytree prefix of PartitionSpec.
