@@ -91,7 +91,9 @@ class Method:
     after: bool = False  # placed after the optimizer (it bounds the update)
 
 
-def methods(clip_norm: float, clip_value: float) -> dict[str, Method]:
+def methods(
+    clip_norm: float, clip_value: float, max_ratio: float = 0.01
+) -> dict[str, Method]:
     """Every method of the demo, by name; adaptive ones use their paper defaults."""
     return {
         "none": Method(
@@ -115,8 +117,8 @@ def methods(clip_norm: float, clip_value: float) -> dict[str, Method]:
         # norm (after the optimizer, so it bounds the step, not the gradient).
         "recommended": Method(
             "recommended",
-            "recommended",
-            oc.trust_ratio_clip,
+            "recommended" if max_ratio == 0.01 else f"trust ratio {max_ratio:g}",
+            lambda: oc.trust_ratio_clip(max_ratio),
             after=True,
         ),
     }
@@ -217,6 +219,7 @@ class Config:
     vmap_runs: int = 1  # runs batched with vmap on a device; 1 is fastest on CPU
     clip_norm: float = 1.0
     clip_value: float = 0.1
+    max_ratio: float = 0.01  # recommended's trust_ratio_clip(max_ratio)
 
 
 @dataclasses.dataclass
@@ -544,7 +547,7 @@ def plot(results: list[Result], cfg: Config, path: str) -> float:
             solved,
             width,
             label=r.method.label,
-            color=COLORS[r.method.name],
+            color=COLORS.get(r.method.name),
         )
     ax.set_xticks(x, [f"{v:g}" for v in cfg.learning_rates])
     ax.set_yticks(range(0, len(cfg.seeds) + 1, max(1, len(cfg.seeds) // 5)))
@@ -803,6 +806,12 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument("--clip-norm", type=float, default=defaults.clip_norm)
     parser.add_argument("--clip-value", type=float, default=defaults.clip_value)
     parser.add_argument(
+        "--max-ratio",
+        type=float,
+        default=defaults.max_ratio,
+        help="recommended's bound on the step relative to the weights (0.01)",
+    )
+    parser.add_argument(
         "--out", help="where to save the PNG (default out/demo.png, out/sweep.png)"
     )
     parser.add_argument("--json", metavar="PATH", help="write every run as a row")
@@ -838,6 +847,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
         warmup=args.warmup,
         clip_norm=args.clip_norm,
         clip_value=args.clip_value,
+        max_ratio=args.max_ratio,
     )
     if args.quick:
         cfg = dataclasses.replace(
@@ -847,7 +857,9 @@ def main(argv: list[str] | None = None) -> list[Result]:
         parser.error(f"--steps must be a multiple of {cfg.eval_every}; got {cfg.steps}")
     if not 0 <= cfg.warmup < cfg.steps:
         parser.error(f"--warmup must be in [0, --steps); got {cfg.warmup}")
-    available = methods(cfg.clip_norm, cfg.clip_value)
+    if not (math.isfinite(cfg.max_ratio) and cfg.max_ratio > 0):
+        parser.error(f"--max-ratio must be a number > 0; got {cfg.max_ratio}")
+    available = methods(cfg.clip_norm, cfg.clip_value, cfg.max_ratio)
     chosen = [m for m in args.methods.split(",") if m]
     unknown = [m for m in chosen if m not in available]
     if unknown or not chosen:

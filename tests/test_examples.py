@@ -289,6 +289,7 @@ def test_demo_rejects_bad_arguments():
         (["--seeds", "0"], "got '0'"),
         (["--lrs", "0.5,-1"], "positive learning rates; got '0.5,-1'"),
         (["--warmup", "800"], "--warmup must be in [0, --steps); got 800"),
+        (["--max-ratio", "0"], "--max-ratio must be a number > 0; got 0.0"),
     ]
     for args, message in cases:
         proc = run(*args)
