@@ -610,24 +610,33 @@ def _sweep_label(method: Method) -> str:
 
 def sweep_table(results: list[Result], cfg: Config) -> str:
     """The sweep's grid as text: one row per threshold, one column per rate."""
-    n = len(cfg.seeds)
-    width = 18
-    head = f"{'threshold':<16}" + "".join(
-        f"{'lr ' + format(lr, 'g'):>{width}}" for lr in cfg.learning_rates
-    )
-    lines = [head, "-" * len(head)]
-    for r, cells in zip(results, sweep_cells(results, cfg), strict=True):
-        text = []
-        for c in cells:
+    labels = [_sweep_label(r.method) for r in results]
+    return grid_text(labels, sweep_cells(results, cfg), cfg.learning_rates)
+
+
+def grid_text(
+    labels: list[str], cells: list[list[dict]], rates: tuple[float, ...]
+) -> str:
+    """Rows of ``_cell`` dicts as text; ``--json``'s rows are enough to rebuild it."""
+    texts = []
+    for row in cells:
+        texts.append([])
+        for c in row:
+            n = c["solved"] + c["diverged"] + c["mean"] + c["slow"]
             parts = [f"{c['solved']}/{n}"]
-            parts.append(f"@{c['first']}" if c["first"] is not None else "")
+            if c["first"] is not None:
+                parts.append(f"@{c['first']}")
             for key in ("diverged", "mean", "slow"):
                 if c[key]:
                     parts.append(f"{c[key]}{SWEEP_CODES[key]}")
-            text.append(" ".join(p for p in parts if p))
-        lines.append(
-            f"{_sweep_label(r.method):<16}" + "".join(f"{t:>{width}}" for t in text)
-        )
+            texts[-1].append(" ".join(parts))
+    width = 2 + max([len(t) for row in texts for t in row] + [8])
+    head = f"{'threshold':<12}" + "".join(
+        f"{'lr ' + format(lr, 'g'):>{width}}" for lr in rates
+    )
+    lines = [head, "-" * len(head)]
+    for label, row in zip(labels, texts, strict=True):
+        lines.append(f"{label:<12}" + "".join(f"{t:>{width}}" for t in row))
     return "\n".join(lines)
 
 
