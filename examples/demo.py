@@ -42,6 +42,14 @@ against the threshold, and the number of seeds solved per method and rate.
     python examples/demo.py --warmup            # 100-step learning-rate warm-up
     python examples/demo.py --json runs.json    # every run as a row
     python examples/demo.py --suggest norms.png # a threshold from a recorded run
+    python examples/demo.py --sweep             # fixed bounds x rates, as a grid
+
+``--sweep`` trains no clipping, the fixed global-norm bounds of
+``--thresholds`` (0.1, 0.3, 1, 3, 10) and ``recommended`` against the peak
+rates, prints the grid (seeds solved, the median step to solve, and how the
+other seeds failed: NaN, stuck at the mean, or still learning) and saves it
+as a heat map. ``recommended`` is ``optaxclip.trust_ratio_clip()`` after the
+optimizer: each step at most 1% of the weights' norm, no threshold.
 
 ``--suggest PNG`` reuses the pre-clip norms recorded in one run: the
 ``global_norm`` run of the first seed at peak rate 0.5 (or at the highest
