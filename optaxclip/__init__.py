@@ -28,6 +28,7 @@ from ._presets import olmo_adaptive_clip as olmo_adaptive_clip
 from ._presets import quantile_clip as quantile_clip
 from ._presets import spam_clip as spam_clip
 from ._presets import stable_spam_clip as stable_spam_clip
+from ._presets import trust_ratio_clip as trust_ratio_clip
 from ._presets import zclip as zclip
 from ._scopes import adaptive_grad_clip as adaptive_grad_clip
 from ._scopes import clip as clip
@@ -79,6 +80,7 @@ __all__ = [
     "stable_spam_clip",
     "stats",
     "suggest_threshold",
+    "trust_ratio_clip",
     "unitwise_norm",
     "zclip",
 ]

@@ -34,11 +34,13 @@ from ._core import (
     zero_unless,
 )
 from ._scopes import (
+    GlobalMeasurement,
     GlobalScope,
     Rescale,
     TensorScope,
     clip_by_global_norm,
     clip_by_norm,
+    scope_transform,
 )
 from ._stats import ClipStats, read_record, record_of
 
@@ -53,6 +55,7 @@ __all__ = [
     "quantile_clip",
     "spam_clip",
     "stable_spam_clip",
+    "trust_ratio_clip",
     "zclip",
 ]
 
@@ -978,6 +981,112 @@ class _RelativeScope:
         ratio = jnp.where(jnp.isfinite(big), ratio, big)
         finite = jnp.all(jnp.isfinite(big))
         return RelativeMeasurement(ratio, finite, ratio, jnp.max(ratio))
+
+
+def trust_ratio_clip(
+    max_ratio: rules.Threshold = 0.01,
+    eps: jax.typing.ArrayLike = 1e-3,
+    *,
+    nonfinite: str = "zero",
+    axis_name: _norms.AxisName = None,
+    partition_specs: Any = None,
+    per_tensor_stats: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+    """Bounds each step relative to the weights: ``|u| <= max_ratio * |w|``.
+
+    Place it after the optimizer (it needs ``params``): the whole update
+    ``u`` is rescaled so that its global 2-norm is at most ``max_ratio``
+    times the global 2-norm of the parameters (floored at ``eps``), i.e.
+    ``u * min(1, max_ratio * max(|w|, eps) / |u|)``. No step moves the
+    weights by more than ``max_ratio`` of their size, whatever the learning
+    rate, the loss scale or the gradient's history: the bound is a ratio,
+    not a gradient norm, so it needs no threshold read off the run. This is
+    the trust ratio of LARS and LAMB used as a bound rather than a factor.
+
+    ``stats.norm`` holds the step's ratio ``|u| / max(|w|, eps)`` and
+    ``stats.threshold`` the bound on it.
+
+    Args:
+      max_ratio: the largest step relative to the parameters' norm (default
+        0.01: one percent per step); a number, scalar array,
+        ``optax.Schedule`` or a rule from [`optaxclip.rules`][optaxclip.rules]
+        (which then sees the ratio).
+      eps: floor on the parameters' norm, so zero-initialized parameters can
+        still move (at most ``max_ratio * eps`` per step).
+      nonfinite: keyword-only; ``"zero"`` (default): a NaN/Inf update is
+        zeroed and counted; ``"propagate"``: it passes through.
+      axis_name: keyword-only; the ``shard_map`` / ``pmap`` mesh axis (or
+        axes) the leaves are split across.
+      partition_specs: keyword-only; a pytree prefix of ``PartitionSpec``
+        saying which leaves are split across ``axis_name`` (for both the
+        updates and the parameters).
+      per_tensor_stats: keyword-only; also record each tensor's own ratio
+        ``|u_i| / max(|w_i|, eps)`` on every step (``stats.tensor_norms``;
+        per-tensor keys in [`metrics`][optaxclip.metrics]).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is a
+      [`ClipState`][optaxclip.ClipState].
+
+    Raises:
+      ValueError: in ``update`` if ``params`` is None or does not match the
+        updates' structure.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> import optaxclip as oc
+      >>> tx = optax.chain(optax.sgd(1.0), oc.trust_ratio_clip(0.1))
+      >>> params = {"w": jnp.array([3.0, 4.0])}
+      >>> grads = {"w": jnp.array([6.0, 8.0])}
+      >>> updates, state = tx.update(grads, tx.init(params), params)
+      >>> print(updates["w"], oc.stats(state)[0].norm)
+      [-0.3 -0.4] 2.0
+
+    References:
+      You et al., [Large Batch Training of Convolutional
+      Networks](https://arxiv.org/abs/1708.03888), 2017 (the trust ratio);
+      Brock et al., [High-Performance Large-Scale Image Recognition Without
+      Normalization](https://arxiv.org/abs/2102.06171), 2021 (a bound
+      relative to the weights).
+    """
+    with _checks.arguments("trust_ratio_clip"):
+        _checks.check_threshold(eps, "eps")
+        pts = _checks.static_flag(per_tensor_stats, "per_tensor_stats")
+        scope = _StepRatioScope(eps, axis_name, partition_specs, per_tensor_stats=pts)
+        return scope_transform(scope, max_ratio, "max_ratio", nonfinite, Rescale())
+
+
+@dataclasses.dataclass(frozen=True)
+class _StepRatioScope:
+    """The whole update's norm relative to the whole parameters' norm."""
+
+    eps: Any
+    axis_name: Any
+    partition_specs: Any
+    owner: str = "trust_ratio_clip"
+    per_tensor_stats: bool = False
+    leafwise = True
+
+    def norm_like(self, params):
+        return jnp.zeros((), _norms.tree_acc_dtype(params))
+
+    def measure(self, updates, params, extra_args):
+        del extra_args
+        if params is None:
+            raise ValueError(
+                "trust_ratio_clip needs the parameters: call "
+                "`tx.update(updates, state, params)`."
+            )
+        _checks.check_params(self.owner, updates, params)
+        acc = _norms.tree_acc_dtype(updates)
+        specs = (self.axis_name, self.partition_specs)
+        step, steps = _norms.tree_norms(updates, 2.0, *specs)
+        size, sizes = _norms.tree_norms(params, 2.0, *specs)
+        eps = jnp.asarray(self.eps, acc)
+        ratio = step / jnp.maximum(size, eps)
+        # Each tensor's own ratio: non-finite exactly where its update is.
+        ratios = steps / jnp.maximum(sizes.astype(acc), eps)
+        return GlobalMeasurement(ratio, jnp.isfinite(ratio), ratio, ratio, ratios)
 
 
 # ---------------------------------------------------------------------------

@@ -79,6 +79,7 @@ PRESETS = {
     "stable_spam_clip": lambda **kw: oc.stable_spam_clip(**kw),
     # clippy takes the largest ratio across devices: no partition_specs.
     "clippy": lambda partition_specs=None, **kw: oc.clippy(**kw),
+    "trust_ratio_clip": lambda **kw: oc.trust_ratio_clip(0.5, **kw),
 }
 GUARDS = {
     "skip_nonfinite": lambda **kw: oc.skip_nonfinite(
