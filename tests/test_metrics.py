@@ -372,6 +372,11 @@ GLOBAL_DECISION = {
         "clip",
         lambda g, w: np_pnorm(g, 2),
     ),
+    "trust_ratio_clip": (
+        lambda: oc.trust_ratio_clip(0.01, per_tensor_stats=True),
+        "clip",
+        lambda u, w: np_pnorm(u, 2) / max(np_pnorm(w, 2), 1e-3),
+    ),
     "skip_nonfinite": (
         lambda: oc.skip_nonfinite(optax.sgd(0.1), per_tensor_stats=True),
         "clip/skip_nonfinite",
@@ -693,6 +698,7 @@ def bad_tree(*paths, value=np.nan):
         lambda: oc.stable_spam_clip(),
         lambda: oc.skip_nonfinite(optax.sgd(0.1)),
         lambda: oc.skip_spikes(optax.sgd(0.1)),
+        lambda: oc.trust_ratio_clip(),
     ],
 )
 def test_nonfinite_paths_names_the_bad_tensors(make):
