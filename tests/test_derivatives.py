@@ -99,6 +99,7 @@ CASES: dict[str, Case] = {
     "spam_clip": Case(lambda t: oc.spam_clip(t, beta2=0.5, guard_steps=0)),
     "stable_spam_clip": Case(lambda t: oc.stable_spam_clip(0.5)),
     "clippy": Case(lambda t: oc.clippy(relative=t)),
+    "trust_ratio_clip": Case(lambda t: oc.trust_ratio_clip(0.1 * t)),
     # The guards around sgd.
     "skip_nonfinite": Case(lambda t: oc.skip_nonfinite(_sgd())),
     "skip_spikes": Case(lambda t: oc.skip_spikes(_sgd(), window=4, min_history=3)),
@@ -126,7 +127,7 @@ _TRANSFORMS = {
     "clip_by_global_norm", "clip_by_norm", "clip_by_value", "clip_per_example",
     "clippy", "olmo_adaptive_clip", "per_example_global_norm_clip",
     "per_example_layer_norm_clip", "quantile_clip", "skip_nonfinite",
-    "skip_spikes", "spam_clip", "stable_spam_clip", "zclip",
+    "skip_spikes", "spam_clip", "stable_spam_clip", "trust_ratio_clip", "zclip",
 }  # fmt: skip
 
 
@@ -137,7 +138,8 @@ def test_the_table_covers_every_transform_and_rule():
         if name[0].islower()
         and callable(getattr(oc, name))
         and name not in {"global_norm", "unitwise_norm", "metrics", "stats"}
-        and name not in {"plot_norm_history", "suggest_threshold"}
+        and name not in {"nonfinite_paths", "plot_norm_history", "plot_tensor_norms"}
+        and name not in {"suggest_threshold"}
     }
     assert exported == _TRANSFORMS
     covered = {name.split("-")[0] for name in CASES}
