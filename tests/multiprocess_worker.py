@@ -86,6 +86,7 @@ if __name__ == "__main__":
 
 import numpy as np  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 
 import optaxclip as oc  # noqa: E402
@@ -125,9 +126,6 @@ def main(argv: list[str]) -> None:
         report["modes"][mode] = check_mode(mode, ref_history, workdir)
         mark(mode)
 
-    report["nonfinite_paths_checked"] = hasattr(oc, "nonfinite_paths")
-    if report["nonfinite_paths_checked"]:
-        check_nonfinite_paths(td.mesh_1d("explicit"))
     mark("total")
     path = os.path.join(workdir, f"report-{process_id}.json")
     with open(path + ".tmp", "w") as f:
@@ -180,23 +178,55 @@ def check_mode(mode: str, ref_history, workdir: str) -> dict:
     context mesh and the state built under ``jit`` (how multi-host code
     usually runs), or with Auto axes and ``tx.init`` outside ``jit``."""
     mesh = td.mesh_1d(mode)
-    with td.mesh_context(mesh, "context" if mode == "explicit" else mode):
-        return _check_mode(mesh, mode, ref_history, workdir)
-
-
-def _check_mode(mesh, mode: str, ref_history, workdir: str) -> dict:
     specs = td.LAYOUTS["fsdp"][1]
     shardings = {k: NamedSharding(mesh, s) for k, s in specs.items()}
     assert not shardings["w"].is_fully_addressable  # split across the processes
 
-    run = Run(CASES)
-    run.init(global_arrays(td.PARAMS, shardings), jit=mode == "explicit")
-    history = []
-    for step, grads in enumerate(td.GRADS):
-        updates, states = run.step(global_arrays(grads, shardings))
-        history.append((updates, states))
-        mark(f"{mode} step {step}")
-        u_ref, s_ref = ref_history[step]
+    def context():
+        return td.mesh_context(mesh, "context" if mode == "explicit" else mode)
+
+    with context():
+        run = Run(CASES)
+        run.init(global_arrays(td.PARAMS, shardings), jit=mode == "explicit")
+        history = []
+        for step, grads in enumerate(td.GRADS):
+            history.append(run.step(global_arrays(grads, shardings)))
+            mark(f"{mode} step {step}")
+        check_steps(mode, mesh, shardings, history, ref_history)
+        mark(f"{mode} compared")
+        metrics = check_host_reads(mode, history, ref_history)
+        mark(f"{mode} host reads")
+
+    # Orbax 0.11 slices shards with eager JAX operations, which JAX 0.8
+    # refuses inside `jax.set_mesh`: save and restore outside the context.
+    saved = {"params": run.params, "states": history[SAVE_AFTER - 1][1]}
+    restored = save_and_restore(saved, os.path.join(workdir, f"ckpt-{mode}"))
+    mark(f"{mode} checkpoint")
+    with context():
+        # The same transforms and jitted step, from the restored arrays.
+        run.params, run.states = restored["params"], restored["states"]
+        for step in range(SAVE_AFTER, len(td.GRADS)):
+            grads = global_arrays(td.GRADS[step], shardings)
+            resumed = run.step(grads)
+            assert_local_shards_equal(resumed, history[step], f"resumed {step}")
+        mark(f"{mode} resumed")
+        checked = hasattr(oc, "nonfinite_paths")
+        if checked:
+            check_nonfinite_paths(run, shardings)
+    return {
+        "metrics": metrics,
+        "checkpoint_restored": True,
+        "nonfinite_paths_checked": checked,
+    }
+
+
+def check_steps(mode, mesh, shardings, history, ref_history) -> None:
+    """Updates and states equal the single-device run on the shards this
+    process holds; updates keep the gradients' sharding, states live on the
+    mesh."""
+    for step, ((updates, states), (u_ref, s_ref)) in enumerate(
+        zip(history, ref_history, strict=True)
+    ):
         for case in CASES:
             what = f"{mode} {case} step {step}"
             assert_local_shards_close(updates[case], u_ref[case], f"{what} updates")
@@ -206,11 +236,17 @@ def _check_mode(mesh, mode: str, ref_history, workdir: str) -> dict:
                     f"{what}: leaf {k} lost its sharding: {leaf.sharding}"
                 )
             td.assert_state_on_mesh(states[case], mesh, shardings, what)
+    # The steps exercised clipping and the pass-through branch.
+    for case in td.FIXED_CASES:
+        clipped = [int(np.sum(np.asarray(s[case].stats.clipped))) for _, s in history]
+        assert max(clipped) > 0 and min(clipped) == 0, (mode, case, clipped)
 
-    mark(f"{mode} compared")
-    # Host reads on every process: the stats are replicated over the mesh.
-    final = history[-1][1]
-    ref_final = ref_history[-1][1]
+
+def check_host_reads(mode, history, ref_history) -> dict:
+    """``oc.metrics(state, host=True)`` and ``oc.stats(state)`` read on this
+    process what one device computes, although the state's arrays span both
+    processes; returns the metrics of every case."""
+    final, ref_final = history[-1][1], ref_history[-1][1]
     metrics = {}
     for case in CASES:
         got = oc.metrics(final[case], host=True)
@@ -219,7 +255,7 @@ def _check_mode(mesh, mode: str, ref_history, workdir: str) -> dict:
         for key, value in got.items():
             assert type(value) is type(expected[key]), (case, key, value)
             np.testing.assert_allclose(
-                value, expected[key], rtol=td.RTOL, atol=td.ATOL, err_msg=f"{key}"
+                value, expected[key], rtol=td.RTOL, atol=td.ATOL, err_msg=key
             )
         found, ref_found = oc.stats(final[case]), oc.stats(ref_final[case])
         assert len(found) == len(ref_found) >= 1, (case, found)
@@ -233,54 +269,44 @@ def _check_mode(mesh, mode: str, ref_history, workdir: str) -> dict:
                     err_msg=f"{mode} {case} stats.{name}",
                 )
         metrics["/".join(case)] = got
-    # The steps exercised clipping and the pass-through branch.
-    for case in td.FIXED_CASES:
-        clipped = [int(np.sum(np.asarray(s[case].stats.clipped))) for _, s in history]
-        assert max(clipped) > 0 and min(clipped) == 0, (mode, case, clipped)
+    # The usual logging code reads them on the first process alone: no
+    # collective is involved, so the others do not have to take part.
+    if jax.process_index() == 0:
+        for case in CASES:
+            assert oc.metrics(final[case], host=True) == metrics["/".join(case)]
+    multihost_utils.sync_global_devices(f"{mode} host reads")
+    return metrics
 
-    mark(f"{mode} metrics")
-    check_checkpoint(run, history, shardings, os.path.join(workdir, f"ckpt-{mode}"))
-    return {"metrics": metrics, "checkpoint_restored": True}
 
-
-def check_checkpoint(run: Run, history, shardings, path: str) -> None:
-    """Saves the states after SAVE_AFTER steps from every process, restores
-    them and continues: bit for bit the uninterrupted run."""
-    saved = {"params": run.params, "states": history[SAVE_AFTER - 1][1]}
+def save_and_restore(saved, path: str):
+    """Every process saves its shards of ``saved`` into one orbax checkpoint
+    and restores them into arrays of the same shardings."""
     template = jax.tree.map(ocp.utils.to_shape_dtype_struct, saved)
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(path, saved)
         checkpointer.wait_until_finished()
         restored = checkpointer.restore(path, template)
     assert_local_shards_equal(restored, saved, "restored checkpoint")
-    for leaf, like in zip(jax.tree.leaves(restored), jax.tree.leaves(saved)):
+    for leaf, like in zip(
+        jax.tree.leaves(restored), jax.tree.leaves(saved), strict=True
+    ):
         assert leaf.sharding.is_equivalent_to(like.sharding, leaf.ndim), leaf.sharding
-
-    # The same transforms and jitted step, from the restored arrays.
-    run.params, run.states = restored["params"], restored["states"]
-    for step in range(SAVE_AFTER, len(td.GRADS)):
-        grads = global_arrays(td.GRADS[step], shardings)
-        assert_local_shards_equal(run.step(grads), history[step], f"resumed {step}")
+    return restored
 
 
-def check_nonfinite_paths(mesh) -> None:
+def check_nonfinite_paths(run: Run, shardings) -> None:
     """``oc.nonfinite_paths`` names, on every process, the tensor whose
-    gradient had a NaN, although only one process holds that entry; a finite
-    step names none."""
-    specs = td.LAYOUTS["fsdp"][1]
-    shardings = {k: NamedSharding(mesh, s) for k, s in specs.items()}
-    params = global_arrays(td.PARAMS, shardings)
+    gradient had a NaN, although one process alone holds that entry; the
+    next, finite step names none."""
     grads = {k: np.array(v) for k, v in td.GRADS[1].items()}
     grads["k"][-1, 0, 0] = np.nan  # on the last device: the last process's
-    run = Run(CASES)
-    run.init(params)
-    run.step(global_arrays(td.GRADS[0], shardings))
-    for case in CASES:
-        assert oc.nonfinite_paths(run.states[case], td.PARAMS) == [], case
     run.step(global_arrays(grads, shardings))
     for case in CASES:
         paths = oc.nonfinite_paths(run.states[case], td.PARAMS)
         assert paths and set(paths) == {"k"}, (case, paths)
+    run.step(global_arrays(td.GRADS[0], shardings))
+    for case in CASES:
+        assert oc.nonfinite_paths(run.states[case], td.PARAMS) == [], case
 
 
 def assert_local_shards_close(actual, expected, what: str) -> None:

@@ -14,7 +14,6 @@ their output when one fails, and compares what the two report.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -28,7 +27,10 @@ from tests import multiprocess_worker as worker
 
 ROOT = Path(__file__).resolve().parents[1]
 PROCESSES = 2
-TIMEOUT_S = 150  # the workers take about 30 s on an idle 2-core machine
+# A bound for a hang, not a speed target: each worker spends about 35 s of
+# CPU time (most of it compiling), so on a busy machine the wall time is a
+# multiple of that.
+TIMEOUT_S = 300
 
 
 def free_port() -> int:
@@ -83,13 +85,19 @@ def run_workers(workdir: Path) -> list[dict]:
     codes = [p.returncode for p in procs]
     if failure or any(codes):
         output = "\n".join(
-            f"--- worker {i} (exit {code}) ---\n{log.read_text()[-6000:]}"
+            f"--- worker {i} (exit {code}) ---\n{tail(log)}"
             for i, (code, log) in enumerate(zip(codes, logs, strict=True))
         )
         pytest.fail(f"{failure or 'a worker failed'}: exit codes {codes}\n{output}")
     return [
         json.loads((workdir / f"report-{i}.json").read_text()) for i in range(PROCESSES)
     ]
+
+
+def tail(log: Path, chars: int = 6000) -> str:
+    """The end of a worker's output, without gloo's connection messages."""
+    lines = log.read_text(errors="replace").splitlines()
+    return "\n".join(x for x in lines if not x.startswith("[Gloo]"))[-chars:]
 
 
 def test_two_processes_match_single_process(tmp_path):
@@ -105,8 +113,9 @@ def test_two_processes_match_single_process(tmp_path):
             assert sorted(result["metrics"]) == sorted(cases), mode
             assert all(result["metrics"].values()), mode
             assert result["checkpoint_restored"], mode
-        # Checked once the library has it; the worker says whether it did.
-        assert report["nonfinite_paths_checked"] == hasattr(oc, "nonfinite_paths")
+            # Checked once the library has it; the worker says whether it did.
+            has_it = hasattr(oc, "nonfinite_paths")
+            assert result["nonfinite_paths_checked"] == has_it, mode
     # Every process read the same numbers on the host.
     assert reports[0]["modes"] == reports[1]["modes"]
     # Both mesh kinds give the same metrics (each also equals one device's).
