@@ -7,14 +7,17 @@ Run from the repository root, once per process::
 Each process has 4 CPU devices; together they form one global mesh, on which
 the cases of ``tests/test_distributed.py`` (every scope with a number, every
 rule at the global scope, every preset and guard) run for a few jitted steps
-on FSDP-sharded gradients, with Explicit and then Auto mesh axes. Every
-process checks, on the parts of the arrays it holds, that the updates and
-states equal those of the same steps on its first local device alone, reads
-``oc.metrics(state, host=True)`` and ``oc.stats(state)`` and checks them
-against the single-device values, saves an orbax checkpoint in ``WORKDIR``
-(shared by the processes), restores it and continues bit for bit. Any
-mismatch raises (a non-zero exit with the traceback on stderr); on success
-each process writes ``WORKDIR/report-PROCESS_ID.json`` for the test to read.
+on FSDP-sharded gradients: with Explicit axes inside ``jax.set_mesh``, the
+state built under ``jit``, then with Auto axes and ``tx.init`` outside
+``jit``. Every process checks, on the parts of the arrays it holds, that the
+updates and states equal those of the same steps on its first local device
+alone; reads ``oc.metrics(state, host=True)`` and ``oc.stats(state)`` (all
+processes, then the first alone) and checks them against the single-device
+values; saves an orbax checkpoint in ``WORKDIR`` (shared by the processes),
+restores it and continues bit for bit. Where the library has
+``oc.nonfinite_paths``, ``check_nonfinite_paths`` checks it too. Any mismatch
+raises (a non-zero exit with the traceback on stderr); on success each
+process writes ``WORKDIR/report-PROCESS_ID.json`` for the test to read.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import os
 import re
 import sys
 import time
+import traceback
 
 LOCAL_DEVICES = 4
 SAVE_AFTER = 2  # steps before the checkpoint; the rest continue from it
@@ -360,4 +364,11 @@ def _key(index) -> tuple:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except BaseException:
+        # Exit at once: a normal exit would wait for the other processes at
+        # the runtime's shutdown barrier.
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)

@@ -68,10 +68,10 @@ def run_workers(workdir: Path) -> list[dict]:
                     )
                 )
         deadline = time.monotonic() + TIMEOUT_S
-        while any(p.poll() is None for p in procs):
+        while None in (codes := [p.poll() for p in procs]):
             # One failed process leaves the others waiting in a collective:
             # stop at the first error rather than at the deadline.
-            if any(p.returncode not in (None, 0) for p in procs):
+            if any(code not in (None, 0) for code in codes):
                 break
             if time.monotonic() > deadline:
                 failure = f"timed out after {TIMEOUT_S} s"
