@@ -21,13 +21,11 @@ import optax
 from . import _checks, _norms, rules
 from ._core import (
     Applied,
-    ClipStats,
     Context,
     Measurement,
     Parts,
     Step,
     check_nonfinite,
-    decode_record,
     keep_if,
     map_float,
     safe_scale,
@@ -42,6 +40,7 @@ from ._scopes import (
     clip_by_global_norm,
     clip_by_norm,
 )
+from ._stats import ClipStats, read_record, record_of
 
 __all__ = [
     "ClippyState",
@@ -71,6 +70,7 @@ def autoclip(
     nonfinite: str = "zero",
     axis_name: Any = None,
     partition_specs: Any = None,
+    per_tensor_stats: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """AutoClip: clip the global norm to a percentile of its own history.
 
@@ -102,6 +102,9 @@ def autoclip(
       partition_specs: keyword-only; which leaves are split across
         ``axis_name`` (a pytree prefix of ``PartitionSpec``).
 
+      per_tensor_stats: keyword-only; also record each tensor's norm on every
+        step (``stats.tensor_norms``; per-tensor keys in
+        [`metrics`][optaxclip.metrics]).
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
 
@@ -128,6 +131,7 @@ def autoclip(
             nonfinite=nonfinite,
             axis_name=axis_name,
             partition_specs=partition_specs,
+            per_tensor_stats=per_tensor_stats,
         )
 
 
@@ -145,6 +149,7 @@ def zclip(
     nonfinite: str = "zero",
     axis_name: Any = None,
     partition_specs: Any = None,
+    per_tensor_stats: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """ZClip: z-score spike clipping of the global norm.
 
@@ -183,6 +188,9 @@ def zclip(
       partition_specs: keyword-only; which leaves are split across
         ``axis_name`` (a pytree prefix of ``PartitionSpec``).
 
+      per_tensor_stats: keyword-only; also record each tensor's norm on every
+        step (``stats.tensor_norms``; per-tensor keys in
+        [`metrics`][optaxclip.metrics]).
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
 
@@ -219,6 +227,7 @@ def zclip(
             nonfinite=nonfinite,
             axis_name=axis_name,
             partition_specs=partition_specs,
+            per_tensor_stats=per_tensor_stats,
         )
 
 
@@ -233,6 +242,7 @@ def adagc(
     axis_name: Any = None,
     partition_specs: Any = None,
     stacked_axes: Any = None,
+    per_tensor_stats: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """AdaGC: per-tensor clipping relative to an EMA of each tensor's norm.
 
@@ -267,6 +277,8 @@ def adagc(
       stacked_axes: keyword-only; leading stacked-layer axes (see
         [`clip_by_norm`][optaxclip.clip_by_norm]).
 
+      per_tensor_stats: keyword-only; accepted for a uniform signature:
+        this method always records one entry per tensor.
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``stats`` hold one entry
       per tensor.
@@ -301,6 +313,7 @@ def adagc(
             nonfinite=nonfinite,
             axis_name=axis_name,
             partition_specs=partition_specs,
+            per_tensor_stats=per_tensor_stats,
             stacked_axes=stacked_axes,
         )
 
@@ -314,6 +327,7 @@ def olmo_adaptive_clip(
     axis_name: Any = None,
     partition_specs: Any = None,
     stacked_axes: Any = None,
+    per_tensor_stats: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """OLMo's adaptive clipping: each tensor to a ratio of its norm's EMA.
 
@@ -343,6 +357,8 @@ def olmo_adaptive_clip(
       stacked_axes: keyword-only; leading stacked-layer axes (see
         [`clip_by_norm`][optaxclip.clip_by_norm]).
 
+      per_tensor_stats: keyword-only; accepted for a uniform signature:
+        this method always records one entry per tensor.
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``stats`` hold one entry
       per tensor.
@@ -368,6 +384,7 @@ def olmo_adaptive_clip(
             nonfinite=nonfinite,
             axis_name=axis_name,
             partition_specs=partition_specs,
+            per_tensor_stats=per_tensor_stats,
             stacked_axes=stacked_axes,
         )
 
@@ -381,6 +398,7 @@ def quantile_clip(
     nonfinite: str = "zero",
     axis_name: Any = None,
     partition_specs: Any = None,
+    per_tensor_stats: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Quantile-tracking clipping of the global norm (streaming).
 
@@ -410,6 +428,9 @@ def quantile_clip(
       partition_specs: keyword-only; which leaves are split across
         ``axis_name`` (a pytree prefix of ``PartitionSpec``).
 
+      per_tensor_stats: keyword-only; also record each tensor's norm on every
+        step (``stats.tensor_norms``; per-tensor keys in
+        [`metrics`][optaxclip.metrics]).
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
 
@@ -433,6 +454,7 @@ def quantile_clip(
             nonfinite=nonfinite,
             axis_name=axis_name,
             partition_specs=partition_specs,
+            per_tensor_stats=per_tensor_stats,
         )
 
 
@@ -447,22 +469,31 @@ class SpamClipState(NamedTuple):
     Attributes:
       nu: the EMA of the clipped squared gradient (float32 or better), shaped
         like the updates.
-      count: int32, finite steps seen.
-      packed_stats: the latest step's stats, packed; read them as
-        ``state.stats`` (``norm``: global norm before clipping;
-        ``threshold``: the spike threshold on ``g**2 / v``; ``scale``: the
-        global norm after clipping over the one before; ``clipped``: number
-        of entries clipped).
+      finite_count: int32, finite steps seen (drives the resets and the
+        guard steps).
+      count: int32, steps seen.
+      norm_threshold_scale: three rows: the latest step's global norm
+        before clipping, the spike threshold on ``g**2 / v``, and the global
+        norm after clipping over the one before.
+      counts: int32, ``[entries clipped, nonfinite_count, *nonfinite_tensors]``.
+      tensor_norms: each tensor's 2-norm, with ``per_tensor_stats=True``.
+
+    Read the stats together as ``state.stats`` (a
+    [`ClipStats`][optaxclip.ClipStats]); what each means is tabulated in
+    the docs (methods page, "What the stats mean").
     """
 
     nu: Any
+    finite_count: jax.Array
     count: jax.Array
-    packed_stats: jax.Array
+    norm_threshold_scale: jax.Array
+    counts: jax.Array
+    tensor_norms: jax.Array | tuple[()]
 
     @property
     def stats(self) -> ClipStats:
         """The latest step's [`ClipStats`][optaxclip.ClipStats]."""
-        return decode_record(self.packed_stats)
+        return read_record(record_of(self))
 
 
 def spam_clip(
@@ -474,6 +505,7 @@ def spam_clip(
     nonfinite: str = "zero",
     axis_name: _norms.AxisName = None,
     partition_specs: Any = None,
+    per_tensor_stats: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """SPAM's spike-aware clipping: each entry against its second moment.
 
@@ -506,6 +538,9 @@ def spam_clip(
       partition_specs: keyword-only; which leaves are split across
         ``axis_name`` (a pytree prefix of ``PartitionSpec``).
 
+      per_tensor_stats: keyword-only; also record each tensor's norm on every
+        step (``stats.tensor_norms``; per-tensor keys in
+        [`metrics`][optaxclip.metrics]).
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
       [`SpamClipState`][optaxclip.SpamClipState].
@@ -530,15 +565,16 @@ def spam_clip(
         _checks.check_number(reset_interval, "reset_interval", lo=0, integer=True)
         _checks.check_number(guard_steps, "guard_steps", lo=0, integer=True)
         zero = check_nonfinite(nonfinite)
-    scope = GlobalScope(2.0, axis_name, partition_specs, owner="spam_clip")
+        pts = _checks.static_flag(per_tensor_stats, "per_tensor_stats")
+    scope = GlobalScope(2.0, axis_name, partition_specs, "spam_clip", pts)
     action = _SpamAction(beta2, reset_interval, guard_steps, axis_name, partition_specs)
 
     def make(parts: Parts) -> SpamClipState:
-        nu, count = parts.action_state
-        return SpamClipState(nu, count, parts.packed_stats)
+        nu, finite_count = parts.action_state
+        return SpamClipState(nu, finite_count, *parts.record)
 
     def parts_of(state: SpamClipState) -> Parts:
-        return Parts((), (state.nu, state.count), state.packed_stats)
+        return Parts((), (state.nu, state.finite_count), record_of(state))
 
     step = Step(
         scope, rules.fixed(threshold), action, zero, make, parts_of, SpamClipState
@@ -610,21 +646,31 @@ class StableSpamClipState(NamedTuple):
 
     Attributes:
       m_max: the EMA of each tensor's largest absolute entry.
-      count: int32, the number of non-zero gradients each tensor has had.
-      packed_stats: the latest step's stats, packed; read them as
-        ``state.stats`` (``norm``: each tensor's largest absolute entry;
-        ``threshold``: the bias-corrected bound ``T``; ``scale``:
-        ``T / max|g|`` where clipped; ``clipped``: entries clipped).
+      nonzero_count: int32, the number of non-zero gradients each tensor
+        has had.
+      count: int32, steps seen.
+      norm_threshold_scale: three rows, one column per tensor: each
+        tensor's largest absolute entry, the bias-corrected bound ``T``, and
+        ``T / max|g|`` where clipped.
+      counts: int32, ``[entries clipped, nonfinite_count]``.
+      tensor_norms: empty (the norms are per tensor).
+
+    Read the stats together as ``state.stats`` (a
+    [`ClipStats`][optaxclip.ClipStats]); what each means is tabulated in
+    the docs (methods page, "What the stats mean").
     """
 
     m_max: jax.Array
+    nonzero_count: jax.Array
     count: jax.Array
-    packed_stats: jax.Array
+    norm_threshold_scale: jax.Array
+    counts: jax.Array
+    tensor_norms: jax.Array | tuple[()]
 
     @property
     def stats(self) -> ClipStats:
         """The latest step's [`ClipStats`][optaxclip.ClipStats]."""
-        return decode_record(self.packed_stats)
+        return read_record(record_of(self))
 
 
 def stable_spam_clip(
@@ -633,6 +679,7 @@ def stable_spam_clip(
     nonfinite: str = "zero",
     axis_name: _norms.AxisName = None,
     partition_specs: Any = None,
+    per_tensor_stats: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Stable-SPAM's adaptive spike clipping: entries above a per-tensor bound.
 
@@ -657,6 +704,8 @@ def stable_spam_clip(
       partition_specs: keyword-only; which leaves are split across
         ``axis_name`` (a pytree prefix of ``PartitionSpec``).
 
+      per_tensor_stats: keyword-only; accepted for a uniform signature:
+        this method always records one entry per tensor.
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
       [`StableSpamClipState`][optaxclip.StableSpamClipState].
@@ -679,16 +728,18 @@ def stable_spam_clip(
         # beta = 1 would divide by 1 - beta**t = 0 in the bias correction.
         _checks.check_number(beta, "beta", lo=0.0, hi=1.0, hi_open=True)
         zero = check_nonfinite(nonfinite)
+        _checks.static_flag(per_tensor_stats, "per_tensor_stats")
     scope = TensorScope(
         _norms.INF, axis_name, partition_specs, None, False, owner="stable_spam_clip"
     )
 
     def make(parts: Parts) -> StableSpamClipState:
-        m_max, count = parts.rule_state
-        return StableSpamClipState(m_max, count, parts.packed_stats)
+        m_max, nonzero_count = parts.rule_state
+        return StableSpamClipState(m_max, nonzero_count, *parts.record)
 
     def parts_of(state: StableSpamClipState) -> Parts:
-        return Parts(_MaxEmaState(state.m_max, state.count), (), state.packed_stats)
+        rule_state = _MaxEmaState(state.m_max, state.nonzero_count)
+        return Parts(rule_state, (), record_of(state))
 
     step = Step(
         scope, _BiasCorrectedMax(beta), _ScaleAbove(axis_name, partition_specs),
@@ -780,18 +831,27 @@ class ClippyState(NamedTuple):
     """State of [`clippy`][optaxclip.clippy].
 
     Attributes:
-      packed_stats: the latest step's stats, packed, one entry per tensor;
-        read them as ``state.stats`` (``norm``: the largest
-        ``|u| / (relative * |w| + absolute)``; ``threshold``: 1; ``scale``:
-        the factor applied; ``clipped``: tensors scaled down).
+      count: int32, steps seen.
+      norm_threshold_scale: three rows, one column per tensor: the largest
+        ``|u| / (relative * |w| + absolute)``, 1 (the bound), and the factor
+        applied.
+      counts: int32, ``[tensors scaled down, nonfinite_count]``.
+      tensor_norms: empty (the norms are per tensor).
+
+    Read the stats together as ``state.stats`` (a
+    [`ClipStats`][optaxclip.ClipStats]); what each means is tabulated in
+    the docs (methods page, "What the stats mean").
     """
 
-    packed_stats: jax.Array
+    count: jax.Array
+    norm_threshold_scale: jax.Array
+    counts: jax.Array
+    tensor_norms: jax.Array | tuple[()]
 
     @property
     def stats(self) -> ClipStats:
         """The latest step's [`ClipStats`][optaxclip.ClipStats]."""
-        return decode_record(self.packed_stats)
+        return read_record(record_of(self))
 
 
 def clippy(
@@ -800,6 +860,7 @@ def clippy(
     *,
     nonfinite: str = "zero",
     axis_name: _norms.AxisName = None,
+    per_tensor_stats: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Clippy: scale each tensor's *update* so no entry moves its weight too far.
 
@@ -819,6 +880,8 @@ def clippy(
       axis_name: keyword-only; the ``shard_map`` / ``pmap`` mesh axis (or
         axes) the leaves are split across.
 
+      per_tensor_stats: keyword-only; accepted for a uniform signature:
+        this method always records one entry per tensor.
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
       [`ClippyState`][optaxclip.ClippyState].
@@ -843,13 +906,14 @@ def clippy(
         _checks.check_number(relative, "relative", lo=0.0)
         _checks.check_number(absolute, "absolute", lo=0.0)
         zero = check_nonfinite(nonfinite)
+        _checks.static_flag(per_tensor_stats, "per_tensor_stats")
     scope = _RelativeScope(relative, absolute, axis_name)
 
     def make(parts: Parts) -> ClippyState:
-        return ClippyState(parts.packed_stats)
+        return ClippyState(*parts.record)
 
     def parts_of(state: ClippyState) -> Parts:
-        return Parts((), (), state.packed_stats)
+        return Parts((), (), record_of(state))
 
     step = Step(scope, rules.fixed(1.0), Rescale(), zero, make, parts_of, ClippyState)
     return step.transform()
@@ -909,6 +973,9 @@ class _RelativeScope:
         names = _norms.axis_names(self.axis_name)
         ratio = _norms.cross_device(_norms.stack_barrier(ratios), names, _norms.INF)
         big = _norms.cross_device(_norms.stack_barrier(largest), names, _norms.INF)
+        # A tensor with a NaN or infinite entry reads as such (a NaN entry
+        # does not move its ratio, whose comparison is False).
+        ratio = jnp.where(jnp.isfinite(big), ratio, big)
         finite = jnp.all(jnp.isfinite(big))
         return RelativeMeasurement(ratio, finite, ratio, jnp.max(ratio))
 
