@@ -5,7 +5,8 @@ The processes run ``tests/multiprocess_worker.py``, which checks, with
 Explicit and with Auto mesh axes, that every scope, every rule at the global
 scope, every preset and guard gives on FSDP-sharded global arrays the updates
 and stats of the single-process run, that ``oc.metrics(state, host=True)``
-and ``oc.stats(state)`` read them on every process, and that an orbax
+and ``oc.stats(state)`` read them on every process, that
+``oc.nonfinite_paths`` names the same tensor on both, and that an orbax
 checkpoint saved by both processes restores and continues bit for bit. This
 test starts them on a free port, bounds them in time, always ends them, shows
 their output when one fails, and compares what the two report.
