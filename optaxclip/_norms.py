@@ -273,7 +273,7 @@ def power_sum(
     if _is_static(p, 2.0):
         out = jax.lax.reduce_sum(jax.lax.mul(a, a), axes)
     elif _is_static(p, _INF):
-        out = jax.lax.reduce_max(jax.lax.abs(a), axes)
+        out = jax.lax.reduce_max(nan_to_inf(jax.lax.abs(a)), axes)
     elif _is_static(p, 1.0):
         out = jax.lax.reduce_sum(jax.lax.abs(a), axes)
     else:
@@ -281,11 +281,23 @@ def power_sum(
     return jax.lax.reshape(out, kept) if keepdims else out
 
 
+def nan_to_inf(x: jax.Array) -> jax.Array:
+    """``x`` with NaN entries read as ``+inf``, for a maximum to see them.
+
+    A maximum split across devices (a sharded ``jnp.max`` under ``jit``, a
+    ``pmax``) may drop a NaN: the collective's max does not propagate it.
+    An infinite entry survives every maximum, and still marks the step
+    non-finite. Elementwise before the reduction, so it fuses into it.
+    """
+    return jnp.where(jnp.isnan(x), jnp.full_like(x, jnp.inf), x)
+
+
 def _reduce_from_square(sq, p, axes, keepdims):
     if isinstance(p, float) and p == 2.0:
         return jnp.sum(sq, axis=axes, keepdims=keepdims)
     if isinstance(p, float) and p == _INF:
-        return jnp.sqrt(jnp.max(sq, axis=axes, keepdims=keepdims, initial=0.0))
+        top = jnp.max(nan_to_inf(sq), axis=axes, keepdims=keepdims, initial=0.0)
+        return jnp.sqrt(top)
     return jnp.sum(sq ** (p / 2), axis=axes, keepdims=keepdims)
 
 

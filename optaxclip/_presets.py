@@ -969,7 +969,7 @@ class _RelativeScope:
             moving = mag > 0
             ratio = jnp.where(moving, mag / jnp.where(moving, room, 1), 0)
             ratios.append(jnp.max(ratio, initial=0.0))
-            largest.append(jnp.max(mag, initial=0.0))
+            largest.append(jnp.max(_norms.nan_to_inf(mag), initial=0.0))
         names = _norms.axis_names(self.axis_name)
         ratio = _norms.cross_device(_norms.stack_barrier(ratios), names, _norms.INF)
         big = _norms.cross_device(_norms.stack_barrier(largest), names, _norms.INF)

@@ -720,7 +720,7 @@ class UnitScope:
             tuple(n for n in s if n not in g)
             for s, g in zip(split, groups, strict=True)
         )
-        ratios = [jnp.max(g / w).astype(acc) for g, w in units]
+        ratios = [jnp.max(_norms.nan_to_inf(g / w)).astype(acc) for g, w in units]
         ratios = _norms.cross_device(
             _norms.stack_barrier(ratios), everywhere, _norms.INF
         )

@@ -726,3 +726,22 @@ def test_nonfinite_paths_errors_say_what_is_wrong():
     with pytest.raises(ValueError, match=r"5 per-tensor entries.*2 floating-point"):
         oc.nonfinite_paths(state, GRADS)
     assert oc.nonfinite_paths(state, None) == ["0"]
+
+
+def test_a_clip_inside_partition_is_named_by_the_parameters_it_sees():
+    labels = {"w": "clipped", "b": "plain"}
+    tx = optax.partition(
+        {
+            "clipped": optax.chain(
+                oc.clip_by_global_norm(1.0, per_tensor_stats=True), optax.sgd(0.1)
+            ),
+            "plain": optax.sgd(0.1),
+        },
+        labels,
+    )
+    m = oc.metrics(one_step(tx), {"w": PARAMS["w"]}, host=True, per_tensor=True)
+    w_norm = float(np.linalg.norm(np.asarray(GRADS["w"])))
+    assert m["clip/norm"] == pytest.approx(w_norm, rel=1e-6)
+    assert m["clip/norm/w"] == pytest.approx(w_norm, rel=1e-6)
+    with pytest.raises(ValueError, match=r"only the parameters it clips"):
+        oc.metrics(one_step(tx), PARAMS, per_tensor=True)
