@@ -300,18 +300,15 @@ def save_and_restore(saved, path: str):
 
 def check_nonfinite_paths(run: Run, shardings) -> None:
     """``oc.nonfinite_paths`` names, on every process, the tensor whose
-    gradient had an infinite entry, although one process alone holds that
-    entry; the next, finite step names none."""
-    grads = {k: np.array(v) for k, v in td.GRADS[1].items()}
-    # On the last device: the last process's. An infinity, not a NaN: XLA's
-    # cross-device max on CPU drops NaN, so the maximum-based measures
-    # (ord=inf, the value clip, Stable-SPAM, Clippy) miss a NaN in a sharded
-    # gradient, on one process as on several; that is a fault of its own.
-    grads["k"][-1, 0, 0] = np.inf
-    run.step(global_arrays(grads, shardings))
-    for case in CASES:
-        paths = oc.nonfinite_paths(run.states[case], td.PARAMS)
-        assert paths == ["k"], (case, paths)
+    gradient had a NaN (then an infinite) entry, although one process alone
+    holds that entry; the next, finite step names none."""
+    for bad in (np.nan, np.inf):
+        grads = {k: np.array(v) for k, v in td.GRADS[1].items()}
+        grads["k"][-1, 0, 0] = bad  # on the last device: the last process's
+        run.step(global_arrays(grads, shardings))
+        for case in CASES:
+            paths = oc.nonfinite_paths(run.states[case], td.PARAMS)
+            assert paths == ["k"], (case, bad, paths)
     run.step(global_arrays(td.GRADS[0], shardings))
     for case in CASES:
         assert oc.nonfinite_paths(run.states[case], td.PARAMS) == [], case
