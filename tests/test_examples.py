@@ -338,9 +338,13 @@ def test_flax_nnx_optimizer():
     )
 
 
-def test_llm_spikes_compares_every_method_over_three_seeds():
-    stdout = run_example("llm_spikes.py")
+def test_llm_spikes_compares_every_method_over_three_seeds(tmp_path):
+    heatmap = tmp_path / "tensors.png"
+    stdout = run_example("llm_spikes.py", "--tensors", str(heatmap))
     assert "characters of standard-library source" in stdout
+    # The fixed bound's per-tensor norms, drawn as a heatmap.
+    assert heatmap.stat().st_size > 0
+    assert f"per-tensor norms of global_norm(1.0), seed 0: {heatmap}" in stdout
     assert "medians over 3 seeds" in stdout
     # The quick run says that it is too short to show a spike.
     assert "--quick is a smoke test and cannot show a loss spike" in stdout
