@@ -330,7 +330,7 @@ def _divide(a: jax.Array, n: jax.Array) -> jax.Array:
 @_divide.defjvp
 def _divide_jvp(primals, tangents):
     (a, n), (ta, tn) = primals, tangents
-    safe = jnp.where(n != 0, n, jnp.ones_like(n))
+    safe = jnp.where(n != 0, n, _norms.full_like(n, 1))
     return a / n, ta / safe - a * tn / (safe * safe)
 
 
@@ -352,15 +352,14 @@ def zero_unless(keep: jax.Array | None, x: jax.Array) -> jax.Array:
 
     ``keep`` is a scalar or broadcasts against ``x`` (one flag per example,
     say). A select, so a NaN entry becomes 0 rather than NaN * 0. The zeros
-    and a broadcast flag are built from ``x`` (``zeros_like``), so they carry
-    its sharding: on meshes with Explicit axes a select needs operands of
-    one sharding.
+    and a broadcast flag carry ``x``'s sharding (`_norms.sharded_like`): on
+    meshes with Explicit axes a select needs operands of one sharding.
     """
     if keep is None:
         return x
     if jnp.ndim(keep):
-        keep = jnp.logical_or(jnp.zeros_like(x, dtype=bool), keep)
-    return jax.lax.select(keep, x, jnp.zeros_like(x))
+        keep = _norms.sharded_like(x, jnp.broadcast_to(keep, x.shape))
+    return jax.lax.select(keep, x, _norms.full_like(x, 0))
 
 
 def zero_tree(keep: jax.Array | None, tree: Any) -> Any:

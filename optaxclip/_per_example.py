@@ -311,7 +311,7 @@ def clip_multipliers(norms: jax.Array, bound: jax.typing.ArrayLike) -> jax.Array
     """``min(1, bound / norm)`` per example (`safe_scale`), and 1 for a NaN
     norm: such an example passes unscaled, as optax does."""
     scale = safe_scale(norms, jnp.asarray(bound, norms.dtype))
-    return jnp.where(jnp.isnan(norms), jnp.ones_like(scale), scale)
+    return jnp.where(jnp.isnan(norms), _norms.full_like(scale, 1), scale)
 
 
 def batch_sum(multipliers: jax.Array, g: jax.Array) -> jax.Array:
