@@ -56,7 +56,7 @@ test-latest: $(VENV_LATEST)/.created
 	$(PY_LATEST) -m pip install --quiet --upgrade --upgrade-strategy eager \
 		-e ".[test,examples]" $(LATEST_PACKAGES)
 	@$(PY_LATEST) -c 'import sys; from importlib.metadata import version; \
-		print("test-latest: python", sys.version.split()[0], \
+		print("test-latest versions: python " + sys.version.split()[0], \
 		*(f"{n} {version(n)}" for n in sys.argv[1:]), sep=", ")' $(LATEST_PACKAGES)
 	$(PY_LATEST) -m pytest -q -n 2
 
