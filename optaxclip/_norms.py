@@ -639,6 +639,20 @@ def replicated(x: jax.Array) -> jax.Array:
     return _reshard(x, jax.sharding.NamedSharding(sharding.mesh, PartitionSpec()))
 
 
+def one_sharding(values: Sequence[jax.Array]) -> list[jax.Array]:
+    """``values``, all replicated if their Explicit shardings differ.
+
+    Per-example sums of leaves split differently (the batch axis split on
+    some leaves, not on others) carry different shardings, and a stack on a
+    mesh with Explicit axes needs one; they are small vectors, replicated
+    as `replicated` does. Unchanged where the shardings agree.
+    """
+    shardings = {getattr(_typeof(v), "sharding", None) for v in values}
+    if len(shardings) <= 1:
+        return list(values)
+    return [replicated(v) for v in values]
+
+
 def sharded_like(x: jax.Array, y: jax.Array) -> jax.Array:
     """``y`` (shaped as ``x``) carrying the sharding that ``x``'s type names.
 
