@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test test-min test-latest bench lint docs clean
+.PHONY: install demo test test-min test-latest bench lint docs docs-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -66,6 +66,15 @@ bench: install
 docs: install
 	$(PY) -m pip install --quiet -e ".[docs]"
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+# Builds the site, then opens its API reference in headless Chromium and checks
+# the rendered page (.ci/docs_check.py says what). Installs Chromium and its
+# driver from the Debian archive when they are missing (needs root).
+docs-check: docs
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  command -v apt-get >/dev/null || { echo "docs-check needs chromium and chromedriver on PATH; install them with your package manager" >&2; exit 1; }; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; }
+	$(PY) .ci/docs_check.py site
 
 lint: install
 	$(PY) -m pip install --quiet ruff pyright

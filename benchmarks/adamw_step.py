@@ -31,7 +31,9 @@ def run(cfg: Config, on_rows: Callable[[list[StepRow]], None]) -> None:
     timed = {
         m.label: (lambda n=m.label: steps[n](grads, states[n], params)) for m in cases
     }
-    timing = harness.time_side_by_side(timed, cfg.repeats, budget_s=cfg.row_budget_s)
+    timing = harness.time_side_by_side(
+        timed, cfg.repeats, budget_s=cfg.row_budget_s, seed=cfg.seed
+    )
     rows = [
         StepRow(
             section=2,

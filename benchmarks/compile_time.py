@@ -45,6 +45,7 @@ def cases(rules: bool = True) -> list[CompileCase]:
         methods.BARE,
         "optax.clip_by_global_norm",
         "global (clip_by_global_norm)",
+        methods.GLOBAL_PER_TENSOR_STATS,
         "per-tensor (clip_by_norm)",
     ]
     if rules:

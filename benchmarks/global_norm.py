@@ -137,7 +137,7 @@ def measure(
         timed = {n: (lambda n=n: fns[n](tree, states[n])) for n in fns}
         prepare = None
     timing = harness.time_side_by_side(
-        timed, cfg.repeats, prepare=prepare, budget_s=cfg.row_budget_s
+        timed, cfg.repeats, prepare=prepare, budget_s=cfg.row_budget_s, seed=cfg.seed
     )
     grad_bytes = harness.nbytes(tree)
     dtype = jnp.dtype(jax.tree.leaves(tree)[0].dtype).name

@@ -1,7 +1,8 @@
 """The measuring tools every section shares.
 
 * :func:`time_side_by_side`: median seconds per call of several candidates,
-  timed in interleaved rounds, with more rounds where a row is cheap;
+  timed in interleaved rounds, each in a fresh random order
+  (:func:`round_orders`), with more rounds where a row is cheap;
 * :func:`in_place_candidates`: donated calls that clip the same buffers over
   and over (refilled with the original data, untimed), as torch's in-place
   clip does;
@@ -18,6 +19,7 @@ import functools
 import math
 import os
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -54,6 +56,20 @@ class Timing(NamedTuple):
 
     seconds: dict[str, float]  # median seconds per call, by candidate
     rounds: int  # interleaved rounds timed (one call of each per round)
+    samples: dict[str, list[float]]  # by candidate: each round's seconds, in order
+
+
+def round_orders(names: Sequence[str], rounds: int, seed: int = 0) -> list[list[str]]:
+    """The order of the candidates in each of ``rounds`` interleaved rounds.
+
+    Each round is a fresh random permutation of ``names``, drawn from a
+    generator seeded with ``seed`` (the same seed, the same orders). On a
+    small CPU machine a candidate's position in a round moves its time by
+    about 10% (the caches and the clock speed the previous call leaves), so
+    a fixed order would favour whichever candidate comes where.
+    """
+    rng = random.Random(seed)
+    return [rng.sample(list(names), len(names)) for _ in range(rounds)]
 
 
 def time_side_by_side(
@@ -63,12 +79,15 @@ def time_side_by_side(
     prepare: Mapping[str, Callable[[], Any]] | None = None,
     budget_s: float = 0.0,
     max_rounds: int = 400,
+    seed: int = 0,
 ) -> Timing:
     """Median seconds per call of each candidate, timed in interleaved rounds.
 
     Every candidate is called ``warmup`` times (its first call compiles),
-    then the rounds run: one call of each candidate per round, each call
-    waited for with ``block_until_ready``, so load drift hits all alike.
+    then the rounds run: one call of each candidate per round, in a fresh
+    random order each round (:func:`round_orders` with ``seed``), each call
+    waited for with ``block_until_ready``, so load drift and the position in
+    a round hit all alike.
 
     ``prepare[name]()`` (untimed) builds the argument of each call, for
     candidates that consume or modify their input (buffer donation, torch's
@@ -103,10 +122,12 @@ def time_side_by_side(
     per_round = time.perf_counter() - round_start
     rounds = max(repeats, min(max_rounds, int(budget_s / max(per_round, 1e-9))))
     samples: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(rounds):
-        for name in candidates:
+    for order in round_orders(list(candidates), rounds, seed):
+        for name in order:
             samples[name].append(call(name))
-    return Timing({n: statistics.median(s) for n, s in samples.items()}, rounds)
+    return Timing(
+        {n: statistics.median(s) for n, s in samples.items()}, rounds, samples
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -169,7 +190,7 @@ def in_place_candidates(
 # ---------------------------------------------------------------------------
 
 
-def copy_bandwidth(n_bytes: int, repeats: int) -> float:
+def copy_bandwidth(n_bytes: int, repeats: int, seed: int = 0) -> float:
     """GB/s of a jitted copy of one ``n_bytes`` float32 array (read + write).
 
     The device's practical memory bandwidth, the ceiling the absolute GB/s
@@ -187,7 +208,7 @@ def copy_bandwidth(n_bytes: int, repeats: int) -> float:
         return held[0]
 
     timing = time_side_by_side(
-        {"fresh": lambda: copy(x), "in place": copy_in_place}, repeats
+        {"fresh": lambda: copy(x), "in place": copy_in_place}, repeats, seed=seed
     )
     return 2 * x.size * 4 / min(timing.seconds.values()) / 1e9
 

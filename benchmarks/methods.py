@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 import optax
 
 import optaxclip as oc
+from benchmarks.records import PER_TENSOR_STATS
 
 
 class Method(NamedTuple):
@@ -21,6 +22,7 @@ class Method(NamedTuple):
 
 
 BARE = "bare adamw"
+GLOBAL_PER_TENSOR_STATS = "global, per_tensor_stats=True"
 
 # Adaptive rules, built with their defaults (percentile with p=10, as AutoClip).
 _RULES: dict[str, Callable[[Any], Any]] = {
@@ -49,6 +51,8 @@ def methods() -> list[Method]:
                lambda: oc.clip_by_block_rms(1.0)),
         Method("AGC (adaptive_grad_clip)", "optaxclip", "unit", None,
                lambda: oc.adaptive_grad_clip(0.01)),
+        Method(GLOBAL_PER_TENSOR_STATS, "optaxclip", "global", PER_TENSOR_STATS,
+               lambda: oc.clip_by_global_norm(1.0, per_tensor_stats=True)),
         Method("optax.clip_by_global_norm", "optax", "global", None,
                lambda: optax.clip_by_global_norm(1.0)),
         Method("optax.clip_by_block_rms", "optax", "block RMS", None,

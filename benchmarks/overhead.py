@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    python benchmarks/overhead.py [--json out.json] [--hlo out.txt]
+    python benchmarks/overhead.py [--json out.json] [--hlo out.txt] [--seed N]
 
 For the global clip of small float32 trees, times side by side (donated
 gradients, as in ``run.py``'s in-place rounds):
@@ -16,7 +16,8 @@ gradients, as in ``run.py``'s in-place rounds):
 
 Each is reported three ways: latency (one call, waited for), throughput (50
 calls queued, then waited for, per call) and dispatch (the time the call
-takes to return, before the device finishes). Also counts the kernels of
+takes to return, before the device finishes), in interleaved rounds that
+each run the variants in a fresh random order (``--seed``). Also counts the kernels of
 each compiled program (fusions, custom calls and other top-level
 instructions of its optimized HLO) and, with ``--hlo``, writes the
 optimized HLO of the one-leaf programs.
@@ -78,7 +79,9 @@ def kernel_count(hlo: str) -> int:
     return sum(not any(s in line for s in skip) for line in lines)
 
 
-def measure(tree: Any, repeats: int) -> tuple[dict[str, dict[str, float]], dict]:
+def measure(
+    tree: Any, repeats: int, seed: int = 0
+) -> tuple[dict[str, dict[str, float]], dict]:
     raw = variants(tree)
     fns = {
         name: (jax.jit(fn, donate_argnums=(0, 1) if feeds else 0), feeds)
@@ -124,12 +127,12 @@ def measure(tree: Any, repeats: int) -> tuple[dict[str, dict[str, float]], dict]
     samples: dict[str, dict[str, list[float]]] = {
         name: {"latency": [], "dispatch": [], "throughput": []} for name in fns
     }
-    for _ in range(repeats):
-        for name in fns:
+    for order in harness.round_orders(list(fns), repeats, seed):
+        for name in order:
             samples[name]["latency"].append(one(name, True))
             samples[name]["dispatch"].append(one(name, False))
-    for _ in range(5):
-        for name in fns:
+    for order in harness.round_orders(list(fns), 5, seed + 1):
+        for name in order:
             samples[name]["throughput"].append(queued(name))
     result = {
         name: {k: statistics.median(v) for k, v in s.items()}
@@ -147,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=41)
     parser.add_argument("--json", default=None)
     parser.add_argument("--hlo", default=None, help="write one-leaf optimized HLO")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seeds the random order of each round"
+    )
     args = parser.parse_args(argv)
     try:
         sizes = harness.int_list(args.sizes, "--sizes")
@@ -167,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     for size in sizes:
         for leaves in leaf_counts:
             tree = harness.make_tree(size, leaves, "float32")
-            result, compiled = measure(tree, args.repeats)
+            result, compiled = measure(tree, args.repeats, args.seed)
             for name, r in result.items():
                 print(
                     f"| {size:.0e} | {leaves} | {name} | {r['latency'] * 1e6:.1f} | "

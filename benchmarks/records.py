@@ -13,6 +13,9 @@ from typing import Any
 
 # Candidates of sections 1 and 4 (the ``impl`` of a ClipRow).
 OPTAXCLIP = "optaxclip"
+# The "rule" of the global clip that records each tensor's norm: not a rule,
+# but read against the same clip without it, as a rule is.
+PER_TENSOR_STATS = "per_tensor_stats"
 OPTAX = "optax"
 STATE_DROPPED = "optaxclip, state dropped"
 REF_CLIP = "ref measure+scale"
@@ -38,6 +41,9 @@ class Config:
     lowp_size: int  # section 4: parameters of the 16-bit trees
     lowp_leaves: int
     copy_bytes: int  # size of the array whose copy gives the bandwidth
+    train_models: tuple[str, ...]  # section 5: model sizes (train_step.MODELS)
+    train_rounds: int  # section 5: timed rounds per model
+    seed: int  # seeds the random candidate order of every interleaved round
 
 
 FULL = Config(
@@ -54,6 +60,9 @@ FULL = Config(
     lowp_size=10_000_000,
     lowp_leaves=16,
     copy_bytes=2**31,
+    train_models=("1M", "4M"),
+    train_rounds=21,
+    seed=0,
 )
 QUICK = Config(
     sizes=(10_000,),
@@ -69,6 +78,9 @@ QUICK = Config(
     lowp_size=10_000,
     lowp_leaves=4,
     copy_bytes=2**22,
+    train_models=("tiny",),
+    train_rounds=2,
+    seed=0,
 )
 
 
@@ -120,15 +132,42 @@ class CompileRow:
     peak_rss_mb: float | None
 
 
-Row = ClipRow | StepRow | CompileRow
-_ROW_TYPES: dict[int, type] = {1: ClipRow, 2: StepRow, 3: CompileRow, 4: ClipRow}
+@dataclass(frozen=True)
+class TrainRow:
+    """Section 5: a whole transformer train step, with one clip or none."""
+
+    section: int
+    model: str  # the model's name (a key of train_step.MODELS)
+    params: int
+    leaves: int
+    layers: int
+    d_model: int
+    heads: int
+    vocab: int
+    batch: int
+    seq_len: int
+    method: str  # the table's label
+    library: str  # "optaxclip", "optax" or "none" (the step without a clip)
+    seconds: float  # median seconds per step
+    rounds: int
+    round_seconds: list[float]  # each round's seconds, in the order of the rounds
+
+
+Row = ClipRow | StepRow | CompileRow | TrainRow
+_ROW_TYPES: dict[int, type] = {
+    1: ClipRow,
+    2: StepRow,
+    3: CompileRow,
+    4: ClipRow,
+    5: TrainRow,
+}
 
 
 def row_from_dict(data: dict[str, Any]) -> Row:
     """The record a JSON row was written from; a clear error for a bad row."""
     section = data.get("section")
     if section not in _ROW_TYPES:
-        raise ValueError(f"a row's 'section' must be 1, 2, 3 or 4, got {data!r}")
+        raise ValueError(f"a row's 'section' must be 1, 2, 3, 4 or 5, got {data!r}")
     kind = _ROW_TYPES[section]
     names = {f.name for f in dataclasses.fields(kind)}
     missing = (

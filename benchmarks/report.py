@@ -26,6 +26,7 @@ if not __package__:  # run as a script: make the benchmarks package importable
 from benchmarks.records import (  # noqa: E402
     OPTAX,
     OPTAXCLIP,
+    PER_TENSOR_STATS,
     REF_CLIP,
     REF_COPY,
     STATE_DROPPED,
@@ -33,6 +34,7 @@ from benchmarks.records import (  # noqa: E402
     ClipRow,
     CompileRow,
     StepRow,
+    TrainRow,
     row_from_dict,
 )
 
@@ -56,6 +58,7 @@ def render(
     clip = [r for r in rows if isinstance(r, ClipRow)]
     step = [r for r in rows if isinstance(r, StepRow)]
     comp = [r for r in rows if isinstance(r, CompileRow)]
+    train = [r for r in rows if isinstance(r, TrainRow)]
     out = ["# Performance", ""]
     out += [
         "This page is generated from one benchmark run by `benchmarks/report.py`;",
@@ -63,7 +66,7 @@ def render(
         "",
         "## What this means for you",
         "",
-        summary(clip, step, comp, data.get("versions", {})),
+        summary(clip, step, comp, data.get("versions", {}), train),
         "",
         "## How these numbers were measured",
         "",
@@ -73,6 +76,8 @@ def render(
         out += ["", *clip_tables(clip, data.get("copy_gb_s"))]
     if step:
         out += ["", *step_table(step)]
+    if train:
+        out += ["", *train_table(train)]
     if comp:
         out += ["", *compile_table(comp)]
     return "\n".join(out).rstrip() + "\n"
@@ -244,6 +249,110 @@ def step_table(rows: Sequence[StepRow]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------
+# Section 5
+# ---------------------------------------------------------------------------
+
+# A clip meets the target when it adds at most optax's cost + this share of
+# the unclipped step.
+TRAIN_TARGET = 0.01
+
+
+def train_costs(rows: Sequence[TrainRow]) -> dict[tuple[str, str], float]:
+    """Each step's cost, by (model, method): its time over the unclipped
+    step's in the same round, minus 1, the median over the rounds."""
+    base = {r.model: r for r in rows if r.library == "none"}
+    out = {}
+    for r in rows:
+        b = base.get(r.model)
+        if b is None or r is b:
+            continue
+        ratios = [t / u for t, u in zip(r.round_seconds, b.round_seconds, strict=True)]
+        if ratios:
+            out[(r.model, r.method)] = statistics.median(ratios) - 1
+    return out
+
+
+def _optax_cost(
+    rows: Sequence[TrainRow], costs: dict[tuple[str, str], float], model: str
+) -> float | None:
+    return next(
+        (
+            costs.get((r.model, r.method))
+            for r in rows
+            if r.model == model and r.library == "optax"
+        ),
+        None,
+    )
+
+
+def _models(rows: Sequence[TrainRow]) -> list[TrainRow]:
+    """One row per model, smallest first."""
+    first: dict[str, TrainRow] = {}
+    for r in rows:
+        first.setdefault(r.model, r)
+    return sorted(first.values(), key=lambda r: r.params)
+
+
+def train_table(rows: Sequence[TrainRow]) -> list[str]:
+    """Section 5: each clip's cost in a whole train step, against optax's."""
+    costs = train_costs(rows)
+    models = _models(rows)
+    described = "; ".join(
+        f"**{m.model}**: {m.layers} block{'s' if m.layers > 1 else ''} of width "
+        f"{m.d_model} ({m.heads} heads), vocabulary {m.vocab}, batches of "
+        f"{m.batch} x {m.seq_len} tokens, {m.params:,} parameters in {m.leaves} "
+        f"tensors ({max(r.rounds for r in rows if r.model == m.model)} rounds)"
+        for m in models
+    )
+    out = [
+        "## A whole train step (section 5)",
+        "",
+        "A jitted train step of a small decoder-only transformer (token and "
+        "position embeddings, pre-LN blocks of causal self-attention and a "
+        "GELU MLP, a final layer norm, logits, next-token cross-entropy): "
+        "forward, backward, the clip, `optax.adamw(1e-3)` and the parameter "
+        "update, its parameters and optimizer state donated and fed from one "
+        "step to the next. Each row is the same step with one clip in front of "
+        "adamw (`oc.clip_by_norm` clips each tensor to its own norm; "
+        "`oc.skip_spikes` wraps adamw and is given the loss as `value`), "
+        "timed side by side with the step without a clip in interleaved "
+        "rounds, in a fresh random order each round. *Cost* is the median over "
+        "the rounds of the step's time over the unclipped step's in the same "
+        "round, minus 1, in percent of the unclipped step; *vs optax* "
+        "subtracts `optax.clip_by_global_norm`'s cost, in points of the step. "
+        f"The target: each clip adds at most optax's cost + {TRAIN_TARGET:.0%} "
+        f"of the step. Models: {described}.",
+        "",
+        "| model | step | time (ms) | cost, % of the step | vs optax (points) "
+        f"| within optax + {TRAIN_TARGET:.0%} |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m in models:
+        theirs = _optax_cost(rows, costs, m.model)
+        for r in rows:
+            if r.model != m.model:
+                continue
+            cost = costs.get((r.model, r.method))
+            if r.library == "none":
+                cells = ["baseline", "", ""]
+            elif r.library == "optax" or theirs is None or cost is None:
+                cells = [_signed_pct(cost), "", ""]
+            else:
+                within = cost <= theirs + TRAIN_TARGET
+                cells = [
+                    _signed_pct(cost),
+                    f"{100 * (cost - theirs):+.1f}",
+                    "yes" if within else "no",
+                ]
+            out.append(_line([m.model, r.method, f"{r.seconds * 1e3:.2f}", *cells]))
+    return out
+
+
+def _signed_pct(value: float | None) -> str:
+    return NA if value is None else f"{100 * value:+.1f}%"
+
+
+# ---------------------------------------------------------------------------
 # Section 3
 # ---------------------------------------------------------------------------
 
@@ -319,9 +428,11 @@ def summary(
     step: Sequence[StepRow],
     comp: Sequence[CompileRow],
     versions: dict[str, Any],
+    train: Sequence[TrainRow] = (),
 ) -> str:
     """A plain-language paragraph whose every number comes from the rows."""
-    groups = [_clip_summary(clip), _step_summary(step), _compile_summary(comp)]
+    groups = [_clip_summary(clip), _step_summary(step), _train_summary(train)]
+    groups.append(_compile_summary(comp))
     parts = []
     machine = (
         "a CPU machine"
@@ -442,12 +553,68 @@ def _step_summary(step: Sequence[StepRow]) -> list[str]:
     rules = [
         r.seconds / ours.seconds
         for r in step
-        if (r.library, r.scope) == ("optaxclip", "global") and r.rule
+        if (r.library, r.scope) == ("optaxclip", "global")
+        and r.rule not in (None, PER_TENSOR_STATS)
     ]
     if rules:
         out.append(
             "An adaptive rule instead of a fixed global threshold took "
             f"{_range(rules)}x the fixed threshold's step."
+        )
+    return out
+
+
+def _train_summary(train: Sequence[TrainRow]) -> list[str]:
+    costs = train_costs(train)
+    models = _models(train)
+    if not models:
+        return []
+    big = models[-1]
+
+    def cost_of(library: str) -> float | None:
+        return next(
+            (
+                costs.get((r.model, r.method))
+                for r in train
+                if r.model == big.model and r.library == library
+            ),
+            None,
+        )
+
+    theirs = cost_of("optax")
+    ours = next(
+        (
+            costs.get((r.model, r.method))
+            for r in train
+            if (r.model, r.library) == (big.model, "optaxclip")
+        ),
+        None,
+    )
+    if theirs is None or ours is None:
+        return []
+    out = [
+        "**In a whole train step** (a jitted, donated transformer step of "
+        f"{format_count(big.params)} parameters: forward, backward, clip, "
+        f"adamw) optax's global clip cost {_signed_pct(theirs)} of the step "
+        f"and optaxclip's {_signed_pct(ours)}."
+    ]
+    missed, total = [], 0
+    for m in models:
+        base = _optax_cost(train, costs, m.model)
+        for r in train:
+            cost = costs.get((r.model, r.method))
+            if r.model != m.model or r.library != "optaxclip" or cost is None:
+                continue
+            if base is None:
+                continue
+            total += 1
+            if cost > base + TRAIN_TARGET:
+                missed.append(f"{r.method} on {m.model}, {_signed_pct(cost)}")
+    if total:
+        out.append(
+            f"{total - len(missed)} of {total} optaxclip steps measured added at "
+            f"most optax's cost + {TRAIN_TARGET:.0%} of the step"
+            + (f" (not: {'; '.join(missed)})." if missed else ".")
         )
     return out
 
@@ -467,6 +634,18 @@ def _compile_summary(comp: Sequence[CompileRow]) -> list[str]:
             "**Compile time.** Compiling an adamw step with optaxclip's global "
             f"clip took {_range(vs_optax)}x the time with optax's, at "
             f"{_range(counts, 0)} parameter tensors."
+        )
+    recorded = [
+        (n, by[("optaxclip", "global", PER_TENSOR_STATS, n)] / base)
+        for n in counts
+        if ("optaxclip", "global", PER_TENSOR_STATS, n) in by
+        and (base := by.get(("optaxclip", "global", None, n)))
+    ]
+    if recorded:
+        n, ratio = recorded[-1]
+        out.append(
+            f"Recording each tensor's norm (`per_tensor_stats=True`) took {ratio:.2f}x "
+            f"the global clip's compile time at {n} tensors."
         )
     if counts:
         most = counts[-1]
@@ -527,7 +706,13 @@ def _measured(
         "",
         "Method: the candidates of a row are warmed up (their first call "
         "compiles), then timed in interleaved rounds, one call of each per "
-        "round with `block_until_ready` around every call, and each cell uses "
+        "round"
+        + (
+            f" in a fresh random order each round (seed {cfg['seed']})"
+            if "seed" in cfg
+            else ""
+        )
+        + " with `block_until_ready` around every call, and each cell uses "
         "the median of the rounds: at least `repeats` rounds, more where a "
         "row's rounds fit in `row_budget_s` seconds. Interleaving puts load "
         "drift on every candidate alike, so ratios are steadier than times.",

@@ -3,16 +3,17 @@
 Run from the repository root::
 
     python benchmarks/run.py                      # full run (make bench)
-    python benchmarks/run.py --quick              # small sizes, well under a minute
+    python benchmarks/run.py --quick              # small sizes, a few minutes
     python benchmarks/run.py --json out.json      # also write every row as JSON
     python benchmarks/report.py out.json          # the JSON as Markdown tables
 
 Every table compares implementations measured side by side in one process:
 each row's candidates are warmed up, then timed in interleaved rounds (one
-call of each per round, ``block_until_ready`` around every call), and the
-median of the rounds is reported: at least ``--repeats`` rounds, more (up
-to 400) where a row's rounds fit in ``--row-budget`` seconds. Absolute
-times drift with machine load; the ratios are what to compare across runs.
+call of each per round, in a fresh random order each round, seeded by
+``--seed``; ``block_until_ready`` around every call), and the median of the
+rounds is reported: at least ``--repeats`` rounds, more (up to 400) where a
+row's rounds fit in ``--row-budget`` seconds. Absolute times drift with
+machine load; the ratios are what to compare across runs.
 
 Sections (``--sections`` runs them in the order given):
 
@@ -23,7 +24,10 @@ Sections (``--sections`` runs them in the order given):
    step, against bare adamw (``adamw_step.py``);
 3. trace + compile time of that step, and of the clip alone, at
    ``--compile-leaves`` leaves, one fresh process each (``compile_time.py``);
-4. bfloat16 and float16 trees, as section 1 (``global_norm.py``).
+4. bfloat16 and float16 trees, as section 1 (``global_norm.py``);
+5. a whole jitted, donated transformer train step (forward, backward, clip,
+   adamw) of each ``--train-models`` size, with each clip and without one,
+   ``--train-rounds`` rounds (``train_step.py``).
 
 ``--json`` is rewritten after each row group, so a run stopped part-way
 keeps what it measured (``benchmarks/gpu.sh`` runs the suite on a GPU
@@ -47,10 +51,17 @@ from typing import Any
 if not __package__:  # run as a script: make the benchmarks package importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import adamw_step, compile_time, global_norm, harness, report  # noqa: E402
+from benchmarks import (  # noqa: E402
+    adamw_step,
+    compile_time,
+    global_norm,
+    harness,
+    report,
+    train_step,
+)
 from benchmarks.records import FULL, QUICK, Config, Row, row_to_dict  # noqa: E402
 
-SECTIONS = (1, 2, 3, 4)
+SECTIONS = (1, 2, 3, 4, 5)
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Config]:
@@ -58,10 +69,10 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Config]:
     a message naming the flag and the value."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--quick", action="store_true", help="small sizes, well under a minute"
+        "--quick", action="store_true", help="small sizes, a few minutes"
     )
     parser.add_argument(
-        "--sections", default="1,2,3,4", help="comma-separated sections to run"
+        "--sections", default="1,2,3,4,5", help="comma-separated sections to run"
     )
     parser.add_argument(
         "--repeats", default=None, help="least timed rounds per row (full: 21)"
@@ -91,6 +102,19 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Config]:
         default=None,
         help="seconds of extra timed rounds per row (full: 3, quick: 0)",
     )
+    parser.add_argument(
+        "--train-models",
+        default=None,
+        help=f"section 5 model sizes, of {','.join(train_step.MODELS)} (full: 1M,4M)",
+    )
+    parser.add_argument(
+        "--train-rounds", default=None, help="section 5 timed rounds (full: 21)"
+    )
+    parser.add_argument(
+        "--seed",
+        default=None,
+        help="seeds the random candidate order of each round (default 0)",
+    )
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else FULL
     try:
@@ -102,8 +126,16 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Config]:
         ):
             if value is not None:
                 changes[name] = tuple(harness.int_list(value, flag))
-        if args.repeats is not None:
-            (changes["repeats"],) = harness.int_list(args.repeats, "--repeats")
+        for name, flag, value in (
+            ("repeats", "--repeats", args.repeats),
+            ("train_rounds", "--train-rounds", args.train_rounds),
+        ):
+            if value is not None:
+                (changes[name],) = harness.int_list(value, flag)
+        if args.seed is not None:
+            changes["seed"] = _seed(args.seed)
+        if args.train_models is not None:
+            changes["train_models"] = _models(args.train_models)
         for name, flag, value, allow_zero in (
             ("row_budget_s", "--row-budget", args.row_budget, True),
             ("compile_timeout_s", "--compile-timeout", args.compile_timeout, False),
@@ -114,7 +146,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Config]:
     except ValueError as e:
         parser.error(str(e))
     if not set(args.order) <= set(SECTIONS):
-        parser.error(f"--sections takes 1, 2, 3 and 4, got {args.sections!r}")
+        parser.error(f"--sections takes 1, 2, 3, 4 and 5, got {args.sections!r}")
     return args, dataclasses.replace(cfg, **changes)
 
 
@@ -127,6 +159,27 @@ def _seconds(text: str, flag: str, allow_zero: bool) -> float:
         kind = "a number of seconds >= 0" if allow_zero else "a number of seconds > 0"
         raise ValueError(f"{flag} takes {kind}, got {text!r}")
     return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(f"--seed takes a whole number >= 0, got {text!r}")
+    return value
+
+
+def _models(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in train_step.MODELS]
+    if not names or unknown:
+        raise ValueError(
+            f"--train-models takes model sizes of {','.join(train_step.MODELS)}, "
+            f"e.g. 1M,4M; got {text!r}"
+        )
+    return names
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -167,7 +220,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         section_start = time.perf_counter()
         print(f"\n## Section {section}", flush=True)
         if section in (1, 4) and results["copy_gb_s"] is None:
-            results["copy_gb_s"] = harness.copy_bandwidth(cfg.copy_bytes, cfg.repeats)
+            results["copy_gb_s"] = harness.copy_bandwidth(
+                cfg.copy_bytes, cfg.repeats, cfg.seed
+            )
             print(f"  device copy bandwidth: {results['copy_gb_s']:.1f} GB/s")
         if section == 1:
             global_norm.section_1(cfg, save)
@@ -175,8 +230,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             adamw_step.run(cfg, save)
         elif section == 3:
             compile_time.run(cfg, save)
-        else:
+        elif section == 4:
             global_norm.section_4(cfg, save)
+        else:
+            train_step.run(cfg, save)
         save()
         print(f"  section {section}: {time.perf_counter() - section_start:.0f} s")
     print()

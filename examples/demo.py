@@ -42,6 +42,14 @@ against the threshold, and the number of seeds solved per method and rate.
     python examples/demo.py --warmup            # 100-step learning-rate warm-up
     python examples/demo.py --json runs.json    # every run as a row
     python examples/demo.py --suggest norms.png # a threshold from a recorded run
+    python examples/demo.py --sweep             # fixed bounds x rates, as a grid
+
+``--sweep`` trains no clipping, the fixed global-norm bounds of
+``--thresholds`` (0.1, 0.3, 1, 3, 10) and ``recommended`` against the peak
+rates, prints the grid (seeds solved, the median step to solve, and how the
+other seeds failed: NaN, stuck at the mean, or still learning) and saves it
+as a heat map. ``recommended`` is ``optaxclip.trust_ratio_clip()`` after the
+optimizer: each step at most 1% of the weights' norm, no threshold.
 
 ``--suggest PNG`` reuses the pre-clip norms recorded in one run: the
 ``global_norm`` run of the first seed at peak rate 0.5 (or at the highest
@@ -87,9 +95,13 @@ class Method:
     name: str
     label: str
     make: Callable[[], optax.GradientTransformation]
+    threshold: float | None = None  # the fixed bound; None for rules and "none"
+    after: bool = False  # placed after the optimizer (it bounds the update)
 
 
-def methods(clip_norm: float, clip_value: float) -> dict[str, Method]:
+def methods(
+    clip_norm: float, clip_value: float, max_ratio: float = 0.01
+) -> dict[str, Method]:
     """Every method of the demo, by name; adaptive ones use their paper defaults."""
     return {
         "none": Method(
@@ -99,11 +111,7 @@ def methods(clip_norm: float, clip_value: float) -> dict[str, Method]:
             # plain SGD would. Only the recorded norm differs from no transform.
             lambda: oc.clip_by_global_norm(float("inf"), nonfinite="propagate"),
         ),
-        "global_norm": Method(
-            "global_norm",
-            f"global norm {clip_norm:g}",
-            lambda: oc.clip_by_global_norm(clip_norm),
-        ),
+        "global_norm": fixed_bound(clip_norm),
         "zclip": Method("zclip", "ZClip", oc.zclip),
         "zclip_nocap": Method(
             "zclip_nocap", "ZClip, no cap", lambda: oc.zclip(max_grad_norm=None)
@@ -113,7 +121,25 @@ def methods(clip_norm: float, clip_value: float) -> dict[str, Method]:
         "value": Method(
             "value", f"value {clip_value:g}", lambda: oc.clip_by_value(clip_value)
         ),
+        # No threshold: no step moves the weights by more than 1% of their
+        # norm (after the optimizer, so it bounds the step, not the gradient).
+        "recommended": Method(
+            "recommended",
+            "recommended" if max_ratio == 0.01 else f"trust ratio {max_ratio:g}",
+            lambda: oc.trust_ratio_clip(max_ratio),
+            after=True,
+        ),
     }
+
+
+def fixed_bound(threshold: float) -> Method:
+    """``clip_by_global_norm(threshold)``, the method ``global_norm``."""
+    return Method(
+        "global_norm",
+        f"global norm {threshold:g}",
+        lambda: oc.clip_by_global_norm(threshold),
+        threshold=threshold,
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -201,6 +227,7 @@ class Config:
     vmap_runs: int = 1  # runs batched with vmap on a device; 1 is fastest on CPU
     clip_norm: float = 1.0
     clip_value: float = 0.1
+    max_ratio: float = 0.01  # recommended's trust_ratio_clip(max_ratio)
 
 
 @dataclasses.dataclass
@@ -255,6 +282,8 @@ def prepare(method: Method, cfg: Config) -> Callable[..., Result]:
 
     def optimizer(peak):
         sgd = optax.sgd(learning_rate(peak, cfg), momentum=cfg.momentum)
+        if method.after:
+            return optax.chain(sgd, method.make())
         return optax.chain(method.make(), sgd)
 
     def loss_fn(params, x, y):
@@ -363,32 +392,37 @@ def _device_count(runs: int) -> int:
 # ---------------------------------------------------------------------------
 
 
-def rows(results: list[Result], cfg: Config) -> list[dict]:
-    """Every run as a dict: the fields of ``--json``."""
+def run_rows(r: Result, cfg: Config) -> list[dict]:
+    """Every run of one method as a dict: the fields of ``--json``."""
     out = []
-    for r in results:
-        for i, lr in enumerate(cfg.learning_rates):
-            for j, seed in enumerate(cfg.seeds):
-                curve = r.test_mse[i, j]
-                final = float(curve[-1])
-                below = np.flatnonzero(curve < SOLVED)
-                nonfinite = int(r.nonfinite[i, j].sum())
-                out.append(
-                    {
-                        "method": r.method.name,
-                        "lr": lr,
-                        "seed": seed,
-                        "final_mse": final if math.isfinite(final) else None,
-                        "solved": bool(final < SOLVED),
-                        "diverged": bool(nonfinite > 0 or not math.isfinite(final)),
-                        "first_solved_step": (
-                            int(r.eval_steps[below[0]]) if below.size else None
-                        ),
-                        "clipped_steps": int(r.clipped[i, j].sum()),
-                        "nonfinite_steps": nonfinite,
-                    }
-                )
+    for i, lr in enumerate(cfg.learning_rates):
+        for j, seed in enumerate(cfg.seeds):
+            curve = r.test_mse[i, j]
+            final = float(curve[-1])
+            below = np.flatnonzero(curve < SOLVED)
+            nonfinite = int(r.nonfinite[i, j].sum())
+            out.append(
+                {
+                    "method": r.method.name,
+                    "threshold": r.method.threshold,
+                    "lr": lr,
+                    "seed": seed,
+                    "final_mse": final if math.isfinite(final) else None,
+                    "solved": bool(final < SOLVED),
+                    "diverged": bool(nonfinite > 0 or not math.isfinite(final)),
+                    "first_solved_step": (
+                        int(r.eval_steps[below[0]]) if below.size else None
+                    ),
+                    "clipped_steps": int(r.clipped[i, j].sum()),
+                    "nonfinite_steps": nonfinite,
+                }
+            )
     return out
+
+
+def rows(results: list[Result], cfg: Config) -> list[dict]:
+    """Every run of every method as a dict: the fields of ``--json``."""
+    return [row for r in results for row in run_rows(r, cfg)]
 
 
 def _mse(x: float) -> str:
@@ -399,7 +433,6 @@ def _mse(x: float) -> str:
 
 def table(results: list[Result], cfg: Config, lr: float) -> str:
     """The summary of every method at one peak learning rate."""
-    runs = [row for row in rows(results, cfg) if row["lr"] == lr]
     n = len(cfg.seeds)
     head = (
         f"{'method':<16} {'solved':>6}  {'final test MSE: median [min, max]':<34} "
@@ -407,7 +440,7 @@ def table(results: list[Result], cfg: Config, lr: float) -> str:
     )
     lines = [f"peak learning rate {lr:g}", head, "-" * len(head)]
     for r in results:
-        mine = [row for row in runs if row["method"] == r.method.name]
+        mine = [row for row in run_rows(r, cfg) if row["lr"] == lr]
         # A non-finite MSE counts as the largest value.
         finals = np.asarray(
             [math.inf if x["final_mse"] is None else x["final_mse"] for x in mine]
@@ -435,6 +468,19 @@ TABLE_NOTE = (
 )
 
 
+# One colour per method in every panel of the figure.
+COLORS = {
+    "none": "C3",
+    "global_norm": "C0",
+    "zclip": "C1",
+    "zclip_nocap": "C4",
+    "autoclip": "C8",
+    "adagc": "C5",
+    "value": "C7",
+    "recommended": "C2",
+}
+
+
 def plot(results: list[Result], cfg: Config, path: str) -> float:
     """Saves the three-panel figure; returns the learning rate it shows."""
     import matplotlib
@@ -445,8 +491,8 @@ def plot(results: list[Result], cfg: Config, path: str) -> float:
     by_name = {r.method.name: r for r in results}
     lr = 0.5 if 0.5 in cfg.learning_rates else max(cfg.learning_rates)
     i = cfg.learning_rates.index(lr)
-    pairs = [(by_name.get("none"), "C3"), (by_name.get("global_norm"), "C0")]
-    pairs = [(r, c) for r, c in pairs if r is not None]
+    shown = ["none", "global_norm", "recommended"]  # panel 1
+    pairs = [(by_name[n], COLORS[n]) for n in shown if n in by_name]
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), constrained_layout=True)
     top = 1.0  # where NaN is drawn
     ax = axes[0]
@@ -470,7 +516,8 @@ def plot(results: list[Result], cfg: Config, path: str) -> float:
     ax.legend(fontsize=8, loc="lower left")
 
     ax = axes[1]
-    for r, color in pairs:
+    # The gradient norm: recommended's stats hold the step's ratio instead.
+    for r, color in [(r, c) for r, c in pairs if r.method.name != "recommended"]:
         norm = r.norm[i, 0]
         what = "gradient norm" if r.method.name == "none" else "norm before clipping"
         ax.plot(norm, color=color, lw=0.8, label=f"{r.method.label}: {what}")
@@ -508,6 +555,7 @@ def plot(results: list[Result], cfg: Config, path: str) -> float:
             solved,
             width,
             label=r.method.label,
+            color=COLORS.get(r.method.name),
         )
     ax.set_xticks(x, [f"{v:g}" for v in cfg.learning_rates])
     ax.set_yticks(range(0, len(cfg.seeds) + 1, max(1, len(cfg.seeds) // 5)))
@@ -524,6 +572,149 @@ def plot(results: list[Result], cfg: Config, path: str) -> float:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return lr
+
+
+SWEEP_THRESHOLDS = (0.1, 0.3, 1.0, 3.0, 10.0)
+
+
+AT_MEAN = 0.1  # a finite run that ends above this has not left the mean (0.167)
+
+
+def _cell(mine: list[dict]) -> dict:
+    """One (method, rate) cell: how its seeds ended, and the median solved step.
+
+    Every seed is one of: solved (final test MSE < 0.01), diverged (NaN),
+    at the mean (finite, final MSE >= 0.1: it never left predicting the
+    mean) or slow (finite, 0.01 <= final MSE < 0.1: still learning at the
+    last step).
+    """
+    firsts = [x["first_solved_step"] for x in mine if x["solved"]]
+    finite = [x for x in mine if not x["diverged"] and not x["solved"]]
+    return {
+        "solved": sum(x["solved"] for x in mine),
+        "diverged": sum(x["diverged"] for x in mine),
+        "mean": sum(x["final_mse"] >= AT_MEAN for x in finite),
+        "slow": sum(x["final_mse"] < AT_MEAN for x in finite),
+        "first": int(np.median(firsts)) if firsts else None,
+    }
+
+
+def sweep_cells(results: list[Result], cfg: Config) -> list[list[dict]]:
+    """``_cell`` of every method (row) at every peak learning rate (column)."""
+    return [
+        [
+            _cell([x for x in run_rows(r, cfg) if x["lr"] == lr])
+            for lr in cfg.learning_rates
+        ]
+        for r in results
+    ]
+
+
+def _sweep_label(method: Method) -> str:
+    if method.name == "global_norm":
+        return f"{method.threshold:g}"
+    return method.label
+
+
+def sweep_table(results: list[Result], cfg: Config) -> str:
+    """The sweep's grid as text: one row per threshold, one column per rate."""
+    labels = [_sweep_label(r.method) for r in results]
+    return grid_text(labels, sweep_cells(results, cfg), cfg.learning_rates)
+
+
+def grid_text(
+    labels: list[str], cells: list[list[dict]], rates: tuple[float, ...]
+) -> str:
+    """Rows of ``_cell`` dicts as text; ``--json``'s rows are enough to rebuild it."""
+    texts = []
+    for row in cells:
+        texts.append([])
+        for c in row:
+            n = c["solved"] + c["diverged"] + c["mean"] + c["slow"]
+            parts = [f"{c['solved']}/{n}"]
+            if c["first"] is not None:
+                parts.append(f"@{c['first']}")
+            for key in ("diverged", "mean", "slow"):
+                if c[key]:
+                    parts.append(f"{c[key]}{SWEEP_CODES[key]}")
+            texts[-1].append(" ".join(parts))
+    width = 2 + max([len(t) for row in texts for t in row] + [8])
+    head = f"{'threshold':<12}" + "".join(
+        f"{'lr ' + format(lr, 'g'):>{width}}" for lr in rates
+    )
+    lines = [head, "-" * len(head)]
+    for label, row in zip(labels, texts, strict=True):
+        lines.append(f"{label:<12}" + "".join(f"{t:>{width}}" for t in row))
+    return "\n".join(lines)
+
+
+SWEEP_CODES = {"diverged": "nan", "mean": "mean", "slow": "slow"}
+SWEEP_NOTE = (
+    "each cell: seeds solved (final test MSE < 0.01) @ the median first "
+    "evaluation below 0.01 over the solved seeds, then the other seeds: Nnan: "
+    "N diverged (a gradient or the final test MSE was NaN/Inf); Nmean: N "
+    "finite but stuck at the mean (final MSE >= 0.1; predicting the mean "
+    "scores 0.167); Nslow: N still learning at the last step (final MSE in "
+    "[0.01, 0.1))."
+)
+
+
+def plot_sweep(results: list[Result], cfg: Config, path: str) -> None:
+    """Saves the sweep's heat maps: seeds solved, and steps to solve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = sweep_cells(results, cfg)
+    n = len(cfg.seeds)
+    solved = np.array([[c["solved"] for c in row] for row in cells], float)
+    first = np.array(
+        [[np.nan if c["first"] is None else c["first"] for c in row] for row in cells]
+    )
+    labels = [_sweep_label(r.method) for r in results]
+    rates = [f"{lr:g}" for lr in cfg.learning_rates]
+    fig, axes = plt.subplots(
+        1,
+        2,
+        figsize=(5 + 2.6 * len(rates), 1.2 + 0.55 * len(labels)),
+        constrained_layout=True,
+    )
+    panels = [
+        (solved, "RdYlGn", 0, n, f"1. Seeds solved (of {n})"),
+        (first, "viridis_r", 0, cfg.steps, "2. Steps to solve (median over solved)"),
+    ]
+    for ax, (values, cmap, lo, hi, title) in zip(axes, panels, strict=True):
+        image = ax.imshow(values, cmap=cmap, vmin=lo, vmax=hi, aspect="auto")
+        fig.colorbar(image, ax=ax, shrink=0.8)
+        ax.set_xticks(range(len(rates)), rates)
+        ax.set_yticks(range(len(labels)), labels)
+        ax.set_xlabel("peak learning rate")
+        ax.set_ylabel("global-norm threshold")
+        ax.set_title(title)
+        for i, row in enumerate(cells):
+            for j, c in enumerate(row):
+                if ax is axes[0]:
+                    text = [f"{c['solved']}/{n}"]
+                    for key, word in [
+                        ("diverged", "NaN"),
+                        ("mean", "at mean"),
+                        ("slow", "slow"),
+                    ]:
+                        if c[key]:
+                            text.append(f"{c[key]} {word}")
+                else:
+                    text = ["-" if c["first"] is None else str(c["first"])]
+                ax.text(j, i, "\n".join(text), ha="center", va="center", fontsize=8)
+    fig.suptitle(
+        f"Global-norm threshold x peak learning rate, adding problem "
+        f"T={cfg.seq_len}, {cfg.steps} steps. NaN: diverged; at mean: finite, "
+        "stuck at the mean (too large a bound, or none); slow: still learning "
+        "at the end (too small a bound)",
+        fontsize=9,
+    )
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def suggest(results: list[Result], cfg: Config, path: str) -> str:
@@ -632,7 +823,13 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument("--clip-norm", type=float, default=defaults.clip_norm)
     parser.add_argument("--clip-value", type=float, default=defaults.clip_value)
     parser.add_argument(
-        "--out", default=os.path.join("out", "demo.png"), help="where to save the PNG"
+        "--max-ratio",
+        type=float,
+        default=defaults.max_ratio,
+        help="recommended's bound on the step relative to the weights (0.01)",
+    )
+    parser.add_argument(
+        "--out", help="where to save the PNG (default out/demo.png, out/sweep.png)"
     )
     parser.add_argument("--json", metavar="PATH", help="write every run as a row")
     parser.add_argument(
@@ -645,6 +842,19 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument(
         "--quick", action="store_true", help="200 steps, 2 seeds, rates 0.2,1.0"
     )
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="fixed global-norm thresholds (--thresholds) and no clipping, "
+        "against the peak rates, with recommended; prints the grid and saves "
+        "its heat map (--out, default out/sweep.png)",
+    )
+    parser.add_argument(
+        "--thresholds",
+        type=_rates,
+        default=SWEEP_THRESHOLDS,
+        help="comma list of the fixed bounds of --sweep (default 0.1,0.3,1,3,10)",
+    )
     args = parser.parse_args(argv)
 
     cfg = Config(
@@ -654,6 +864,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
         warmup=args.warmup,
         clip_norm=args.clip_norm,
         clip_value=args.clip_value,
+        max_ratio=args.max_ratio,
     )
     if args.quick:
         cfg = dataclasses.replace(
@@ -663,11 +874,23 @@ def main(argv: list[str] | None = None) -> list[Result]:
         parser.error(f"--steps must be a multiple of {cfg.eval_every}; got {cfg.steps}")
     if not 0 <= cfg.warmup < cfg.steps:
         parser.error(f"--warmup must be in [0, --steps); got {cfg.warmup}")
-    available = methods(cfg.clip_norm, cfg.clip_value)
+    if not (math.isfinite(cfg.max_ratio) and cfg.max_ratio > 0):
+        parser.error(f"--max-ratio must be a number > 0; got {cfg.max_ratio}")
+    available = methods(cfg.clip_norm, cfg.clip_value, cfg.max_ratio)
     chosen = [m for m in args.methods.split(",") if m]
     unknown = [m for m in chosen if m not in available]
     if unknown or not chosen:
         parser.error(f"unknown --methods {unknown}; choose from {list(available)}")
+    if args.sweep:
+        if args.suggest:
+            parser.error("--suggest reads one global_norm run; drop it with --sweep")
+        todo = [available["none"]]
+        todo += [fixed_bound(t) for t in args.thresholds]
+        todo += [available["recommended"]]
+        chosen = [m.name for m in todo]
+    else:
+        todo = [available[name] for name in chosen]
+    out = args.out or os.path.join("out", "sweep.png" if args.sweep else "demo.png")
     if args.suggest and "global_norm" not in chosen:
         parser.error(
             f"--suggest reads the norms of global_norm; got --methods {args.methods}"
@@ -694,28 +917,50 @@ def main(argv: list[str] | None = None) -> list[Result]:
     runs = len(cfg.seeds) * len(cfg.learning_rates)
     # Compiling is most of a short run's time: compile the methods in
     # parallel (XLA releases the GIL) while the first ones train.
-    with ThreadPoolExecutor(min(len(chosen), _cores())) as pool:
-        pending = [pool.submit(prepare, available[name], cfg) for name in chosen]
-        for name, compiling in zip(chosen, pending, strict=True):
-            desc = f"{available[name].label:<16}"
-            with tqdm(total=runs * cfg.steps, desc=desc, unit="step") as bar:
-                train = compiling.result()
-                results.append(train(lambda bar=bar: bar.update(cfg.eval_every)))
+    with ThreadPoolExecutor(min(len(todo), _cores())) as pool:
+        pending = [pool.submit(prepare, method, cfg) for method in todo]
+        if args.sweep:  # one bar for the whole grid
+            total = len(todo) * runs * cfg.steps
+            with tqdm(total=total, desc="sweep", unit="step") as bar:
+                for compiling in pending:
+                    train = compiling.result()
+                    results.append(train(lambda: bar.update(cfg.eval_every)))
+        else:
+            for method, compiling in zip(todo, pending, strict=True):
+                desc = f"{method.label:<16}"
+                with tqdm(total=runs * cfg.steps, desc=desc, unit="step") as bar:
+                    train = compiling.result()
+                    results.append(train(lambda bar=bar: bar.update(cfg.eval_every)))
     seconds = time.perf_counter() - start
-    for lr in cfg.learning_rates:
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    if args.sweep:
         print()
-        print(table(results, cfg, lr))
-    print()
-    print(TABLE_NOTE.format(steps=cfg.steps))
-    print(
-        f"trained {len(chosen)} methods x {len(cfg.learning_rates)} rates x "
-        f"{len(cfg.seeds)} seeds in {seconds:.0f} s"
-    )
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    lr = plot(results, cfg, args.out)
-    print(f"saved {args.out} (panels 1 and 2 at peak learning rate {lr:g})")
+        print(sweep_table(results, cfg))
+        print()
+        print(SWEEP_NOTE)
+        print(
+            f"trained no clipping, {len(args.thresholds)} fixed thresholds and "
+            f"recommended x {len(cfg.learning_rates)} rates x {len(cfg.seeds)} "
+            f"seeds in {seconds:.0f} s"
+        )
+        plot_sweep(results, cfg, out)
+        print(f"saved {out}")
+    else:
+        for lr in cfg.learning_rates:
+            print()
+            print(table(results, cfg, lr))
+        print()
+        print(TABLE_NOTE.format(steps=cfg.steps))
+        print(
+            f"trained {len(chosen)} methods x {len(cfg.learning_rates)} rates x "
+            f"{len(cfg.seeds)} seeds in {seconds:.0f} s"
+        )
+        lr = plot(results, cfg, out)
+        print(f"saved {out} (panels 1 and 2 at peak learning rate {lr:g})")
     if args.json:
         config = dataclasses.asdict(cfg) | {"methods": chosen}
+        if args.sweep:
+            config |= {"thresholds": list(args.thresholds)}
         with open(args.json, "w") as f:
             json.dump({"config": config, "runs": rows(results, cfg)}, f, indent=1)
         print(f"saved {args.json}")

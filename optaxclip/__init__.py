@@ -7,13 +7,12 @@ adapts to the run).
 
 from . import rules as rules
 from ._core import ClipState as ClipState
-from ._core import ClipStats as ClipStats
-from ._core import stats as stats
 from ._guards import SkipNonfiniteState as SkipNonfiniteState
 from ._guards import SkipSpikesState as SkipSpikesState
 from ._guards import skip_nonfinite as skip_nonfinite
 from ._guards import skip_spikes as skip_spikes
 from ._metrics import metrics as metrics
+from ._metrics import nonfinite_paths as nonfinite_paths
 from ._norms import global_norm as global_norm
 from ._norms import unitwise_norm as unitwise_norm
 from ._per_example import clip_per_example as clip_per_example
@@ -29,6 +28,7 @@ from ._presets import olmo_adaptive_clip as olmo_adaptive_clip
 from ._presets import quantile_clip as quantile_clip
 from ._presets import spam_clip as spam_clip
 from ._presets import stable_spam_clip as stable_spam_clip
+from ._presets import trust_ratio_clip as trust_ratio_clip
 from ._presets import zclip as zclip
 from ._scopes import adaptive_grad_clip as adaptive_grad_clip
 from ._scopes import clip as clip
@@ -36,8 +36,11 @@ from ._scopes import clip_by_block_rms as clip_by_block_rms
 from ._scopes import clip_by_global_norm as clip_by_global_norm
 from ._scopes import clip_by_norm as clip_by_norm
 from ._scopes import clip_by_value as clip_by_value
+from ._stats import ClipStats as ClipStats
+from ._stats import stats as stats
 from .diagnostics import ThresholdReport as ThresholdReport
 from .diagnostics import plot_norm_history as plot_norm_history
+from .diagnostics import plot_tensor_norms as plot_tensor_norms
 from .diagnostics import suggest_threshold as suggest_threshold
 
 __version__ = "0.1.0"
@@ -63,10 +66,12 @@ __all__ = [
     "clippy",
     "global_norm",
     "metrics",
+    "nonfinite_paths",
     "olmo_adaptive_clip",
     "per_example_global_norm_clip",
     "per_example_layer_norm_clip",
     "plot_norm_history",
+    "plot_tensor_norms",
     "quantile_clip",
     "rules",
     "skip_nonfinite",
@@ -75,6 +80,7 @@ __all__ = [
     "stable_spam_clip",
     "stats",
     "suggest_threshold",
+    "trust_ratio_clip",
     "unitwise_norm",
     "zclip",
 ]

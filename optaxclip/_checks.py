@@ -293,6 +293,12 @@ def check_flag(value: Any, name: str, *, static: bool = False) -> None:
     raise fail(name, f"must be {kind} (True or False); got {show(value)}.")
 
 
+def static_flag(value: Any, name: str) -> bool:
+    """``value`` as a Python bool, after checking it is one (it selects code)."""
+    check_flag(value, name, static=True)
+    return bool(value)
+
+
 def check_stacked(stacked_axes: Any, name: str = "stacked_axes") -> Any:
     """Validates ``stacked_axes``: a non-negative int or a pytree prefix of them."""
     for k in jax.tree.leaves(stacked_axes):

@@ -7,176 +7,38 @@ bound) and an action (what happens above it). `Step` runs them in order:
 2. the rule turns the observation into a threshold;
 3. the rule's new state is kept only on a finite step;
 4. ``action.apply`` rescales, clamps or skips, in one fused pass;
-5. `write_record` stores the step's stats in one packed array.
+5. `write_record` stores the step's stats (``optaxclip._stats``).
 
 The primitives every action shares live here too, one of each: the safe
-scale factor, the sharding-preserving zeroing select, keeping the old
-state, and the packed stats record with its decoder.
+scale factor, the sharding-preserving zeroing select and keeping the old
+state.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from . import _checks, _norms
+from ._stats import (
+    ClipStats,
+    Record,
+    empty_record,
+    read_record,
+    record_of,
+    record_shape,
+    write_record,
+)
 from .rules import Rule, fixed, scheduled
 
-__all__ = ["ClipState", "ClipStats", "stats"]
+__all__ = ["ClipState"]
 
 _NONFINITE = ("zero", "propagate")
-
-
-# ---------------------------------------------------------------------------
-# Stats: what a user reads, and how it is stored
-# ---------------------------------------------------------------------------
-
-
-class ClipStats(NamedTuple):
-    """What a clipping transform measured and did on its latest step.
-
-    Read it with [`stats`][optaxclip.stats] or a state's ``.stats``. The
-    state stores these fields packed into one array (one buffer, one
-    kernel to write per step); this view decodes it. The meaning of each
-    field for each transform is tabulated in the docs (methods page,
-    "What the stats mean").
-
-    For the global and element scopes the first three fields are scalars;
-    for the tensor and unit scopes they hold one entry per tensor (or per
-    stacked layer slice), in the order of ``jax.tree.leaves`` of the
-    floating-point leaves.
-
-    Attributes:
-      norm: the norm measured before clipping (for ``clip_by_value`` the
-        largest absolute entry; for AGC the largest unit ratio
-        ``|g| / max(|w|, eps)`` of each tensor).
-      threshold: the bound used on this step.
-      scale: the factor applied (1 where nothing was clipped; 0 on a step
-        zeroed for non-finite input).
-      clipped: int32, how many units were clipped (0 or 1 for the global and
-        element scopes, the number of tensors / units / examples otherwise).
-      nonfinite_count: int32, running count of steps whose measurement was
-        NaN or infinite.
-      count: int32, number of steps seen (the step index of the next update).
-    """
-
-    norm: jax.Array
-    threshold: jax.Array
-    scale: jax.Array
-    clipped: jax.Array
-    nonfinite_count: jax.Array
-    count: jax.Array
-
-
-# The record is one integer array. Scalar stats: [clipped, nonfinite_count,
-# count, norm, threshold, scale] (length 6). Per-entry stats of n entries:
-# [clipped, nonfinite_count, count, n, norm[n], threshold[n], scale[n]]
-# (length 4 + 3n). The lengths differ modulo 3, so the layout is known from
-# the static shape. The floats are stored as their bits (a bitcast to the
-# integer type of the same width), so they round-trip exactly.
-_SCALAR_LENGTH = 6
-_VECTOR_HEADER = 4
-
-
-def _int_for(dtype: Any) -> Any:
-    return jnp.int64 if jnp.dtype(dtype).itemsize == 8 else jnp.int32
-
-
-def _float_for(dtype: Any) -> Any:
-    return jnp.float64 if jnp.dtype(dtype).itemsize == 8 else jnp.float32
-
-
-def empty_record(norm_like: jax.Array) -> jax.Array:
-    """The record of a transform that has not stepped yet.
-
-    ``norm_like`` gives the shape (a scalar or a vector) and the float
-    dtype of the stats (float32, or float64 under x64).
-    """
-    norm_like = jnp.asarray(norm_like)
-    zeros = jnp.zeros(norm_like.shape, _float_for(norm_like.dtype))
-    return _pack(zeros, zeros, jnp.ones_like(zeros), *(jnp.zeros((), jnp.int32),) * 3)
-
-
-def _pack(norm, threshold, scale, clipped, nonfinite_count, count) -> jax.Array:
-    idt = _int_for(norm.dtype)
-    header = [clipped, nonfinite_count, count]
-    if norm.ndim:
-        header.append(jnp.asarray(norm.shape[0], idt))
-    floats = jnp.concatenate([jnp.ravel(norm), jnp.ravel(threshold), jnp.ravel(scale)])
-    bits = jax.lax.bitcast_convert_type(floats, idt)
-    head = jnp.stack([jnp.asarray(h).astype(idt) for h in header])
-    return jnp.concatenate([head, bits])
-
-
-def record_count(record: jax.Array) -> jax.Array:
-    """The int32 step count stored in a record."""
-    return record[..., 2].astype(jnp.int32)
-
-
-def record_size(record: jax.Array) -> tuple[int, ...]:
-    """The shape of the per-step stats a record holds: ``()`` or ``(n,)``."""
-    length = int(record.shape[-1])
-    if length % 3 == _SCALAR_LENGTH % 3:
-        return ()
-    return ((length - _VECTOR_HEADER) // 3,)
-
-
-def write_record(
-    old: jax.Array,
-    norm: jax.Array,
-    threshold: jax.Array,
-    scale: jax.Array,
-    clipped: jax.Array,
-    finite: jax.Array,
-) -> jax.Array:
-    """The record of this step: stats written into one array.
-
-    Args:
-      old: the previous record (its counters are advanced).
-      norm: the measured norms (the record's shape).
-      threshold: the bound, a scalar or shaped like ``norm``.
-      scale: the factor applied, shaped like ``norm``.
-      clipped: the number of units clipped.
-      finite: whether the step's measurement was finite.
-    """
-    dtype = norm.dtype
-    idt = old.dtype
-    return _pack(
-        norm,
-        jnp.broadcast_to(jnp.asarray(threshold, dtype), norm.shape),
-        jnp.broadcast_to(jnp.asarray(scale, dtype), norm.shape),
-        jnp.asarray(clipped).astype(idt),
-        old[1] + (~finite).astype(idt),
-        optax.safe_increment(old[2]),
-    )
-
-
-def decode_record(record: Any) -> ClipStats:
-    """The [`ClipStats`][optaxclip.ClipStats] a packed record holds.
-
-    Leading axes (records stacked over steps by ``lax.scan``, or over runs
-    by ``vmap``) are kept in front of every field.
-    """
-    record = jnp.asarray(record)
-    shape = record_size(record)
-    lead = record.shape[:-1]
-    fdt = _float_for(record.dtype)
-    start = 3 if not shape else _VECTOR_HEADER
-    floats = jax.lax.bitcast_convert_type(record[..., start:], fdt)
-    n = 1 if not shape else shape[0]
-    norm, threshold, scale = (
-        floats[..., k * n : (k + 1) * n].reshape(lead + shape) for k in range(3)
-    )
-    clipped, nonfinite_count, count = (
-        record[..., k].astype(jnp.int32) for k in range(3)
-    )
-    return ClipStats(norm, threshold, scale, clipped, nonfinite_count, count)
 
 
 class ClipState(NamedTuple):
@@ -184,94 +46,30 @@ class ClipState(NamedTuple):
 
     Attributes:
       rule_state: the threshold rule's state (``()`` for a fixed threshold).
-      packed_stats: the latest step's stats, packed into one array; read
-        them as ``state.stats`` (a [`ClipStats`][optaxclip.ClipStats]) or
-        with [`stats`][optaxclip.stats].
+      count: int32, steps seen (the step index of the next update).
+      norm_threshold_scale: the latest step's norm, bound and scale, as
+        three rows (float; one column per tensor for per-tensor scopes).
+      counts: int32, ``[clipped, nonfinite_count, *nonfinite_tensors]``: units
+        clipped on the latest step, non-finite steps so far, and for a clip
+        whose decision is global one 0/1 flag per tensor.
+      tensor_norms: each tensor's norm on the latest step, with
+        ``per_tensor_stats=True`` on a clip whose decision is global (empty
+        otherwise).
+
+    Read them together as ``state.stats`` (a
+    [`ClipStats`][optaxclip.ClipStats]) or with [`stats`][optaxclip.stats].
     """
 
     rule_state: Any
-    packed_stats: jax.Array
+    count: jax.Array
+    norm_threshold_scale: jax.Array
+    counts: jax.Array
+    tensor_norms: jax.Array | tuple[()]
 
     @property
     def stats(self) -> ClipStats:
         """The latest step's [`ClipStats`][optaxclip.ClipStats]."""
-        return decode_record(self.packed_stats)
-
-
-def stats(opt_state: Any) -> tuple[ClipStats, ...]:
-    """Finds every [`ClipStats`][optaxclip.ClipStats] inside a (nested) optimizer state.
-
-    Works through ``optax.chain``, ``optax.masked``, ``optax.MultiSteps``,
-    ``optax.inject_hyperparams``, ``optax.multi_transform``, the optaxclip
-    guards, flax ``TrainState.opt_state`` and ``nnx.Optimizer`` (whose state
-    wraps arrays in variables): anything that is a pytree. States stored as
-    mappings of their field names (``nnx.state(optimizer)``, a checkpoint
-    restored without a template) are found too.
-
-    Args:
-      opt_state: an optimizer state, a flax ``TrainState``, an
-        ``nnx.Optimizer`` or its ``nnx.state``.
-
-    Returns:
-      A tuple of the [`ClipStats`][optaxclip.ClipStats] found, in pytree
-      order (empty if none).
-
-    Example:
-      >>> import jax.numpy as jnp, optax
-      >>> import optaxclip as oc
-      >>> tx = optax.chain(oc.clip_by_global_norm(1.0), optax.sgd(0.1))
-      >>> params = {"w": jnp.zeros(2)}
-      >>> state = tx.init(params)
-      >>> _, state = tx.update({"w": jnp.array([3.0, 4.0])}, state)
-      >>> (s,) = oc.stats(state)
-      >>> print(s.norm, s.threshold, s.scale, s.clipped)
-      5.0 1.0 0.2 1
-    """
-    return tuple(_find(_unwrap(opt_state)))
-
-
-def _find(tree: Any) -> list[ClipStats]:
-    # A state holding a record may hold other states too (a guard wraps an
-    # optimizer): its fields are searched in order, its own record included.
-    found = []
-    for x in jax.tree.leaves(tree, is_leaf=_holds_record):
-        if not _holds_record(x):
-            continue
-        items = x.items() if isinstance(x, Mapping) else zip(x._fields, x, strict=True)
-        for name, value in items:
-            if name == _RECORD:
-                found.append(decode_record(_variable_value(value)))
-            else:
-                found.extend(_find(value))
-    return found
-
-
-_RECORD = "packed_stats"
-
-
-def _holds_record(x: Any) -> bool:
-    # States are NamedTuples with a `packed_stats` field; ``nnx.state`` and
-    # checkpoints restored without a template hold them as mappings.
-    if isinstance(x, tuple) and _RECORD in getattr(x, "_fields", ()):
-        return True
-    return isinstance(x, Mapping) and _RECORD in x
-
-
-def _unwrap(obj: Any) -> Any:
-    # flax TrainState / nnx.Optimizer keep the optax state in `opt_state`.
-    inner = getattr(obj, "opt_state", None)
-    if inner is not None and not isinstance(obj, tuple):
-        return inner
-    return obj
-
-
-def _variable_value(field: Any) -> Any:
-    if isinstance(field, jax.Array | np.ndarray):
-        return field
-    get_value = getattr(field, "get_value", None)  # flax >= 0.11
-    if callable(get_value):
-        return get_value()
-    return getattr(field, "value", field)
+        return read_record(record_of(self))
 
 
 # ---------------------------------------------------------------------------
@@ -313,25 +111,34 @@ def rescale(
     a = x if x.dtype == dtype else jax.lax.convert_element_type(x, dtype)
     n = norm.astype(dtype) if norm.dtype != dtype else norm
     b = bound.astype(dtype) if bound.dtype != dtype else bound
-    out = jnp.where(n <= b, a, _divide(a, n) * b)
+    out = _clipped(a, n, b)
     out = out if out.dtype == x.dtype else jax.lax.convert_element_type(out, x.dtype)
     return zero_unless(keep, out)
 
 
 @jax.custom_jvp
-def _divide(a: jax.Array, n: jax.Array) -> jax.Array:
-    # ``a / n`` whose derivative is finite at ``n = 0`` (that branch of the
-    # select in `rescale` is never taken there, but its derivative is still
-    # multiplied by zero: it must not be NaN). A plain division in the
-    # compiled step, so it fuses into the pass over ``a``.
-    return a / n
+def _clipped(a: jax.Array, n: jax.Array, b: jax.Array) -> jax.Array:
+    # ``where(n <= b, a, a / n * b)``, the ops of optax's clip, so the
+    # compiled step is unchanged (the division fuses into the pass over
+    # ``a``). Its own derivative, because the branch that is not taken is
+    # still differentiated and its derivative multiplied by zero: at
+    # ``n = 0`` (a zero gradient) ``a / n`` is NaN, and at ``b = inf`` (a
+    # rule that has recorded nothing yet) ``a * b / n**2`` is; either makes
+    # the product NaN.
+    return jnp.where(n <= b, a, a / n * b)
 
 
-@_divide.defjvp
-def _divide_jvp(primals, tangents):
-    (a, n), (ta, tn) = primals, tangents
-    safe = jnp.where(n != 0, n, _norms.full_like(n, 1))
-    return a / n, ta / safe - a * tn / (safe * safe)
+@_clipped.defjvp
+def _clipped_jvp(primals, tangents):
+    (a, n, b), (ta, tn, tb) = primals, tangents
+    over = ~(n <= b)
+    # Every coefficient is computed from operands the branch would see
+    # where it is taken, and from harmless stand-ins where it is not, so
+    # each one is finite wherever ``a`` is.
+    inv = 1 / jnp.where(over, n, _norms.full_like(n, 1))
+    ratio = jnp.where(over, b, _norms.full_like(b, 0)) * inv
+    clipped = ta * ratio + a * inv * (tb - ratio * tn)
+    return _clipped(a, n, b), jnp.where(over, clipped, ta)
 
 
 def scale_leaf(x: jax.Array, scale: jax.Array, keep: jax.Array | None) -> jax.Array:
@@ -391,15 +198,19 @@ def map_float(fn: Callable[..., jax.Array], tree: Any, *rest: Any) -> Any:
     return jax.tree.unflatten(treedef, out)
 
 
-def check_match(owner: str, norms: jax.Array, record: jax.Array) -> None:
-    """Raises if this step measured a different number of entries than ``init``."""
-    expected = record_size(record)
-    if tuple(norms.shape) != expected:
-        found = norms.shape[0] if norms.ndim else 1
-        held = expected[0] if expected else 1
+def check_match(owner: str, measured: Measurement, record: Record) -> None:
+    """Raises if this step measured a different tree than ``init`` was given."""
+    norms = measured.norms
+    expected = record_shape(record)
+    flags = int(record.counts.shape[-1]) - 2
+    leaf = getattr(measured, "leaf_norms", None)
+    found_flags = int(leaf.shape[0]) if leaf is not None and flags else flags
+    if tuple(norms.shape) != expected or found_flags != flags:
+        found = norms.shape[0] if norms.ndim else found_flags
+        held = expected[0] if expected else flags
         raise ValueError(
             f"{owner}: the updates do not match the tree this transform was "
-            f"initialized with: it measured {found} norm(s) (shape "
+            f"initialized with: it measured {found} tensor(s) (norms of shape "
             f"{tuple(norms.shape)}) but its state holds {held} (shape "
             f"{expected}). Call `init` with params of the same structure as "
             "the updates."
@@ -426,6 +237,10 @@ class Measurement:
         own terms (the global norm for the global and tensor scopes, the
         largest entry or unit ratio for the element and unit scopes), for
         rules that bound the whole tree (``rules.ema(warmup_max_norm=...)``).
+
+    A scope whose decision is global also measures each tensor's own norm
+    (``leaf_norms``, a vector), for the record's per-tensor norms and
+    non-finite flags.
     """
 
     norms: jax.Array
@@ -512,15 +327,28 @@ class Parts(NamedTuple):
 
     rule_state: Any
     action_state: Any
-    packed_stats: jax.Array
+    record: Record
 
 
 def _clip_state(parts: Parts) -> ClipState:
-    return ClipState(parts.rule_state, parts.packed_stats)
+    return ClipState(parts.rule_state, *parts.record)
 
 
 def _clip_parts(state: ClipState) -> Parts:
-    return Parts(state.rule_state, (), state.packed_stats)
+    return Parts(state.rule_state, (), record_of(state))
+
+
+def record_sizes(scope: Any, params: Any) -> tuple[int, int]:
+    """How many non-finite flags and per-tensor norms ``scope`` records.
+
+    A scope whose decision is global (``leafwise``) flags each tensor that
+    was non-finite, and with ``per_tensor_stats`` records each tensor's
+    norm; per-tensor scopes need neither (their norms are per tensor).
+    """
+    if not getattr(scope, "leafwise", False):
+        return 0, 0
+    n = len(_norms.float_leaves(params))
+    return n, n if getattr(scope, "per_tensor_stats", False) else 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -552,7 +380,7 @@ class Step(Generic[M]):
             Parts(
                 self.rule.init(norm_like),
                 self.action.init(params),
-                empty_record(norm_like),
+                empty_record(norm_like, *record_sizes(self.scope, params)),
             )
         )
 
@@ -571,8 +399,8 @@ class Step(Generic[M]):
             )
         parts = self.parts_of(state)
         measured = self.scope.measure(updates, params, extra_args)
-        check_match(self.scope.owner, measured.norms, parts.packed_stats)
-        count = record_count(parts.packed_stats)
+        check_match(self.scope.owner, measured, parts.record)
+        count = parts.record.count
         threshold, rule_state = observe(self.rule, parts.rule_state, measured, count)
         # A negative threshold (only from a traced hyperparameter, which
         # construction cannot check) acts as 0. A scalar threshold stays a
@@ -582,13 +410,16 @@ class Step(Generic[M]):
         keep = measured.finite if self.zero_nonfinite else None
         ctx = Context(threshold, keep, parts.action_state, params, extra_args, count)
         applied = self.action.apply(updates, measured, ctx)
+        leaf = getattr(measured, "leaf_norms", None)
         record = write_record(
-            parts.packed_stats,
+            parts.record,
             measured.norms,
             threshold,
             applied.scale,
             applied.clipped,
             measured.finite,
+            None if leaf is None else ~jnp.isfinite(leaf),
+            leaf,
         )
         return applied.updates, self.make_state(
             Parts(rule_state, applied.state, record)

@@ -17,15 +17,14 @@ import optax
 from . import _checks, _norms, rules
 from ._core import (
     Applied,
-    ClipStats,
     Context,
     Measurement,
     Parts,
     Step,
-    decode_record,
     keep_if,
     zero_unless,
 )
+from ._stats import ClipStats, read_record, record_of
 
 __all__ = ["SkipNonfiniteState", "SkipSpikesState", "skip_nonfinite", "skip_spikes"]
 
@@ -35,22 +34,31 @@ class SkipNonfiniteState(NamedTuple):
 
     Attributes:
       inner_state: the wrapped optimizer's state.
-      packed_stats: the latest step's stats, packed; read them as
-        ``state.stats`` (``norm``: global norm of the incoming updates;
-        ``threshold``: ``inf``; ``scale``: 1 if applied, 0 if skipped;
-        ``clipped``: 1 if skipped; ``nonfinite_count``: total non-finite
-        steps).
       consecutive: int32, non-finite steps in a row up to this one.
+      skipped: int32, total steps skipped.
+      count: int32, steps seen.
+      norm_threshold_scale: the latest step's global norm of the incoming
+        updates, ``inf`` (the threshold) and 1 if applied or 0 if skipped.
+      counts: int32, ``[skipped this step (0/1), nonfinite_count,
+        *nonfinite_tensors]``.
+      tensor_norms: each tensor's norm, with ``per_tensor_stats=True``.
+
+    Read the stats together as ``state.stats`` (a
+    [`ClipStats`][optaxclip.ClipStats]).
     """
 
     inner_state: Any
-    packed_stats: jax.Array
     consecutive: jax.Array
+    skipped: jax.Array
+    count: jax.Array
+    norm_threshold_scale: jax.Array
+    counts: jax.Array
+    tensor_norms: jax.Array | tuple[()]
 
     @property
     def stats(self) -> ClipStats:
         """The latest step's [`ClipStats`][optaxclip.ClipStats]."""
-        return decode_record(self.packed_stats)
+        return read_record(record_of(self))
 
 
 def skip_nonfinite(
@@ -59,6 +67,7 @@ def skip_nonfinite(
     *,
     axis_name: _norms.AxisName = None,
     partition_specs: Any = None,
+    per_tensor_stats: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Skips every step whose updates hold a NaN or Inf, like ``optax.apply_if_finite``.
 
@@ -80,6 +89,10 @@ def skip_nonfinite(
         axes) the leaves are split across, so the norm is the whole tree's.
       partition_specs: keyword-only; which leaves are split across
         ``axis_name`` (see [`clip_by_global_norm`][optaxclip.clip_by_global_norm]).
+      per_tensor_stats: keyword-only; also record each tensor's 2-norm on
+        every step (``stats.tensor_norms``; per-tensor keys in
+        [`metrics`][optaxclip.metrics]). Which tensors were non-finite is
+        recorded either way ([`nonfinite_paths`][optaxclip.nonfinite_paths]).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -102,17 +115,20 @@ def skip_nonfinite(
     if max_consecutive is not None:
         with _checks.arguments("skip_nonfinite"):
             _checks.check_number(max_consecutive, "max_consecutive", lo=0, integer=True)
-    scope = GuardScope(axis_name, partition_specs, "skip_nonfinite")
+    pts = _checks.static_flag(per_tensor_stats, "per_tensor_stats")
+    scope = GuardScope(axis_name, partition_specs, "skip_nonfinite", pts)
     action = Skip(optax.with_extra_args_support(inner), None, max_consecutive)
 
     def make(parts: Parts) -> SkipNonfiniteState:
-        inner_state, _, consecutive, _ = parts.action_state
-        return SkipNonfiniteState(inner_state, parts.packed_stats, consecutive)
+        inner_state, _, consecutive, skipped, _ = parts.action_state
+        return SkipNonfiniteState(inner_state, consecutive, skipped, *parts.record)
 
     def parts_of(state: SkipNonfiniteState) -> Parts:
-        unused = jnp.zeros((), jnp.int32)  # skip_nonfinite does not count skips
-        action_state = SkipParts(state.inner_state, (), state.consecutive, unused)
-        return Parts((), action_state, state.packed_stats)
+        unused = jnp.zeros((), jnp.float32)  # skip_nonfinite checks no loss
+        action_state = SkipParts(
+            state.inner_state, (), state.consecutive, state.skipped, unused
+        )
+        return Parts((), action_state, record_of(state))
 
     step = Step(
         scope, rules.fixed(float("inf")), action, True, make, parts_of,
@@ -132,22 +148,34 @@ class SkipSpikesState(NamedTuple):
       loss_state: the same rule's state for the loss (the ``value`` extra
         argument).
       skipped: int32, total steps skipped.
-      packed_stats: the latest step's stats, packed; read them as
-        ``state.stats`` (``norm``: global norm of the incoming updates;
-        ``threshold``: the rule's bound, ``inf`` while not yet checked;
-        ``scale``: 1 if applied, 0 if skipped; ``clipped``: 1 if skipped).
+      value_threshold: the loss's bound on the latest step (``inf`` while not
+        yet checked, or when no ``value`` was passed).
+      count: int32, steps seen.
+      norm_threshold_scale: the latest step's global norm of the incoming
+        updates, the rule's bound (``inf`` while not yet checked) and 1 if
+        applied or 0 if skipped.
+      counts: int32, ``[skipped this step (0/1), nonfinite_count,
+        *nonfinite_tensors]``.
+      tensor_norms: each tensor's norm, with ``per_tensor_stats=True``.
+
+    Read the stats together as ``state.stats`` (a
+    [`ClipStats`][optaxclip.ClipStats]).
     """
 
     inner_state: Any
     rule_state: Any
     loss_state: Any
     skipped: jax.Array
-    packed_stats: jax.Array
+    value_threshold: jax.Array
+    count: jax.Array
+    norm_threshold_scale: jax.Array
+    counts: jax.Array
+    tensor_norms: jax.Array | tuple[()]
 
     @property
     def stats(self) -> ClipStats:
         """The latest step's [`ClipStats`][optaxclip.ClipStats]."""
-        return decode_record(self.packed_stats)
+        return read_record(record_of(self))
 
 
 def skip_spikes(
@@ -159,6 +187,7 @@ def skip_spikes(
     rule: rules.Threshold | None = None,
     axis_name: _norms.AxisName = None,
     partition_specs: Any = None,
+    per_tensor_stats: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Skips steps whose gradient norm (or loss) spikes above its recent history.
 
@@ -204,6 +233,10 @@ def skip_spikes(
       axis_name: keyword-only; mesh axis (or axes) the leaves are split
         across inside ``shard_map`` / ``pmap``.
       partition_specs: keyword-only; which leaves are split across it.
+      per_tensor_stats: keyword-only; also record each tensor's 2-norm on
+        every step (``stats.tensor_norms``; per-tensor keys in
+        [`metrics`][optaxclip.metrics]). Which tensors were non-finite is
+        recorded either way ([`nonfinite_paths`][optaxclip.nonfinite_paths]).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -239,21 +272,31 @@ def skip_spikes(
                 "`rule=rules.mean_std(window, sigma)`."
             )
         rule = rules.as_rule(rule, "rule")
-    scope = GuardScope(axis_name, partition_specs, "skip_spikes")
+    pts = _checks.static_flag(per_tensor_stats, "per_tensor_stats")
+    scope = GuardScope(axis_name, partition_specs, "skip_spikes", pts)
     action = Skip(optax.with_extra_args_support(inner), rule, None)
 
     def make(parts: Parts) -> SkipSpikesState:
-        inner_state, loss_state, _, skipped = parts.action_state
+        inner_state, loss_state, _, skipped, value_threshold = parts.action_state
         return SkipSpikesState(
-            inner_state, parts.rule_state, loss_state, skipped, parts.packed_stats
+            inner_state,
+            parts.rule_state,
+            loss_state,
+            skipped,
+            value_threshold,
+            *parts.record,
         )
 
     def parts_of(state: SkipSpikesState) -> Parts:
         unused = jnp.zeros((), jnp.int32)  # skip_spikes has no max_consecutive
         action_state = SkipParts(
-            state.inner_state, state.loss_state, unused, state.skipped
+            state.inner_state,
+            state.loss_state,
+            unused,
+            state.skipped,
+            state.value_threshold,
         )
-        return Parts(state.rule_state, action_state, state.packed_stats)
+        return Parts(state.rule_state, action_state, record_of(state))
 
     step = Step(scope, rule, action, True, make, parts_of, SkipSpikesState)
     return step.transform()
@@ -265,8 +308,9 @@ def _is_default_sigma(sigma: Any) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class GuardMeasurement(Measurement):
-    """The global 2-norm of the updates, and the loss when one is passed."""
+    """The global 2-norm of the updates, each tensor's, and the loss if passed."""
 
+    leaf_norms: jax.Array | None = None
     loss: jax.Array | None = None
 
 
@@ -277,6 +321,8 @@ class GuardScope:
     axis_name: _norms.AxisName
     partition_specs: Any
     owner: str
+    per_tensor_stats: bool = False
+    leafwise = True
 
     def norm_like(self, params: Any) -> jax.Array:
         return jnp.zeros((), _norms.tree_acc_dtype(params))
@@ -285,16 +331,16 @@ class GuardScope:
         del params
         # One pass: the norm is NaN or inf exactly when an entry is (or when
         # one tensor's 2-norm exceeds 2**64, which also counts as non-finite).
-        norm = _norms.global_norm(
-            updates, 2, self.axis_name, partition_specs=self.partition_specs
-        ).astype(_norms.tree_acc_dtype(updates))
+        norm, per_leaf = _norms.tree_norms(
+            updates, 2.0, self.axis_name, self.partition_specs
+        )
         finite = jnp.isfinite(norm)
         value = extra_args.get("value")
         loss = None
         if value is not None:
             loss = jnp.asarray(value).astype(norm.dtype)
             finite = finite & jnp.isfinite(loss)
-        return GuardMeasurement(norm, finite, norm, norm, loss)
+        return GuardMeasurement(norm, finite, norm, norm, per_leaf, loss)
 
 
 class SkipParts(NamedTuple):
@@ -304,6 +350,7 @@ class SkipParts(NamedTuple):
     loss_state: Any
     consecutive: Any
     skipped: Any
+    value_threshold: Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -332,6 +379,7 @@ class Skip:
             loss_state,
             jnp.zeros((), jnp.int32),
             jnp.zeros((), jnp.int32),
+            jnp.full((), jnp.inf, _norms.tree_acc_dtype(params)),
         )
 
     def apply(self, updates: Any, measured: GuardMeasurement, ctx: Context) -> Applied:
@@ -339,10 +387,12 @@ class Skip:
         spike = measured.norms > ctx.threshold
         state: SkipParts = ctx.state
         loss_state = state.loss_state
+        value_threshold = jnp.full_like(state.value_threshold, jnp.inf)
         if self.loss_rule is not None and measured.loss is not None:
             bound, new = self.loss_rule.update(loss_state, measured.loss, ctx.count)
             spike = spike | (measured.loss > bound)
             loss_state = keep_if(finite, new, loss_state)
+            value_threshold = jnp.asarray(bound).astype(value_threshold.dtype)
         apply = finite & ~spike
         consecutive = jnp.where(
             finite,
@@ -356,7 +406,9 @@ class Skip:
         )
         skipped = state.skipped + (~apply).astype(jnp.int32)
         scale = apply.astype(measured.norms.dtype)
-        new_state = SkipParts(inner_state, loss_state, consecutive, skipped)
+        new_state = SkipParts(
+            inner_state, loss_state, consecutive, skipped, value_threshold
+        )
         return Applied(out, scale, ~apply, new_state)
 
 

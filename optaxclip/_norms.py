@@ -103,6 +103,22 @@ def global_norm(
     return measure_total(leaves, p, groups)
 
 
+def tree_norms(
+    tree: Any, ord: float | jax.Array, axis_name: AxisName, partition_specs: Any
+) -> tuple[jax.Array, jax.Array]:
+    """The whole tree's ``ord``-norm and each float leaf's, in one read.
+
+    Like [`global_norm`][optaxclip.global_norm] (``ord`` already checked),
+    also returning the vector of per-leaf norms the total is built from;
+    both in the tree's accumulation dtype.
+    """
+    leaves = float_leaves(tree)
+    groups = reduction_groups(tree, leaves, axis_name, partition_specs)
+    total, per_leaf = measure_leaves(leaves, ord, groups)
+    acc = tree_acc_dtype(tree)
+    return total.astype(acc), per_leaf.astype(acc)
+
+
 def unitwise_norm(
     x: jax.typing.ArrayLike, axis: int | tuple[int, ...] | None = None
 ) -> jax.Array:
@@ -257,7 +273,7 @@ def power_sum(
     if _is_static(p, 2.0):
         out = jax.lax.reduce_sum(jax.lax.mul(a, a), axes)
     elif _is_static(p, _INF):
-        out = jax.lax.reduce_max(jax.lax.abs(a), axes)
+        out = jax.lax.reduce_max(nan_to_inf(jax.lax.abs(a)), axes)
     elif _is_static(p, 1.0):
         out = jax.lax.reduce_sum(jax.lax.abs(a), axes)
     else:
@@ -265,12 +281,30 @@ def power_sum(
     return jax.lax.reshape(out, kept) if keepdims else out
 
 
+def nan_to_inf(x: jax.Array) -> jax.Array:
+    """``x`` with NaN entries read as ``+inf``, for a maximum to see them.
+
+    A maximum split across devices (a sharded ``jnp.max`` under ``jit``, a
+    ``pmax``) may drop a NaN: the collective's max does not propagate it.
+    An infinite entry survives every maximum, and still marks the step
+    non-finite. Elementwise before the reduction, so it fuses into it.
+    """
+    return jnp.where(jnp.isnan(x), full_like(x, jnp.inf), x)
+
+
 def _reduce_from_square(sq, p, axes, keepdims):
     if isinstance(p, float) and p == 2.0:
         return jnp.sum(sq, axis=axes, keepdims=keepdims)
     if isinstance(p, float) and p == _INF:
-        return jnp.sqrt(jnp.max(sq, axis=axes, keepdims=keepdims, initial=0.0))
-    return jnp.sum(sq ** (p / 2), axis=axes, keepdims=keepdims)
+        top = jnp.max(nan_to_inf(sq), axis=axes, keepdims=keepdims, initial=0.0)
+        return _sqrt(top)
+    # |z|**p from |z|**2 where it is positive (0 elsewhere, the same value):
+    # the derivative of sq**(p/2) at 0 is infinite for p < 2, and NaN once
+    # multiplied by a zero tangent.
+    positive = sq > 0
+    safe = jnp.where(positive, sq, full_like(sq, 1))
+    terms = jnp.where(positive, safe ** (p / 2), full_like(sq, 0))
+    return jnp.sum(terms, axis=axes, keepdims=keepdims)
 
 
 def safe_root(total: jax.Array, p: float | jax.Array) -> jax.Array:
@@ -522,8 +556,28 @@ def measure_total(
     groups: Sequence[tuple[str, ...]],
 ) -> jax.Array:
     """The ``p``-norm of all ``leaves`` together, as a scalar."""
+    return measure_leaves(leaves, p, groups)[0]
+
+
+def measure_leaves(
+    leaves: Sequence[jax.Array],
+    p: float | jax.Array,
+    groups: Sequence[tuple[str, ...]],
+) -> tuple[jax.Array, jax.Array]:
+    """The ``p``-norm of all ``leaves`` together, and each leaf's own ``p``-norm.
+
+    Both come from the same per-leaf reductions (one read of each leaf):
+    the per-leaf norms are the partial results the total is built from, so
+    a caller that does not use them costs nothing more. A leaf's norm is
+    NaN or infinite exactly when the leaf holds a NaN or infinite entry (or,
+    for ``p = 2``, when its own 2-norm exceeds ``2**64``).
+
+    Returns:
+      ``(total, per_leaf)``: a scalar, and a vector with one entry per leaf
+      in order, both in the accumulation dtype.
+    """
     if not leaves:
-        return jnp.zeros((), jnp.float32)
+        return jnp.zeros((), jnp.float32), jnp.zeros((0,), jnp.float32)
     return dispatch_ord(p, functools.partial(_measure_total, leaves, groups=groups))
 
 
@@ -546,7 +600,7 @@ def _measure_total(leaves, p, groups):
         norms, _ = _segment_norms(
             leaves, p, [()] * len(leaves), groups, normalize=False, parts=None
         )
-        return _norm_of_norms(norms, p)
+        return _norm_of_norms(norms, p), norms
 
     # One reduction per leaf, nothing else reads the leaves: no control flow
     # over the tree, so the step stays one pass to measure and one to scale.
@@ -558,12 +612,17 @@ def _measure_total(leaves, p, groups):
         # One local sum cannot overflow where its own terms did not: it is
         # inf exactly when the tensor's norm is beyond 2**64 (a non-finite
         # step). The root then fuses into the reduction's kernel.
-        return safe_root(sums[0], 2.0)
+        total = safe_root(sums[0], 2.0)
+        return total, jnp.reshape(total, (1,))
     out = None
+    per_group, order = [], []
     for names in dict.fromkeys(groups):
-        vector = stack_barrier(
-            [s for s, g in zip(sums, groups, strict=True) if g == names]
-        )
+        members = [i for i, g in enumerate(groups) if g == names]
+        vector = stack_barrier([sums[i] for i in members])
+        # Each leaf's own sum, whole across the mesh (only read when a
+        # caller records per-tensor norms or non-finite tensors).
+        per_group.append(cross_device(vector, names, p))
+        order.extend(members)
         if p == _INF:
             part = jnp.max(vector, initial=0.0)
         elif p == 1.0:
@@ -577,15 +636,19 @@ def _measure_total(leaves, p, groups):
         part = cross_device(part, names, p)
         out = part if out is None else _join(out, part, p)
     assert out is not None  # there is at least one leaf, so one group
+    per_leaf = per_group[0] if len(per_group) == 1 else jnp.concatenate(per_group)
+    if order != sorted(order):
+        per_leaf = per_leaf[np.argsort(order)]
+    per_leaf = safe_root(per_leaf, p)
     if p != 2.0:
-        return out
+        return out, per_leaf
     total, scaled = out[0], out[1]
     # One root of whichever sum is finite: a single expensive op, which XLA
     # fuses into the reduction rather than giving it a kernel of its own.
     overflow = jnp.isposinf(total)
     chosen = jnp.where(overflow, scaled, total)
     factor = jnp.where(overflow, _UNSHIFT_ROOT, 1.0).astype(chosen.dtype)
-    return safe_root(chosen, 2.0) * factor
+    return safe_root(chosen, 2.0) * factor, per_leaf
 
 
 def norm_of_norms(norms: jax.Array, p: float | jax.Array) -> jax.Array:

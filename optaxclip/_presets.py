@@ -21,13 +21,11 @@ import optax
 from . import _checks, _norms, rules
 from ._core import (
     Applied,
-    ClipStats,
     Context,
     Measurement,
     Parts,
     Step,
     check_nonfinite,
-    decode_record,
     keep_if,
     map_float,
     safe_scale,
@@ -36,12 +34,15 @@ from ._core import (
     zero_unless,
 )
 from ._scopes import (
+    GlobalMeasurement,
     GlobalScope,
     Rescale,
     TensorScope,
     clip_by_global_norm,
     clip_by_norm,
+    scope_transform,
 )
+from ._stats import ClipStats, read_record, record_of
 
 __all__ = [
     "ClippyState",
@@ -54,6 +55,7 @@ __all__ = [
     "quantile_clip",
     "spam_clip",
     "stable_spam_clip",
+    "trust_ratio_clip",
     "zclip",
 ]
 
@@ -71,6 +73,7 @@ def autoclip(
     nonfinite: str = "zero",
     axis_name: Any = None,
     partition_specs: Any = None,
+    per_tensor_stats: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """AutoClip: clip the global norm to a percentile of its own history.
 
@@ -102,6 +105,9 @@ def autoclip(
       partition_specs: keyword-only; which leaves are split across
         ``axis_name`` (a pytree prefix of ``PartitionSpec``).
 
+      per_tensor_stats: keyword-only; also record each tensor's norm on every
+        step (``stats.tensor_norms``; per-tensor keys in
+        [`metrics`][optaxclip.metrics]).
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
 
@@ -128,6 +134,7 @@ def autoclip(
             nonfinite=nonfinite,
             axis_name=axis_name,
             partition_specs=partition_specs,
+            per_tensor_stats=per_tensor_stats,
         )
 
 
@@ -145,6 +152,7 @@ def zclip(
     nonfinite: str = "zero",
     axis_name: Any = None,
     partition_specs: Any = None,
+    per_tensor_stats: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """ZClip: z-score spike clipping of the global norm.
 
@@ -183,6 +191,9 @@ def zclip(
       partition_specs: keyword-only; which leaves are split across
         ``axis_name`` (a pytree prefix of ``PartitionSpec``).
 
+      per_tensor_stats: keyword-only; also record each tensor's norm on every
+        step (``stats.tensor_norms``; per-tensor keys in
+        [`metrics`][optaxclip.metrics]).
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
 
@@ -219,6 +230,7 @@ def zclip(
             nonfinite=nonfinite,
             axis_name=axis_name,
             partition_specs=partition_specs,
+            per_tensor_stats=per_tensor_stats,
         )
 
 
@@ -233,6 +245,7 @@ def adagc(
     axis_name: Any = None,
     partition_specs: Any = None,
     stacked_axes: Any = None,
+    per_tensor_stats: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """AdaGC: per-tensor clipping relative to an EMA of each tensor's norm.
 
@@ -267,6 +280,8 @@ def adagc(
       stacked_axes: keyword-only; leading stacked-layer axes (see
         [`clip_by_norm`][optaxclip.clip_by_norm]).
 
+      per_tensor_stats: keyword-only; accepted for a uniform signature:
+        this method always records one entry per tensor.
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``stats`` hold one entry
       per tensor.
@@ -301,6 +316,7 @@ def adagc(
             nonfinite=nonfinite,
             axis_name=axis_name,
             partition_specs=partition_specs,
+            per_tensor_stats=per_tensor_stats,
             stacked_axes=stacked_axes,
         )
 
@@ -314,6 +330,7 @@ def olmo_adaptive_clip(
     axis_name: Any = None,
     partition_specs: Any = None,
     stacked_axes: Any = None,
+    per_tensor_stats: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """OLMo's adaptive clipping: each tensor to a ratio of its norm's EMA.
 
@@ -343,6 +360,8 @@ def olmo_adaptive_clip(
       stacked_axes: keyword-only; leading stacked-layer axes (see
         [`clip_by_norm`][optaxclip.clip_by_norm]).
 
+      per_tensor_stats: keyword-only; accepted for a uniform signature:
+        this method always records one entry per tensor.
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``stats`` hold one entry
       per tensor.
@@ -368,6 +387,7 @@ def olmo_adaptive_clip(
             nonfinite=nonfinite,
             axis_name=axis_name,
             partition_specs=partition_specs,
+            per_tensor_stats=per_tensor_stats,
             stacked_axes=stacked_axes,
         )
 
@@ -381,6 +401,7 @@ def quantile_clip(
     nonfinite: str = "zero",
     axis_name: Any = None,
     partition_specs: Any = None,
+    per_tensor_stats: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Quantile-tracking clipping of the global norm (streaming).
 
@@ -410,6 +431,9 @@ def quantile_clip(
       partition_specs: keyword-only; which leaves are split across
         ``axis_name`` (a pytree prefix of ``PartitionSpec``).
 
+      per_tensor_stats: keyword-only; also record each tensor's norm on every
+        step (``stats.tensor_norms``; per-tensor keys in
+        [`metrics`][optaxclip.metrics]).
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
 
@@ -433,6 +457,7 @@ def quantile_clip(
             nonfinite=nonfinite,
             axis_name=axis_name,
             partition_specs=partition_specs,
+            per_tensor_stats=per_tensor_stats,
         )
 
 
@@ -447,22 +472,31 @@ class SpamClipState(NamedTuple):
     Attributes:
       nu: the EMA of the clipped squared gradient (float32 or better), shaped
         like the updates.
-      count: int32, finite steps seen.
-      packed_stats: the latest step's stats, packed; read them as
-        ``state.stats`` (``norm``: global norm before clipping;
-        ``threshold``: the spike threshold on ``g**2 / v``; ``scale``: the
-        global norm after clipping over the one before; ``clipped``: number
-        of entries clipped).
+      finite_count: int32, finite steps seen (drives the resets and the
+        guard steps).
+      count: int32, steps seen.
+      norm_threshold_scale: three rows: the latest step's global norm
+        before clipping, the spike threshold on ``g**2 / v``, and the global
+        norm after clipping over the one before.
+      counts: int32, ``[entries clipped, nonfinite_count, *nonfinite_tensors]``.
+      tensor_norms: each tensor's 2-norm, with ``per_tensor_stats=True``.
+
+    Read the stats together as ``state.stats`` (a
+    [`ClipStats`][optaxclip.ClipStats]); what each means is tabulated in
+    the docs (methods page, "What the stats mean").
     """
 
     nu: Any
+    finite_count: jax.Array
     count: jax.Array
-    packed_stats: jax.Array
+    norm_threshold_scale: jax.Array
+    counts: jax.Array
+    tensor_norms: jax.Array | tuple[()]
 
     @property
     def stats(self) -> ClipStats:
         """The latest step's [`ClipStats`][optaxclip.ClipStats]."""
-        return decode_record(self.packed_stats)
+        return read_record(record_of(self))
 
 
 def spam_clip(
@@ -474,6 +508,7 @@ def spam_clip(
     nonfinite: str = "zero",
     axis_name: _norms.AxisName = None,
     partition_specs: Any = None,
+    per_tensor_stats: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """SPAM's spike-aware clipping: each entry against its second moment.
 
@@ -506,6 +541,9 @@ def spam_clip(
       partition_specs: keyword-only; which leaves are split across
         ``axis_name`` (a pytree prefix of ``PartitionSpec``).
 
+      per_tensor_stats: keyword-only; also record each tensor's norm on every
+        step (``stats.tensor_norms``; per-tensor keys in
+        [`metrics`][optaxclip.metrics]).
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
       [`SpamClipState`][optaxclip.SpamClipState].
@@ -530,15 +568,16 @@ def spam_clip(
         _checks.check_number(reset_interval, "reset_interval", lo=0, integer=True)
         _checks.check_number(guard_steps, "guard_steps", lo=0, integer=True)
         zero = check_nonfinite(nonfinite)
-    scope = GlobalScope(2.0, axis_name, partition_specs, owner="spam_clip")
+        pts = _checks.static_flag(per_tensor_stats, "per_tensor_stats")
+    scope = GlobalScope(2.0, axis_name, partition_specs, "spam_clip", pts)
     action = _SpamAction(beta2, reset_interval, guard_steps, axis_name, partition_specs)
 
     def make(parts: Parts) -> SpamClipState:
-        nu, count = parts.action_state
-        return SpamClipState(nu, count, parts.packed_stats)
+        nu, finite_count = parts.action_state
+        return SpamClipState(nu, finite_count, *parts.record)
 
     def parts_of(state: SpamClipState) -> Parts:
-        return Parts((), (state.nu, state.count), state.packed_stats)
+        return Parts((), (state.nu, state.finite_count), record_of(state))
 
     step = Step(
         scope, rules.fixed(threshold), action, zero, make, parts_of, SpamClipState
@@ -579,7 +618,7 @@ class _SpamAction:
         def clip_leaf(_, g, nu):
             nu = jnp.where(reset, _norms.full_like(nu, 0), nu)
             magnitude = jnp.abs(g).astype(nu.dtype)
-            bound = jnp.sqrt(ctx.threshold.astype(nu.dtype) * nu)
+            bound = _norms.safe_root(ctx.threshold.astype(nu.dtype) * nu, 2.0)
             over = active & (nu > 0) & (magnitude > bound)
             safe = jnp.where(over, magnitude, _norms.full_like(magnitude, 1))
             factor = jnp.where(over, bound / safe, _norms.full_like(safe, 1))
@@ -610,21 +649,31 @@ class StableSpamClipState(NamedTuple):
 
     Attributes:
       m_max: the EMA of each tensor's largest absolute entry.
-      count: int32, the number of non-zero gradients each tensor has had.
-      packed_stats: the latest step's stats, packed; read them as
-        ``state.stats`` (``norm``: each tensor's largest absolute entry;
-        ``threshold``: the bias-corrected bound ``T``; ``scale``:
-        ``T / max|g|`` where clipped; ``clipped``: entries clipped).
+      nonzero_count: int32, the number of non-zero gradients each tensor
+        has had.
+      count: int32, steps seen.
+      norm_threshold_scale: three rows, one column per tensor: each
+        tensor's largest absolute entry, the bias-corrected bound ``T``, and
+        ``T / max|g|`` where clipped.
+      counts: int32, ``[entries clipped, nonfinite_count]``.
+      tensor_norms: empty (the norms are per tensor).
+
+    Read the stats together as ``state.stats`` (a
+    [`ClipStats`][optaxclip.ClipStats]); what each means is tabulated in
+    the docs (methods page, "What the stats mean").
     """
 
     m_max: jax.Array
+    nonzero_count: jax.Array
     count: jax.Array
-    packed_stats: jax.Array
+    norm_threshold_scale: jax.Array
+    counts: jax.Array
+    tensor_norms: jax.Array | tuple[()]
 
     @property
     def stats(self) -> ClipStats:
         """The latest step's [`ClipStats`][optaxclip.ClipStats]."""
-        return decode_record(self.packed_stats)
+        return read_record(record_of(self))
 
 
 def stable_spam_clip(
@@ -633,6 +682,7 @@ def stable_spam_clip(
     nonfinite: str = "zero",
     axis_name: _norms.AxisName = None,
     partition_specs: Any = None,
+    per_tensor_stats: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Stable-SPAM's adaptive spike clipping: entries above a per-tensor bound.
 
@@ -657,6 +707,8 @@ def stable_spam_clip(
       partition_specs: keyword-only; which leaves are split across
         ``axis_name`` (a pytree prefix of ``PartitionSpec``).
 
+      per_tensor_stats: keyword-only; accepted for a uniform signature:
+        this method always records one entry per tensor.
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
       [`StableSpamClipState`][optaxclip.StableSpamClipState].
@@ -679,16 +731,18 @@ def stable_spam_clip(
         # beta = 1 would divide by 1 - beta**t = 0 in the bias correction.
         _checks.check_number(beta, "beta", lo=0.0, hi=1.0, hi_open=True)
         zero = check_nonfinite(nonfinite)
+        _checks.static_flag(per_tensor_stats, "per_tensor_stats")
     scope = TensorScope(
         _norms.INF, axis_name, partition_specs, None, False, owner="stable_spam_clip"
     )
 
     def make(parts: Parts) -> StableSpamClipState:
-        m_max, count = parts.rule_state
-        return StableSpamClipState(m_max, count, parts.packed_stats)
+        m_max, nonzero_count = parts.rule_state
+        return StableSpamClipState(m_max, nonzero_count, *parts.record)
 
     def parts_of(state: StableSpamClipState) -> Parts:
-        return Parts(_MaxEmaState(state.m_max, state.count), (), state.packed_stats)
+        rule_state = _MaxEmaState(state.m_max, state.nonzero_count)
+        return Parts(rule_state, (), record_of(state))
 
     step = Step(
         scope, _BiasCorrectedMax(beta), _ScaleAbove(axis_name, partition_specs),
@@ -780,18 +834,27 @@ class ClippyState(NamedTuple):
     """State of [`clippy`][optaxclip.clippy].
 
     Attributes:
-      packed_stats: the latest step's stats, packed, one entry per tensor;
-        read them as ``state.stats`` (``norm``: the largest
-        ``|u| / (relative * |w| + absolute)``; ``threshold``: 1; ``scale``:
-        the factor applied; ``clipped``: tensors scaled down).
+      count: int32, steps seen.
+      norm_threshold_scale: three rows, one column per tensor: the largest
+        ``|u| / (relative * |w| + absolute)``, 1 (the bound), and the factor
+        applied.
+      counts: int32, ``[tensors scaled down, nonfinite_count]``.
+      tensor_norms: empty (the norms are per tensor).
+
+    Read the stats together as ``state.stats`` (a
+    [`ClipStats`][optaxclip.ClipStats]); what each means is tabulated in
+    the docs (methods page, "What the stats mean").
     """
 
-    packed_stats: jax.Array
+    count: jax.Array
+    norm_threshold_scale: jax.Array
+    counts: jax.Array
+    tensor_norms: jax.Array | tuple[()]
 
     @property
     def stats(self) -> ClipStats:
         """The latest step's [`ClipStats`][optaxclip.ClipStats]."""
-        return decode_record(self.packed_stats)
+        return read_record(record_of(self))
 
 
 def clippy(
@@ -800,6 +863,7 @@ def clippy(
     *,
     nonfinite: str = "zero",
     axis_name: _norms.AxisName = None,
+    per_tensor_stats: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Clippy: scale each tensor's *update* so no entry moves its weight too far.
 
@@ -819,6 +883,8 @@ def clippy(
       axis_name: keyword-only; the ``shard_map`` / ``pmap`` mesh axis (or
         axes) the leaves are split across.
 
+      per_tensor_stats: keyword-only; accepted for a uniform signature:
+        this method always records one entry per tensor.
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
       [`ClippyState`][optaxclip.ClippyState].
@@ -843,13 +909,14 @@ def clippy(
         _checks.check_number(relative, "relative", lo=0.0)
         _checks.check_number(absolute, "absolute", lo=0.0)
         zero = check_nonfinite(nonfinite)
+        _checks.static_flag(per_tensor_stats, "per_tensor_stats")
     scope = _RelativeScope(relative, absolute, axis_name)
 
     def make(parts: Parts) -> ClippyState:
-        return ClippyState(parts.packed_stats)
+        return ClippyState(*parts.record)
 
     def parts_of(state: ClippyState) -> Parts:
-        return Parts((), (), state.packed_stats)
+        return Parts((), (), record_of(state))
 
     step = Step(scope, rules.fixed(1.0), Rescale(), zero, make, parts_of, ClippyState)
     return step.transform()
@@ -905,12 +972,121 @@ class _RelativeScope:
             moving = mag > 0
             ratio = jnp.where(moving, mag / jnp.where(moving, room, 1), 0)
             ratios.append(jnp.max(ratio, initial=0.0))
-            largest.append(jnp.max(mag, initial=0.0))
+            largest.append(jnp.max(_norms.nan_to_inf(mag), initial=0.0))
         names = _norms.axis_names(self.axis_name)
         ratio = _norms.cross_device(_norms.stack_barrier(ratios), names, _norms.INF)
         big = _norms.cross_device(_norms.stack_barrier(largest), names, _norms.INF)
+        # A tensor with a NaN or infinite entry reads as such (a NaN entry
+        # does not move its ratio, whose comparison is False).
+        ratio = jnp.where(jnp.isfinite(big), ratio, big)
         finite = jnp.all(jnp.isfinite(big))
         return RelativeMeasurement(ratio, finite, ratio, jnp.max(ratio))
+
+
+def trust_ratio_clip(
+    max_ratio: rules.Threshold = 0.01,
+    eps: jax.typing.ArrayLike = 1e-3,
+    *,
+    nonfinite: str = "zero",
+    axis_name: _norms.AxisName = None,
+    partition_specs: Any = None,
+    per_tensor_stats: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+    """Bounds each step relative to the weights: ``|u| <= max_ratio * |w|``.
+
+    Place it after the optimizer (it needs ``params``): the whole update
+    ``u`` is rescaled so that its global 2-norm is at most ``max_ratio``
+    times the global 2-norm of the parameters (floored at ``eps``), i.e.
+    ``u * min(1, max_ratio * max(|w|, eps) / |u|)``. No step moves the
+    weights by more than ``max_ratio`` of their size, whatever the learning
+    rate, the loss scale or the gradient's history: the bound is a ratio,
+    not a gradient norm, so it needs no threshold read off the run. This is
+    the trust ratio of LARS and LAMB used as a bound rather than a factor.
+
+    ``stats.norm`` holds the step's ratio ``|u| / max(|w|, eps)`` and
+    ``stats.threshold`` the bound on it.
+
+    Args:
+      max_ratio: the largest step relative to the parameters' norm (default
+        0.01: one percent per step); a number, scalar array,
+        ``optax.Schedule`` or a rule from [`optaxclip.rules`][optaxclip.rules]
+        (which then sees the ratio).
+      eps: floor on the parameters' norm, so zero-initialized parameters can
+        still move (at most ``max_ratio * eps`` per step).
+      nonfinite: keyword-only; ``"zero"`` (default): a NaN/Inf update is
+        zeroed and counted; ``"propagate"``: it passes through.
+      axis_name: keyword-only; the ``shard_map`` / ``pmap`` mesh axis (or
+        axes) the leaves are split across.
+      partition_specs: keyword-only; a pytree prefix of ``PartitionSpec``
+        saying which leaves are split across ``axis_name`` (for both the
+        updates and the parameters).
+      per_tensor_stats: keyword-only; also record each tensor's own ratio
+        ``|u_i| / max(|w_i|, eps)`` on every step (``stats.tensor_norms``;
+        per-tensor keys in [`metrics`][optaxclip.metrics]).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is a
+      [`ClipState`][optaxclip.ClipState].
+
+    Raises:
+      ValueError: in ``update`` if ``params`` is None or does not match the
+        updates' structure.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> import optaxclip as oc
+      >>> tx = optax.chain(optax.sgd(1.0), oc.trust_ratio_clip(0.1))
+      >>> params = {"w": jnp.array([3.0, 4.0])}
+      >>> grads = {"w": jnp.array([6.0, 8.0])}
+      >>> updates, state = tx.update(grads, tx.init(params), params)
+      >>> print(updates["w"], oc.stats(state)[0].norm)
+      [-0.3 -0.4] 2.0
+
+    References:
+      You et al., [Large Batch Training of Convolutional
+      Networks](https://arxiv.org/abs/1708.03888), 2017 (the trust ratio);
+      Brock et al., [High-Performance Large-Scale Image Recognition Without
+      Normalization](https://arxiv.org/abs/2102.06171), 2021 (a bound
+      relative to the weights).
+    """
+    with _checks.arguments("trust_ratio_clip"):
+        _checks.check_threshold(eps, "eps")
+        pts = _checks.static_flag(per_tensor_stats, "per_tensor_stats")
+        scope = _StepRatioScope(eps, axis_name, partition_specs, per_tensor_stats=pts)
+        return scope_transform(scope, max_ratio, "max_ratio", nonfinite, Rescale())
+
+
+@dataclasses.dataclass(frozen=True)
+class _StepRatioScope:
+    """The whole update's norm relative to the whole parameters' norm."""
+
+    eps: Any
+    axis_name: Any
+    partition_specs: Any
+    owner: str = "trust_ratio_clip"
+    per_tensor_stats: bool = False
+    leafwise = True
+
+    def norm_like(self, params):
+        return jnp.zeros((), _norms.tree_acc_dtype(params))
+
+    def measure(self, updates, params, extra_args):
+        del extra_args
+        if params is None:
+            raise ValueError(
+                "trust_ratio_clip needs the parameters: call "
+                "`tx.update(updates, state, params)`."
+            )
+        _checks.check_params(self.owner, updates, params)
+        acc = _norms.tree_acc_dtype(updates)
+        specs = (self.axis_name, self.partition_specs)
+        step, steps = _norms.tree_norms(updates, 2.0, *specs)
+        size, sizes = _norms.tree_norms(params, 2.0, *specs)
+        eps = jnp.asarray(self.eps, acc)
+        ratio = step / jnp.maximum(size, eps)
+        # Each tensor's own ratio: non-finite exactly where its update is.
+        ratios = steps / jnp.maximum(sizes.astype(acc), eps)
+        return GlobalMeasurement(ratio, jnp.isfinite(ratio), ratio, ratio, ratios)
 
 
 # ---------------------------------------------------------------------------

@@ -53,6 +53,7 @@ def clip_by_global_norm(
     nonfinite: str = "zero",
     axis_name: _norms.AxisName = None,
     partition_specs: Any = None,
+    per_tensor_stats: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Rescales the whole update so its global ``ord``-norm is at most the bound.
 
@@ -79,6 +80,9 @@ def clip_by_global_norm(
       partition_specs: keyword-only; a pytree prefix of
         ``jax.sharding.PartitionSpec`` saying which leaves are split across
         ``axis_name`` (replicated leaves are then counted once).
+      per_tensor_stats: keyword-only; also record each tensor's ``ord``-norm on
+        every step (``stats.tensor_norms``, and per-tensor keys in
+        [`metrics`][optaxclip.metrics]); costs one small kernel per step.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -98,7 +102,10 @@ def clip_by_global_norm(
       Networks](https://arxiv.org/abs/1211.5063), 2013.
     """
     scope = GlobalScope(
-        ord=_norms.check_ord(ord), axis_name=axis_name, partition_specs=partition_specs
+        ord=_norms.check_ord(ord),
+        axis_name=axis_name,
+        partition_specs=partition_specs,
+        per_tensor_stats=_checks.static_flag(per_tensor_stats, "per_tensor_stats"),
     )
     return scope_transform(scope, max_norm, "max_norm", nonfinite, Rescale())
 
@@ -111,6 +118,7 @@ def clip_by_norm(
     axis_name: _norms.AxisName = None,
     partition_specs: Any = None,
     stacked_axes: Any = None,
+    per_tensor_stats: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Rescales each tensor (leaf) separately to an ``ord``-norm of at most the bound.
 
@@ -134,6 +142,8 @@ def clip_by_norm(
         or a pytree prefix of ints; each layer slice is then clipped as its
         own tensor. Default None (no stacked axes). Under
         ``optax.inject_hyperparams`` list it in ``static_args``.
+      per_tensor_stats: keyword-only; accepted for a uniform signature:
+        this scope always records one entry per tensor.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``stats.norm`` holds one
@@ -148,6 +158,7 @@ def clip_by_norm(
       >>> print(clipped["a"], clipped["b"], state.stats.norm)
       [0.6 0.8] [0.5] [5.  0.5]
     """
+    _checks.static_flag(per_tensor_stats, "per_tensor_stats")
     scope = TensorScope(
         ord=_norms.check_ord(ord),
         axis_name=axis_name,
@@ -165,6 +176,7 @@ def clip_by_block_rms(
     axis_name: _norms.AxisName = None,
     partition_specs: Any = None,
     stacked_axes: Any = None,
+    per_tensor_stats: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Rescales each tensor so its root-mean-square entry is at most the bound.
 
@@ -179,6 +191,8 @@ def clip_by_block_rms(
       partition_specs: keyword-only; which leaves are split across it.
       stacked_axes: keyword-only; leading stacked-layer axes (see
         [`clip_by_norm`][optaxclip.clip_by_norm]).
+      per_tensor_stats: keyword-only; accepted for a uniform signature:
+        this scope always records one entry per tensor.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``stats.norm`` holds the
@@ -193,6 +207,7 @@ def clip_by_block_rms(
       >>> print(clipped["w"], state.stats.norm)
       [ 1. -1.  1. -1.] [2.]
     """
+    _checks.static_flag(per_tensor_stats, "per_tensor_stats")
     scope = TensorScope(
         ord=2.0,
         axis_name=axis_name,
@@ -210,6 +225,7 @@ def clip_by_value(
     nonfinite: str = "zero",
     axis_name: _norms.AxisName = None,
     partition_specs: Any = None,
+    per_tensor_stats: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Clamps every entry to ``[-max_delta, max_delta]``.
 
@@ -224,6 +240,9 @@ def clip_by_value(
       axis_name: keyword-only; mesh axis the leaves are split across (only the
         recorded largest entry and rules depend on it).
       partition_specs: keyword-only; which leaves are split across it.
+      per_tensor_stats: keyword-only; also record each tensor's largest
+        absolute entry on every step (``stats.tensor_norms``, and per-tensor keys in
+        [`metrics`][optaxclip.metrics]); costs one small kernel per step.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -236,11 +255,20 @@ def clip_by_value(
       >>> print(clipped, state.stats.norm, state.stats.clipped)
       [-1.   0.5  1. ] 3.0 1
     """
-    scope = ElementScope(axis_name=axis_name, partition_specs=partition_specs)
+    scope = ElementScope(
+        axis_name=axis_name,
+        partition_specs=partition_specs,
+        per_tensor_stats=_checks.static_flag(per_tensor_stats, "per_tensor_stats"),
+    )
     return scope_transform(scope, max_delta, "max_delta", nonfinite, Clamp())
 
 
 clip = clip_by_value
+"""Alias of [`clip_by_value`][optaxclip.clip_by_value], under optax's name ``clip``.
+
+``oc.clip(max_delta)`` is ``oc.clip_by_value(max_delta)``: the same arguments,
+state and result, so ``optax.clip(1.0)`` ports by changing the module only.
+"""
 
 
 def adaptive_grad_clip(
@@ -252,6 +280,7 @@ def adaptive_grad_clip(
     axis_name: _norms.AxisName = None,
     partition_specs: Any = None,
     stacked_axes: Any = None,
+    per_tensor_stats: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Adaptive gradient clipping (AGC): each unit to ``clipping * max(|w|, eps)``.
 
@@ -275,6 +304,8 @@ def adaptive_grad_clip(
       partition_specs: keyword-only; a pytree prefix of ``PartitionSpec``.
       stacked_axes: keyword-only; leading stacked-layer axes excluded from
         the units (see [`clip_by_norm`][optaxclip.clip_by_norm]).
+      per_tensor_stats: keyword-only; accepted for a uniform signature:
+        this scope always records one entry per tensor.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``stats.norm`` holds each
@@ -301,6 +332,7 @@ def adaptive_grad_clip(
       Normalization](https://arxiv.org/abs/2102.06171), 2021.
     """
     _checks.check_threshold(eps, "eps")
+    _checks.static_flag(per_tensor_stats, "per_tensor_stats")
     scope = UnitScope(
         eps=eps,
         axis=axis,
@@ -388,7 +420,13 @@ class Clamp:
 
 @dataclasses.dataclass(frozen=True)
 class GlobalMeasurement(Measurement):
-    """The whole tree's norm (or its largest entry, for the element scope)."""
+    """The whole tree's norm (or its largest entry, for the element scope).
+
+    Attributes:
+      leaf_norms: each tensor's own norm (or largest entry), for the record.
+    """
+
+    leaf_norms: jax.Array | None = None
 
     def rescale(self, updates, threshold, keep):
         norm = self.norms
@@ -402,22 +440,24 @@ def _finite(norms: jax.Array) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class GlobalScope:
-    """The whole pytree: one ``ord``-norm."""
+    """The whole pytree: one ``ord``-norm (each tensor's too, for the record)."""
 
     ord: Any
     axis_name: Any
     partition_specs: Any
     owner: str = "clip_by_global_norm"
+    per_tensor_stats: bool = False
+    leafwise = True
 
     def norm_like(self, params):
         return jnp.zeros((), _norms.tree_acc_dtype(params))
 
     def measure(self, updates, params, extra_args):
         del params, extra_args
-        norm = _norms.global_norm(
-            updates, self.ord, self.axis_name, partition_specs=self.partition_specs
-        ).astype(_norms.tree_acc_dtype(updates))
-        return GlobalMeasurement(norm, _finite(norm), norm, norm)
+        norm, per_leaf = _norms.tree_norms(
+            updates, self.ord, self.axis_name, self.partition_specs
+        )
+        return GlobalMeasurement(norm, _finite(norm), norm, norm, per_leaf)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -427,16 +467,18 @@ class ElementScope:
     axis_name: Any
     partition_specs: Any
     owner: str = "clip_by_value"
+    per_tensor_stats: bool = False
+    leafwise = True
 
     def norm_like(self, params):
         return jnp.zeros((), _norms.tree_acc_dtype(params))
 
     def measure(self, updates, params, extra_args):
         del params, extra_args
-        largest = _norms.global_norm(
-            updates, "inf", self.axis_name, partition_specs=self.partition_specs
-        ).astype(_norms.tree_acc_dtype(updates))
-        return GlobalMeasurement(largest, _finite(largest), largest, largest)
+        largest, per_leaf = _norms.tree_norms(
+            updates, _norms.INF, self.axis_name, self.partition_specs
+        )
+        return GlobalMeasurement(largest, _finite(largest), largest, largest, per_leaf)
 
 
 def _stacked_per_leaf(stacked_axes, tree):
@@ -532,7 +574,7 @@ class TensorScope:
                 counts,
             )
             weights = jnp.asarray(sizes / max(sizes.sum(), 1), norms.dtype)
-            return jnp.sqrt(jnp.sum(weights * norms * norms))
+            return _norms.safe_root(jnp.sum(weights * norms * norms), 2.0)
         return _norms.norm_of_norms(norms, self.ord)
 
     def measure(self, updates, params, extra_args):
@@ -678,7 +720,7 @@ class UnitScope:
             tuple(n for n in s if n not in g)
             for s, g in zip(split, groups, strict=True)
         )
-        ratios = [jnp.max(g / w).astype(acc) for g, w in units]
+        ratios = [jnp.max(_norms.nan_to_inf(g / w)).astype(acc) for g, w in units]
         ratios = _norms.cross_device(
             _norms.stack_barrier(ratios), everywhere, _norms.INF
         )

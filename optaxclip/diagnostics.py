@@ -14,7 +14,12 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ThresholdReport", "plot_norm_history", "suggest_threshold"]
+__all__ = [
+    "ThresholdReport",
+    "plot_norm_history",
+    "plot_tensor_norms",
+    "suggest_threshold",
+]
 
 REPORTED_PERCENTILES = (1.0, 5.0, 10.0, 25.0, 50.0, 75.0, 90.0, 95.0, 99.0)
 
@@ -212,6 +217,104 @@ def plot_norm_history(
     ax_h.set_ylabel("steps")
     if marked:
         ax_h.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_tensor_norms(
+    norms: Any,
+    path: str,
+    names: Any = None,
+    clipped: Any = None,
+) -> str:
+    """Draws per-tensor gradient norms over steps as a heatmap (tensors x steps).
+
+    Each row is a tensor, each column a step, the colour its log10 norm;
+    non-finite norms are drawn black, and the steps marked in ``clipped``
+    get a tick along the top. Record the rows from ``oc.stats(state)[0]``
+    (``tensor_norms`` of a clip built with ``per_tensor_stats=True``, or
+    ``norm`` of a per-tensor clip) or from the per-tensor keys of
+    [`metrics`][optaxclip.metrics].
+
+    Args:
+      norms: a 2-D array, one row per step and one column per tensor.
+      path: the file to write (the format follows the extension, e.g. PNG).
+      names: the tensors' names (e.g. parameter paths), one per column, or
+        None for their indices.
+      clipped: None, or a 1-D sequence of booleans (or 0/1), one per step:
+        the steps the clip rescaled, skipped or zeroed.
+
+    Returns:
+      ``path``.
+
+    Raises:
+      ImportError: if matplotlib is not installed.
+      ValueError: if ``norms`` is not 2-D, or ``names`` / ``clipped`` do not
+        match its columns / rows.
+
+    Example:
+      >>> import os, tempfile
+      >>> import numpy as np
+      >>> import optaxclip as oc
+      >>> norms = np.exp(np.random.default_rng(0).normal(size=(50, 3)))
+      >>> with tempfile.TemporaryDirectory() as folder:
+      ...     out = os.path.join(folder, "tensors.png")
+      ...     path = oc.plot_tensor_norms(norms, out, ["embed", "attn", "head"],
+      ...                                 clipped=norms.max(axis=1) > 3)
+      ...     print(path == out, os.path.getsize(out) > 0)
+      True True
+    """
+    values = np.asarray(norms, dtype=np.float64)
+    if values.ndim != 2 or not values.size:
+        raise ValueError(
+            "`norms` must be a non-empty 2-D array with one row per step and "
+            f"one column per tensor; got shape {values.shape}."
+        )
+    steps, tensors = values.shape
+    labels = [str(i) for i in range(tensors)] if names is None else list(names)
+    if len(labels) != tensors:
+        raise ValueError(
+            f"`names` has {len(labels)} entries but `norms` has {tensors} "
+            "columns (tensors); pass one name per column."
+        )
+    marks = None
+    if clipped is not None:
+        marks = np.asarray(clipped, dtype=bool)
+        if marks.shape != (steps,):
+            raise ValueError(
+                f"`clipped` must have one entry per step ({steps}); got shape "
+                f"{marks.shape}."
+            )
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ImportError(
+            "plot_tensor_norms needs matplotlib: `pip install matplotlib` "
+            "(or `pip install optaxclip[examples]`)."
+        ) from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    finite = np.isfinite(values) & (values > 0)
+    logs = np.where(finite, np.log10(np.where(finite, values, 1.0)), np.nan)
+    height = min(1.2 + 0.22 * tensors, 12.0)
+    fig, ax = plt.subplots(figsize=(10, height))
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="black")
+    image = ax.imshow(
+        np.ma.masked_invalid(logs.T), aspect="auto", cmap=cmap,
+        interpolation="nearest",
+    )  # fmt: skip
+    fig.colorbar(image, ax=ax, label="log10 norm", pad=0.01)
+    ax.set_yticks(range(tensors), labels, fontsize=7)
+    ax.set_xlabel("step")
+    if marks is not None and marks.any():
+        at = np.flatnonzero(marks)
+        ax.plot(at, np.full(at.size, -0.5), "v", color="red", ms=4, clip_on=False,
+                label="clipped")  # fmt: skip
+        ax.legend(fontsize=8, loc="upper right", bbox_to_anchor=(1.0, 1.12))
+    ax.set_title("per-tensor gradient norm", fontsize=10, loc="left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

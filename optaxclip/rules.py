@@ -463,7 +463,7 @@ class zscore:  # noqa: N801
         w_threshold = jnp.minimum(inf, cap)
 
         # After warm-up: spike detection and the EMA update.
-        std = jnp.sqrt(jnp.maximum(var, 0))
+        std = _sqrt(jnp.maximum(var, 0))
         if self.mode == "percentile":
             clip_value = mean + z_thresh * std
             spike = norm > clip_value
@@ -620,7 +620,11 @@ class ema:  # noqa: N801
                 )
             total = jnp.asarray(total, dt)
             cap = jnp.asarray(self.warmup_max_norm, dt)
-            coefficient = jnp.where(total > cap - eps, cap / (total + eps), 1)
+            over = total > cap - eps
+            # The division only where it is taken: a zero tree's total with
+            # eps = 0 would be 0 / 0, whose derivative poisons the select.
+            safe = jnp.where(over, total + eps, jnp.ones_like(total))
+            coefficient = jnp.where(over, cap / safe, 1)
         w_threshold = norm * coefficient
         clipped = norm * coefficient
         w_average = jnp.where(
@@ -843,7 +847,7 @@ class mean_std:  # noqa: N801
         centred = jnp.where(valid, state.buffer - mean[..., None], 0)
         var = jnp.sum(centred * centred, axis=-1) / jnp.maximum(n - 1, 1).astype(dt)
         active = (n + 1 >= self.history) & (n >= 2)
-        bound = mean + jnp.asarray(self.sigma, dt) * jnp.sqrt(var)
+        bound = mean + jnp.asarray(self.sigma, dt) * _sqrt(var)
         threshold = jnp.where(active, bound, jnp.full_like(bound, jnp.inf))
         record = value != 0
         write = (slots == (count % window)[..., None]) & record[..., None]
@@ -861,3 +865,24 @@ def one_minus(value: Any, dtype: Any) -> jax.Array:
     if isinstance(value, jax.Array):
         return 1 - jnp.asarray(value, dtype)
     return jnp.asarray(1.0 - float(value), dtype)
+
+
+@jax.custom_jvp
+def _sqrt(x: jax.Array) -> jax.Array:
+    """``sqrt(x)`` whose derivative at 0 is 0, not inf.
+
+    A standard deviation of identical values is ``sqrt(0)``; the plain
+    derivative there is infinite, and times a zero tangent NaN, which would
+    reach every derivative of the bound. The measuring module's roots have
+    the same convention (rules import nothing from it).
+    """
+    return jax.lax.sqrt(x)
+
+
+@_sqrt.defjvp
+def _sqrt_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    root = jax.lax.sqrt(x)
+    positive = x > 0
+    safe = jnp.where(positive, root, jnp.ones_like(root))
+    return root, jnp.where(positive, t / (2 * safe), jnp.zeros_like(t))

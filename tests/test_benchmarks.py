@@ -10,10 +10,20 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import optaxclip as oc
-from benchmarks import compile_time, global_norm, harness, methods, records, report, run
+from benchmarks import (
+    compile_time,
+    global_norm,
+    harness,
+    methods,
+    records,
+    report,
+    run,
+    train_step,
+)
 from benchmarks.records import (
     OPTAX,
     OPTAXCLIP,
@@ -25,6 +35,7 @@ from benchmarks.records import (
     ClipRow,
     CompileRow,
     StepRow,
+    TrainRow,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,7 +82,7 @@ def _rows(data, kind):
 def test_quick_run_records_how_it_was_run(quick):
     _, data = quick
     assert data["command"] == f"python benchmarks/run.py --quick --json {_json(data)}"
-    assert data["mode"] == "quick" and data["sections"] == [1, 2, 3, 4]
+    assert data["mode"] == "quick" and data["sections"] == [1, 2, 3, 4, 5]
     assert data["date"].startswith(time.strftime("%Y-", time.gmtime()))
     assert data["config"] == json.loads(json.dumps(dataclasses.asdict(QUICK)))
     for key in ("jax", "jaxlib", "optax", "python", "cpu cores"):
@@ -123,6 +134,59 @@ def test_quick_run_has_every_step_and_compile_row(quick):
     assert [(r.method, r.with_adamw, r.leaves) for r in comp] == expected
     # The quick sizes compile well within the time limit: nothing stopped.
     assert all(r.trace_s > 0 and r.compile_s > 0 and r.peak_rss_mb > 0 for r in comp)
+
+
+def _expected_params(m):
+    # Embeddings, per block two layer norms, the qkv and output kernels and
+    # the MLP (kernels and biases), the final layer norm and the unembedding.
+    d = m.d_model
+    block = 2 * d + 3 * d * d + d * d + 2 * d + (d * 4 * d + 4 * d) + (4 * d * d + d)
+    return m.vocab * d + m.seq_len * d + m.layers * block + 2 * d + d * m.vocab
+
+
+def _np_cost(row, base):
+    ratios = np.asarray(row.round_seconds) / np.asarray(base.round_seconds)
+    return float(np.median(ratios)) - 1
+
+
+def test_quick_run_has_every_train_step_row_and_its_table(quick):
+    stdout, data = quick
+    rows = _rows(data, TrainRow)
+    labels = [c.label for c in train_step.candidates()]
+    assert [(r.model, r.method) for r in rows] == [
+        (name, label) for name in QUICK.train_models for label in labels
+    ]
+    page = report.render(data)
+    assert "## A whole train step (section 5)" in page
+    assert f"in a fresh random order each round (seed {QUICK.seed})" in page
+    for name in QUICK.train_models:
+        m = train_step.MODELS[name]
+        got = [r for r in rows if r.model == name]
+        base = got[0]
+        assert base.library == "none"
+        (optax_row,) = [r for r in got if r.library == "optax"]
+        for r in got:
+            assert (r.layers, r.d_model, r.heads, r.vocab) == (
+                m.layers, m.d_model, m.heads, m.vocab)  # fmt: skip
+            assert (r.batch, r.seq_len) == (m.batch, m.seq_len)
+            assert r.params == _expected_params(m)
+            assert r.leaves == 5 + 10 * m.layers
+            assert r.rounds == QUICK.train_rounds == len(r.round_seconds)
+            assert all(t > 0 for t in r.round_seconds)
+            assert r.seconds == pytest.approx(np.median(r.round_seconds))
+            cells = _cells(page, f"| {name} | {r.method} |")
+            assert cells[2] == f"{r.seconds * 1e3:.2f}"
+            if r is base:
+                assert cells[3:] == ["baseline", "", ""]
+                continue
+            cost = _np_cost(r, base)
+            assert cells[3] == f"{100 * cost:+.1f}%"
+            if r.library == "optaxclip":
+                theirs = _np_cost(optax_row, base)
+                assert cells[4] == f"{100 * (cost - theirs):+.1f}"
+                assert cells[5] == ("yes" if cost <= theirs + 0.01 else "no")
+    assert "In a whole train step" in page
+    assert page.strip() in stdout
 
 
 def test_quick_run_prints_the_report_of_its_rows(quick):
@@ -235,6 +299,65 @@ def test_report_computes_the_step_ratios_against_bare_and_fixed():
     assert "1.25x the fixed threshold" in summary
 
 
+def _train(model, params, method, library, round_ms):
+    seconds = [ms / 1e3 for ms in round_ms]
+    return TrainRow(5, model, params, 45, 4, 128, 4, 512, 8, 64, method, library,
+                    float(np.median(seconds)), len(seconds), seconds)  # fmt: skip
+
+
+def test_report_reads_each_clip_as_a_share_of_the_same_rounds_step():
+    base = [10.0, 12.0, 11.0, 10.0, 16.0]
+    rows = [
+        _train("big", 4_000_000, "no clip", "none", base),
+        _train("big", 4_000_000, "optax global", "optax",
+               [10.5, 12.3, 11.4, 10.6, 16.5]),
+        # Slower in absolute time than optax in some rounds, but each round
+        # read against the same round's unclipped step.
+        _train("big", 4_000_000, "ours", "optaxclip",
+               [10.3, 12.6, 11.5, 10.4, 16.2]),
+        _train("big", 4_000_000, "per tensor", "optaxclip",
+               [11.0, 13.2, 12.1, 11.0, 17.6]),
+        _train("small", 1_000_000, "no clip", "none", [2.0, 2.0, 2.2]),
+        _train("small", 1_000_000, "optax global", "optax", [2.1, 2.1, 2.2]),
+        _train("small", 1_000_000, "ours", "optaxclip", [2.1, 2.0, 2.3]),
+    ]  # fmt: skip
+    page = report.render(_data(rows))
+    costs = {}
+    for r in rows:
+        b = next(x for x in rows if x.model == r.model and x.library == "none")
+        ratios = np.asarray(r.round_seconds) / np.asarray(b.round_seconds)
+        costs[(r.model, r.method)] = float(np.median(ratios)) - 1
+    lines = _table_lines(page, "| big |")
+    assert [c.split("|")[2].strip() for c in lines] == [
+        "no clip", "optax global", "ours", "per tensor"]  # fmt: skip
+    assert _cells(page, "| big | no clip |")[2:] == ["11.00", "baseline", "", ""]
+    theirs = costs[("big", "optax global")]
+    assert _cells(page, "| big | optax global |")[3:] == [
+        f"{100 * theirs:+.1f}%", "", ""]  # fmt: skip
+    ours = costs[("big", "ours")]  # median of 3%, 5%, 4.5%, 4%, 1.25%: 4%
+    assert ours == pytest.approx(0.04)
+    assert _cells(page, "| big | ours |")[3:] == [
+        "+4.0%", f"{100 * (ours - theirs):+.1f}", "yes"]  # fmt: skip
+    tensor = costs[("big", "per tensor")]  # 10% in every round
+    assert tensor == pytest.approx(0.10)
+    assert tensor > theirs + 0.01
+    assert _cells(page, "| big | per tensor |")[3:] == [
+        "+10.0%", f"{100 * (tensor - theirs):+.1f}", "no"]  # fmt: skip
+    # Rounds of +5%, 0% and +4.5% against optax's +5%, +5% and 0%.
+    assert _cells(page, "| small | ours |")[3:] == ["+4.5%", "-0.5", "yes"]
+    # The smaller model is listed first, and each model is described.
+    assert page.index("| small |") < page.index("| big |")
+    assert "4 blocks of width 128 (4 heads), vocabulary 512" in page
+    assert "4,000,000 parameters in 45 tensors (5 rounds)" in page
+    summary = page.split("## What this means for you")[1].split("##")[0]
+    assert (
+        f"4M parameters: forward, backward, clip, adamw) optax's global clip "
+        f"cost {100 * theirs:+.1f}% of the step and optaxclip's +4.0%"
+    ) in summary
+    assert "2 of 3 optaxclip steps measured added at most optax's cost + 1%" in summary
+    assert "(not: per tensor on big, +10.0%)" in summary
+
+
 def test_report_computes_the_compile_ratios_and_shows_stopped_rows():
     rows = [
         _compile("optax global", "optax", "global", None, 100, 1.0, 3.0),
@@ -321,7 +444,12 @@ def test_report_refuses_a_file_that_is_not_benchmark_json(tmp_path, capsys):
         ("--row-budget", "-1"),
         ("--row-budget", "nan"),
         ("--compile-timeout", "0"),
-        ("--sections", "1,5"),
+        ("--sections", "1,6"),
+        ("--seed", "-1"),
+        ("--seed", "1.5"),
+        ("--train-rounds", "0"),
+        ("--train-models", "2M"),
+        ("--train-models", ""),
     ],
 )
 def test_bad_flags_are_refused_naming_the_flag_and_value(flag, value, capsys):
@@ -339,6 +467,10 @@ def test_flags_override_the_chosen_mode():
     args, cfg = run.parse_args(["--sections", "3,1", "--compile-leaves", "7"])
     assert args.order == [3, 1] and cfg.compile_leaves == (7,)
     assert cfg.sizes == records.FULL.sizes
+    argv = ["--quick", "--train-models", "1M,tiny", "--train-rounds", "3"]
+    _, cfg = run.parse_args([*argv, "--seed", "7"])
+    assert cfg.train_models == ("1M", "tiny") and cfg.train_rounds == 3
+    assert cfg.seed == 7 and cfg.repeats == QUICK.repeats
 
 
 # ---------------------------------------------------------------------------
@@ -402,6 +534,62 @@ def test_prepared_arguments_are_passed_and_not_timed(monkeypatch):
     assert seen == list(range(2 + 1 + 5))  # each call got its own argument
     assert timing.seconds["c"] == pytest.approx(0.001)
     assert timing.seconds["d"] == 0.0
+
+
+def test_every_round_runs_each_candidate_once_in_a_fresh_order(monkeypatch):
+    clock = _Clock()
+    monkeypatch.setattr(harness, "time", clock)
+    names = ["a", "b", "c", "d", "e"]
+    calls = []
+
+    def candidate_for(name):
+        def candidate():
+            calls.append(name)
+            clock.now += 0.001
+
+        return candidate
+
+    def rounds_of(seed):
+        calls.clear()
+        timing = harness.time_side_by_side(
+            {n: candidate_for(n) for n in names}, repeats=12, seed=seed
+        )
+        assert timing.rounds == 12
+        timed = calls[3 * len(names) :]  # after two warm-up calls and a round
+        return [timed[i : i + len(names)] for i in range(0, len(timed), len(names))]
+
+    rounds = rounds_of(seed=0)
+    assert len(rounds) == 12
+    for order in rounds:
+        assert sorted(order) == names  # each candidate once per round
+    assert len({tuple(o) for o in rounds}) > 6  # fresh orders, not one repeated
+    assert {o[0] for o in rounds} != {rounds[0][0]}  # not always the same first
+    assert rounds_of(seed=0) == rounds  # a seed gives the same orders again
+    assert rounds_of(seed=1) != rounds
+    assert harness.round_orders(names, 12, 0) == rounds
+
+
+def test_random_orders_share_a_position_bias_among_the_candidates(monkeypatch):
+    # On a busy CPU a call's time depends on its place in the round: here
+    # the k-th call of a round takes (1 + k) ms. Identical candidates must
+    # come out alike, and each round's sample belongs to its own round.
+    clock = _Clock()
+    monkeypatch.setattr(harness, "time", clock)
+    names = ["a", "b", "c"]
+    position = [0]
+
+    def candidate():
+        clock.now += 0.001 * (1 + position[0] % len(names))
+        position[0] += 1
+
+    timing = harness.time_side_by_side(
+        {n: candidate for n in names}, repeats=301, seed=3
+    )
+    orders = harness.round_orders(names, 301, 3)
+    for name in names:
+        expected = [0.001 * (1 + order.index(name)) for order in orders]
+        np.testing.assert_allclose(timing.samples[name], expected)
+        assert timing.seconds[name] == pytest.approx(0.002)
 
 
 def test_in_place_calls_clip_the_original_data_in_the_same_buffers():
@@ -519,3 +707,39 @@ def test_performance_page_is_the_report_of_the_committed_run(tmp_path, monkeypat
     monkeypatch.setattr(report.shlex, "join", lambda _: command)
     assert report.main(argv) == 0
     assert (tmp_path / "page.md").read_text() == page
+
+
+def test_train_step_is_a_donated_language_model_step_with_the_clip_in_front():
+    model = train_step.MODELS["tiny"]
+    params = train_step.init_params(model)
+    tokens = train_step.tokens_for(model)
+    assert tokens.shape == (model.batch, model.seq_len + 1)
+    # Untrained, the next-token loss is close to that of a uniform guess.
+    loss = float(train_step.loss_fn(params, tokens, model.heads))
+    assert abs(loss - np.log(model.vocab)) < 0.5
+    cands = {c.label: c for c in train_step.candidates()}
+    results = {}
+    for label in (train_step.NO_CLIP, train_step.OPTAX_GLOBAL,
+                  "oc.clip_by_global_norm(1.0)"):  # fmt: skip
+        c = cands[label]
+        tx = c.optimizer(optax.sgd(1.0))
+        held = jax.tree.map(jnp.copy, params)
+        step = train_step.make_step(tx, model.heads, c.takes_loss)
+        new, _, step_loss = step(held, tx.init(held), tokens)
+        assert all(x.is_deleted() for x in jax.tree.leaves(held))  # donated
+        assert float(step_loss) == pytest.approx(loss, rel=1e-6)
+        results[c.library] = new
+    # A plain SGD step moves the parameters by the gradient; a clip in front
+    # scales it to a global norm of 1 (the gradient's norm is above 1 here),
+    # the same for optax's clip and optaxclip's.
+    grads = jax.grad(train_step.loss_fn)(params, tokens, model.heads)
+    g = [np.asarray(x, np.float64) for x in jax.tree.leaves(grads)]
+    norm = np.sqrt(sum(np.sum(x**2) for x in g))
+    assert norm > 1
+    p = [np.asarray(x, np.float64) for x in jax.tree.leaves(params)]
+    for library, scale in (("none", 1.0), ("optax", 1 / norm), ("optaxclip", 1 / norm)):
+        got = jax.tree.leaves(results[library])
+        for x, old, grad in zip(got, p, g, strict=True):
+            np.testing.assert_allclose(
+                np.asarray(x), old - scale * grad, rtol=1e-4, atol=1e-6
+            )

@@ -31,12 +31,13 @@ def make_tx():
             oc.clip_by_global_norm(rules.zscore(warmup=2)),
             oc.clip_by_norm(rules.percentile(50.0, window=4)),
             oc.clip_by_block_rms(rules.ema(warmup=2)),
-            oc.clip_by_global_norm(rules.quantile(initial=1.0)),
+            oc.clip_by_global_norm(rules.quantile(initial=1.0), per_tensor_stats=True),
             oc.adaptive_grad_clip(optax.linear_schedule(0.5, 0.1, 10)),
             optax.adam(1e-2),
         ),
         window=4,
         sigma=3.0,
+        per_tensor_stats=True,
     )
 
 

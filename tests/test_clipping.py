@@ -505,11 +505,17 @@ def _check_stats_found_in_nested_states():
 
 
 def test_state_can_be_donated_right_after_init():
-    tx = optax.chain(oc.clip_by_norm(1.0), optax.sgd(0.1))
+    tx = optax.chain(
+        oc.clip_by_norm(1.0),
+        oc.clip_by_global_norm(10.0, per_tensor_stats=True),
+        optax.sgd(0.1),
+    )
     params = {"w": jnp.ones(3), "b": jnp.ones(2)}
     step = jax.jit(lambda g, s: tx.update(g, s, params), donate_argnums=1)
     state = tx.init(params)
     _, state = step(params, state)
-    (s,) = oc.stats(state)
+    s, recorded = oc.stats(state)
     # leaves in pytree order: "b" then "w"
     np.testing.assert_allclose(np.asarray(s.norm), [np.sqrt(2), np.sqrt(3)], rtol=1e-6)
+    # the second clip sees the first one's output: every tensor at norm 1
+    np.testing.assert_allclose(np.asarray(recorded.tensor_norms), [1.0, 1.0], rtol=1e-6)

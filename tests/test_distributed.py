@@ -79,6 +79,7 @@ PRESETS = {
     "stable_spam_clip": lambda **kw: oc.stable_spam_clip(**kw),
     # clippy takes the largest ratio across devices: no partition_specs.
     "clippy": lambda partition_specs=None, **kw: oc.clippy(**kw),
+    "trust_ratio_clip": lambda **kw: oc.trust_ratio_clip(0.5, **kw),
 }
 GUARDS = {
     "skip_nonfinite": lambda **kw: oc.skip_nonfinite(
@@ -802,3 +803,84 @@ def test_stacked_axes_split_over_mesh_match_single_device(mode):
             for leaf in jax.tree.leaves(state):
                 assert leaf.sharding.is_fully_replicated, leaf.sharding
     assert 0 < int(actual[0]["number"][1].stats.clipped) < layers
+
+
+PER_TENSOR_STATS_CASES = {
+    "global": lambda: oc.clip_by_global_norm(1.0, per_tensor_stats=True),
+    "value": lambda: oc.clip_by_value(0.5, per_tensor_stats=True),
+    "zclip": lambda: oc.zclip(per_tensor_stats=True),
+    "skip_spikes": lambda: oc.skip_spikes(optax.sgd(0.1), per_tensor_stats=True),
+}
+
+
+@pytest.mark.parametrize("layout", ["fsdp", "tensor_parallel"])
+@pytest.mark.parametrize("mode", ["explicit", "auto"])
+def test_per_tensor_stats_are_replicated_and_equal_one_device(layout, mode):
+    build, specs = LAYOUTS[layout]
+    mesh = build(mode)
+    shardings = {k: NamedSharding(mesh, s) for k, s in specs.items()}
+
+    def place(tree):
+        return {k: jax.device_put(v, shardings[k]) for k, v in tree.items()}
+
+    def run(txs, place):
+        @jax.jit
+        def step(grads, states, params):
+            out = {k: tx.update(grads, states[k], params) for k, tx in txs.items()}
+            return {k: v[1] for k, v in out.items()}
+
+        params = place(PARAMS)
+        states = {k: tx.init(params) for k, tx in txs.items()}
+        bad = dict(GRADS[1], k=GRADS[1]["k"].at[0, 0, 0].set(jnp.nan))
+        for grads in [*GRADS[:2], bad]:
+            states = step(place(grads), states, params)
+        return states
+
+    txs = {k: make() for k, make in PER_TENSOR_STATS_CASES.items()}
+    expected = run(txs, lambda t: t)
+    with mesh_context(mesh, mode):
+        got = run(txs, place)
+    for k in txs:
+        (s_ref,), (s,) = oc.stats(expected[k]), oc.stats(got[k])
+        assert s.tensor_norms.sharding.is_fully_replicated, k
+        assert s.tensor_norms.shape == (len(PARAMS),)
+        np.testing.assert_allclose(
+            np.asarray(s.tensor_norms),
+            np.asarray(s_ref.tensor_norms),
+            rtol=RTOL,
+            err_msg=k,
+        )
+        assert oc.nonfinite_paths(got[k], PARAMS) == ["k"], k
+        logs = oc.metrics(got[k], PARAMS, host=True, per_tensor=True)
+        ref = oc.metrics(expected[k], PARAMS, host=True, per_tensor=True)
+        assert logs.keys() == ref.keys()
+        np.testing.assert_allclose(list(logs.values()), list(ref.values()), rtol=RTOL)
+
+
+@pytest.mark.parametrize("mode", ["explicit", "auto"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: oc.clip_by_value(0.5),
+        lambda: oc.clip_by_global_norm(1.0, ord="inf"),
+        lambda: oc.stable_spam_clip(),
+        lambda: oc.adaptive_grad_clip(0.1),
+        lambda: oc.clippy(),
+    ],
+    ids=["value", "global_inf", "stable_spam", "agc", "clippy"],
+)
+def test_a_nan_in_one_shard_is_seen_by_every_maximum(make, mode):
+    # A maximum split across devices may drop a NaN (the collective's max
+    # does not propagate it): the step must still be zeroed and counted.
+    mesh = mesh_1d(mode)
+    shardings = {k: NamedSharding(mesh, s) for k, s in LAYOUTS["fsdp"][1].items()}
+    bad = dict(GRADS[1], k=GRADS[1]["k"].at[5, 0, 0].set(jnp.nan))
+    tx = make()
+    params = {k: jax.device_put(v, shardings[k]) for k, v in PARAMS.items()}
+    grads = {k: jax.device_put(v, shardings[k]) for k, v in bad.items()}
+    with mesh_context(mesh, mode):
+        out, state = jax.jit(tx.update)(grads, tx.init(params), params)
+    (s,) = oc.stats(state)
+    assert int(s.nonfinite_count) == 1
+    assert all(bool(jnp.all(x == 0)) for x in jax.tree.leaves(out))
+    assert oc.nonfinite_paths(state, PARAMS) == ["k"]

@@ -82,6 +82,23 @@ PRESET_ERRORS = [
     (oc.clippy, dict(relative=-0.1), "relative", "-0.1"),
     (oc.clippy, dict(absolute=-1e-7), "absolute", "-1e-07"),
     (oc.clippy, dict(nonfinite="skip"), "nonfinite", "'skip'"),
+    (oc.trust_ratio_clip, dict(max_ratio=-0.01), "max_ratio", "-0.01"),
+    (oc.trust_ratio_clip, dict(eps=-1e-3), "eps", "-0.001"),
+    (oc.trust_ratio_clip, dict(nonfinite="skip"), "nonfinite", "'skip'"),
+    *[
+        (preset, dict(per_tensor_stats="yes"), "per_tensor_stats", "'yes'")
+        for preset in [
+            oc.autoclip,
+            oc.zclip,
+            oc.adagc,
+            oc.olmo_adaptive_clip,
+            oc.quantile_clip,
+            oc.spam_clip,
+            oc.stable_spam_clip,
+            oc.clippy,
+            oc.trust_ratio_clip,
+        ]
+    ],
 ]
 PRESETS = sorted({p for p, *_ in PRESET_ERRORS}, key=lambda f: f.__name__)
 # Any hashable names a mesh axis; any pytree prefix of PartitionSpec.

@@ -54,9 +54,11 @@ DEMO_LABELS = {
     "autoclip": "AutoClip (p=10)",
     "adagc": "AdaGC",
     "value": "value 0.1",
+    "recommended": "recommended",
 }
 RUN_FIELDS = {
     "method",
+    "threshold",
     "lr",
     "seed",
     "final_mse",
@@ -103,6 +105,7 @@ def test_demo_quick_writes_the_tables_the_runs_and_the_figure(tmp_path):
     }
     for r in runs:
         assert set(r) == RUN_FIELDS, r
+        assert r["threshold"] == (1.0 if r["method"] == "global_norm" else None), r
         mse = r["final_mse"]
         assert mse is None or (math.isfinite(mse) and mse >= 0), r
         assert r["solved"] == (mse is not None and mse < 0.01), r
@@ -123,8 +126,12 @@ def test_demo_quick_writes_the_tables_the_runs_and_the_figure(tmp_path):
         for method in ["global_norm", "zclip", "autoclip", "adagc", "value"]:
             run = by[method, 1.0, s]
             assert not run["diverged"] and run["clipped_steps"] > 0, run
-        for method in ["global_norm", "zclip"]:
+        for method in ["global_norm", "zclip", "recommended"]:
             assert by[method, 1.0, s]["final_mse"] < 1 / 6, by[method, 1.0, s]
+        # recommended bounds the step, after the optimizer: it needs no
+        # threshold and stays finite where no clipping explodes.
+        run = by["recommended", 1.0, s]
+        assert not run["diverged"] and run["clipped_steps"] > 0, run
     # One table per peak learning rate, one row per method, agreeing with the JSON.
     for lr in rates:
         block = stdout.split(f"peak learning rate {lr:g}\n", 1)[1].split("\n\n")[0]
@@ -141,6 +148,65 @@ def test_demo_quick_writes_the_tables_the_runs_and_the_figure(tmp_path):
     _check_suggest_report(stdout, by["global_norm", 1.0, 0], steps)
     assert f"saved {norms_png}" in stdout
     assert norms_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_sweep_quick_grid_agrees_with_the_runs(tmp_path):
+    out, runs_json = tmp_path / "sweep.png", tmp_path / "sweep.json"
+    stdout = run_example(
+        "demo.py",
+        "--sweep",
+        "--thresholds",
+        "0.1,10",
+        "--out",
+        str(out),
+        "--json",
+        str(runs_json),
+    )
+    data = json.loads(runs_json.read_text())
+    config, runs = data["config"], data["runs"]
+    rates, seeds = config["learning_rates"], config["seeds"]
+    assert config["thresholds"] == [0.1, 10.0]
+    rows_expected = [("none", None), ("global_norm", 0.1), ("global_norm", 10.0)]
+    rows_expected.append(("recommended", None))
+    assert len(runs) == len(rows_expected) * len(rates) * len(seeds)
+    for r in runs:
+        assert set(r) == RUN_FIELDS, r
+    # The grid: one row per threshold, one cell per rate, counted from the JSON.
+    grid = table_rows(stdout, "threshold")
+    assert [row[0] for row in grid] == ["no", "0.1", "10", "recommended"]
+    for (method, threshold), row in zip(rows_expected, grid, strict=True):
+        text = " ".join(row)
+        cells = re.findall(
+            r"(\d+)/(\d+)(?: @(\d+))?(?: (\d+)nan)?(?: (\d+)mean)?(?: (\d+)slow)?",
+            text,
+        )
+        assert len(cells) == len(rates), text
+        for lr, (solved, n, first, nan, mean, slow) in zip(rates, cells, strict=True):
+            mine = [
+                r
+                for r in runs
+                if (r["method"], r["threshold"], r["lr"]) == (method, threshold, lr)
+            ]
+            assert len(mine) == int(n) == len(seeds)
+            assert int(solved) == sum(r["solved"] for r in mine), text
+            diverged = sum(r["diverged"] for r in mine)
+            assert int(nan or 0) == diverged, text
+            finite = [r for r in mine if not r["solved"] and not r["diverged"]]
+            at_mean = sum(r["final_mse"] >= 0.1 for r in finite)
+            assert int(mean or 0) == at_mean, text
+            assert int(slow or 0) == len(finite) - at_mean, text
+            firsts = [r["first_solved_step"] for r in mine if r["solved"]]
+            if firsts:
+                assert int(first) == int(np.median(firsts)), text
+    # The bound of 10 lets the unclipped explosion through at peak rate 1.0,
+    # and recommended does not.
+    at = lambda m, t: [  # noqa: E731
+        r for r in runs if (r["method"], r["threshold"], r["lr"]) == (m, t, 1.0)
+    ]
+    assert all(r["diverged"] for r in at("none", None))
+    assert not any(r["diverged"] for r in at("recommended", None))
+    assert "seeds in" in stdout and f"saved {out}" in stdout
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def _check_suggest_report(stdout, run, steps):
@@ -223,6 +289,7 @@ def test_demo_rejects_bad_arguments():
         (["--seeds", "0"], "got '0'"),
         (["--lrs", "0.5,-1"], "positive learning rates; got '0.5,-1'"),
         (["--warmup", "800"], "--warmup must be in [0, --steps); got 800"),
+        (["--max-ratio", "0"], "--max-ratio must be a number > 0; got 0.0"),
     ]
     for args, message in cases:
         proc = run(*args)
@@ -271,10 +338,16 @@ def test_flax_nnx_optimizer():
     )
 
 
-def test_llm_spikes_compares_every_method_over_three_seeds():
-    stdout = run_example("llm_spikes.py")
+def test_llm_spikes_compares_every_method_over_three_seeds(tmp_path):
+    heatmap = tmp_path / "tensors.png"
+    stdout = run_example("llm_spikes.py", "--tensors", str(heatmap))
     assert "characters of standard-library source" in stdout
+    # The fixed bound's per-tensor norms, drawn as a heatmap.
+    assert heatmap.stat().st_size > 0
+    assert f"per-tensor norms of global_norm(1.0), seed 0: {heatmap}" in stdout
     assert "medians over 3 seeds" in stdout
+    # The quick run says that it is too short to show a spike.
+    assert "--quick is a smoke test and cannot show a loss spike" in stdout
     rows = {r[0]: r for r in table_rows(stdout, "method")}
     assert set(rows) == {
         "none",

@@ -17,6 +17,7 @@ LAYERS = [
     ["_checks"],
     ["_norms"],
     ["rules"],
+    ["_stats"],
     ["_core"],
     ["_scopes"],
     ["_presets", "_guards", "_per_example"],

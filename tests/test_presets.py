@@ -595,6 +595,51 @@ def test_clippy_matches_reference():
     )
 
 
+def trust_ratio_reference(steps, param_steps, max_ratio=0.01, eps=1e-3):
+    expected = []
+    for leaves, weights in zip(steps, param_steps, strict=True):
+        if not is_finite(leaves):
+            expected.append(None)
+            continue
+        step = np.sqrt(sum(np.sum(u**2) for u in leaves))
+        size = max(np.sqrt(sum(np.sum(w**2) for w in weights)), eps)
+        ratio = step / size
+        scale = 1.0 if ratio <= max_ratio else max_ratio / ratio
+        expected.append((max_ratio, scale, [u * scale for u in leaves]))
+    return expected
+
+
+TRUST_RATIO = [dict(), dict(max_ratio=0.3), dict(max_ratio=0.02, eps=50.0)]
+
+
+def test_trust_ratio_clip_matches_reference():
+    stream = jax.tree.map(lambda x: x * 0.05, make_stream(12))
+    params = finite_params(13, T)
+    steps, weights = np_steps(stream), np_steps(params)
+    check_preset(
+        oc.trust_ratio_clip,
+        TRUST_RATIO,
+        lambda kw: trust_ratio_reference(steps, weights, **kw),
+        stream,
+        params,
+    )
+    # Only the spikes are clipped at the looser bounds; the default clips
+    # every finite step of this stream.
+    (_, loose), (_, floored) = scan_many(
+        [oc.trust_ratio_clip(**kw) for kw in TRUST_RATIO[1:]], stream, params
+    )
+    for stats in (loose, floored):
+        assert 5 < int(jnp.sum(stats.clipped)) < T // 4
+
+
+def test_trust_ratio_clip_needs_params():
+    tx = oc.trust_ratio_clip()
+    with pytest.raises(ValueError, match="trust_ratio_clip needs the parameters"):
+        tx.update({"w": jnp.ones(2)}, tx.init({"w": jnp.ones(2)}))
+    with pytest.raises(ValueError, match="eps"):
+        oc.trust_ratio_clip(eps=-1.0)
+
+
 # ---------------------------------------------------------------------------
 # Paper properties, precision, state
 # ---------------------------------------------------------------------------
