@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test test-min bench lint docs docs-check clean
+.PHONY: install demo test test-min test-latest bench lint docs docs-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,30 @@ test-min: $(VENV_MIN)/.installed
 	$(PY_MIN) .ci/min_requirements.py --check test examples
 	$(PY_MIN) -m pytest -q -n 2
 
+# The suite again in .venv-latest, on the newest Python the machine has, with
+# the newest release of jax, jaxlib, optax, chex, numpy and the test/examples
+# libraries that resolves there. The upgrade runs on every call (eagerly, so a
+# release cached or installed earlier is never kept), and the first line of the
+# run names the versions tested. Where pyenv manages the interpreters, its 3.13
+# is found even when it is not the active version.
+PYTHON_LATEST ?= $(or $(shell p=$$(pyenv prefix 3.13 2>/dev/null) && echo "$$p/bin/python3.13"),python3.13)
+VENV_LATEST := .venv-latest
+PY_LATEST := $(VENV_LATEST)/bin/python
+LATEST_PACKAGES := jax jaxlib optax chex numpy flax orbax-checkpoint equinox
+
+$(VENV_LATEST)/.created:
+	rm -rf $(VENV_LATEST)
+	$(PYTHON_LATEST) -m venv $(VENV_LATEST)
+	touch $@
+
+test-latest: $(VENV_LATEST)/.created
+	$(PY_LATEST) -m pip install --quiet --upgrade --upgrade-strategy eager \
+		-e ".[test,examples]" $(LATEST_PACKAGES)
+	@$(PY_LATEST) -c 'import sys; from importlib.metadata import version; \
+		print("test-latest versions: python " + sys.version.split()[0], \
+		*(f"{n} {version(n)}" for n in sys.argv[1:]), sep=", ")' $(LATEST_PACKAGES)
+	$(PY_LATEST) -m pytest -q -n 2
+
 bench: install
 	$(PY) benchmarks/run.py
 
@@ -59,4 +83,4 @@ lint: install
 	$(VENV)/bin/pyright
 
 clean:
-	rm -rf $(VENV) $(VENV_MIN) build dist site *.egg-info
+	rm -rf $(VENV) $(VENV_MIN) $(VENV_LATEST) build dist site *.egg-info

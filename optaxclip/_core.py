@@ -135,8 +135,8 @@ def _clipped_jvp(primals, tangents):
     # Every coefficient is computed from operands the branch would see
     # where it is taken, and from harmless stand-ins where it is not, so
     # each one is finite wherever ``a`` is.
-    inv = 1 / jnp.where(over, n, jnp.ones_like(n))
-    ratio = jnp.where(over, b, jnp.zeros_like(b)) * inv
+    inv = 1 / jnp.where(over, n, _norms.full_like(n, 1))
+    ratio = jnp.where(over, b, _norms.full_like(b, 0)) * inv
     clipped = ta * ratio + a * inv * (tb - ratio * tn)
     return _clipped(a, n, b), jnp.where(over, clipped, ta)
 
@@ -159,15 +159,14 @@ def zero_unless(keep: jax.Array | None, x: jax.Array) -> jax.Array:
 
     ``keep`` is a scalar or broadcasts against ``x`` (one flag per example,
     say). A select, so a NaN entry becomes 0 rather than NaN * 0. The zeros
-    and a broadcast flag are built from ``x`` (``zeros_like``), so they carry
-    its sharding: on meshes with Explicit axes a select needs operands of
-    one sharding.
+    and a broadcast flag carry ``x``'s sharding (`_norms.sharded_like`): on
+    meshes with Explicit axes a select needs operands of one sharding.
     """
     if keep is None:
         return x
     if jnp.ndim(keep):
-        keep = jnp.logical_or(jnp.zeros_like(x, dtype=bool), keep)
-    return jax.lax.select(keep, x, jnp.zeros_like(x))
+        keep = _norms.sharded_like(x, jnp.broadcast_to(keep, x.shape))
+    return jax.lax.select(keep, x, _norms.full_like(x, 0))
 
 
 def zero_tree(keep: jax.Array | None, tree: Any) -> Any:

@@ -289,7 +289,7 @@ def nan_to_inf(x: jax.Array) -> jax.Array:
     An infinite entry survives every maximum, and still marks the step
     non-finite. Elementwise before the reduction, so it fuses into it.
     """
-    return jnp.where(jnp.isnan(x), jnp.full_like(x, jnp.inf), x)
+    return jnp.where(jnp.isnan(x), full_like(x, jnp.inf), x)
 
 
 def _reduce_from_square(sq, p, axes, keepdims):
@@ -302,8 +302,8 @@ def _reduce_from_square(sq, p, axes, keepdims):
     # the derivative of sq**(p/2) at 0 is infinite for p < 2, and NaN once
     # multiplied by a zero tangent.
     positive = sq > 0
-    safe = jnp.where(positive, sq, jnp.ones_like(sq))
-    terms = jnp.where(positive, safe ** (p / 2), jnp.zeros_like(sq))
+    safe = jnp.where(positive, sq, full_like(sq, 1))
+    terms = jnp.where(positive, safe ** (p / 2), full_like(sq, 0))
     return jnp.sum(terms, axis=axes, keepdims=keepdims)
 
 
@@ -333,8 +333,8 @@ def _sqrt_jvp(primals, tangents):
     (x,), (t,) = primals, tangents
     root = jax.lax.sqrt(x)
     positive = x > 0
-    safe = jnp.where(positive, root, jnp.ones_like(root))
-    return root, jnp.where(positive, t / (2 * safe), jnp.zeros_like(t))
+    safe = jnp.where(positive, root, full_like(root, 1))
+    return root, jnp.where(positive, t / (2 * safe), full_like(t, 0))
 
 
 def piece_scale(
@@ -357,17 +357,17 @@ def piece_scale(
     so it is computed once, where a select at the root would be evaluated
     again for every entry.
     """
-    # Every operand is derived from ``piece`` (``ones_like``, arithmetic), so
+    # Every operand is derived from ``piece`` (`full_like`, arithmetic), so
     # all of them carry its sharding, as a select on an Explicit mesh needs.
     bound = jnp.asarray(bound).astype(piece.dtype)
     if bound.ndim > piece.ndim:
-        piece = piece + jnp.zeros_like(bound)
+        piece = piece + full_like(bound, 0)
     over = ~(piece <= (bound * bound if squared else bound))
-    one = jnp.ones_like(piece)
+    one = full_like(piece, 1)
     otherwise = one
     if keep is not None:
         over = over & keep
-        otherwise = jax.lax.select(keep, one, jnp.zeros_like(one))
+        otherwise = jax.lax.select(keep, one, full_like(one, 0))
     num = jax.lax.select(over, one * bound, otherwise)
     den = jax.lax.select(over, piece, one)
     return num / (jax.lax.sqrt(den) if squared else den)
@@ -533,6 +533,7 @@ def cross_device(
 # Explicit sharding (typeof, reshard) is absent from the oldest supported JAX.
 _typeof = getattr(jax, "typeof", lambda x: None)
 _reshard = getattr(jax.sharding, "reshard", lambda x, sharding: x)
+_EXPLICIT = getattr(getattr(jax.sharding, "AxisType", None), "Explicit", None)
 
 # A float32 sum of squares that overflows is at least 2**128; scaled by 2**-64
 # it is at least 2**64, so the entries the scaling flushes to zero (below
@@ -699,6 +700,52 @@ def replicated(x: jax.Array) -> jax.Array:
     if sharding is None or not spec or all(s is None for s in spec):
         return x
     return _reshard(x, jax.sharding.NamedSharding(sharding.mesh, PartitionSpec()))
+
+
+def one_sharding(values: Sequence[jax.Array]) -> list[jax.Array]:
+    """``values``, all replicated if their Explicit shardings differ.
+
+    Per-example sums of leaves split differently (the batch axis split on
+    some leaves, not on others) carry different shardings, and a stack on a
+    mesh with Explicit axes needs one; they are small vectors, replicated
+    as `replicated` does. Unchanged where the shardings agree.
+    """
+    shardings = {getattr(_typeof(v), "sharding", None) for v in values}
+    if len(shardings) <= 1:
+        return list(values)
+    return [replicated(v) for v in values]
+
+
+def sharded_like(x: jax.Array, y: jax.Array) -> jax.Array:
+    """``y`` (shaped as ``x``) carrying the sharding that ``x``'s type names.
+
+    On a mesh with Explicit axes the sharding is part of an array's type,
+    and a select or an elementwise op needs operands of one sharding. Newer
+    JAX (0.12) builds constants such as ``jnp.ones_like(x)`` inside ``jit``
+    without ``x``'s sharding when no mesh context is set, and a flag
+    broadcast from a vector of per-example norms carries the vector's
+    sharding, not the leaf's; both are resharded here. A no-op where ``x``'s
+    type names no Explicit axis (unsharded arrays, Auto axes, older JAX).
+    """
+    want = getattr(_typeof(x), "sharding", None)
+    types = getattr(getattr(want, "mesh", None), "axis_types", None) or ()
+    if _EXPLICIT is None or _EXPLICIT not in types:
+        return y
+    if getattr(_typeof(y), "sharding", None) == want:
+        return y
+    return _reshard(y, want)
+
+
+def full_like(
+    x: jax.Array, fill_value: Any, dtype: jax.typing.DTypeLike | None = None
+) -> jax.Array:
+    """``jnp.full_like(x, fill_value, dtype)`` carrying ``x``'s sharding.
+
+    Every constant that a step combines with an array is built here (see
+    `sharded_like`), so it has the sharding of the array it meets on a mesh
+    with Explicit axes, on every supported JAX.
+    """
+    return sharded_like(x, jnp.full_like(x, fill_value, dtype))
 
 
 def _join(a: jax.Array, b: jax.Array, p: float | jax.Array) -> jax.Array:

@@ -303,7 +303,10 @@ def example_norms(leaves: list[jax.Array], p: float = 2.0) -> jax.Array:
     for g in arrays:
         part = _norms.power_sum(g, p, tuple(range(1, g.ndim)))
         sums.append(part if part.dtype == acc else part.astype(acc))
-    total = jnp.sum(_norms.stack_barrier(sums), axis=0) if len(sums) > 1 else sums[0]
+    if len(sums) > 1:
+        total = jnp.sum(_norms.stack_barrier(_norms.one_sharding(sums)), axis=0)
+    else:
+        total = sums[0]
     return _norms.safe_root(total, p)
 
 
@@ -311,7 +314,7 @@ def clip_multipliers(norms: jax.Array, bound: jax.typing.ArrayLike) -> jax.Array
     """``min(1, bound / norm)`` per example (`safe_scale`), and 1 for a NaN
     norm: such an example passes unscaled, as optax does."""
     scale = safe_scale(norms, jnp.asarray(bound, norms.dtype))
-    return jnp.where(jnp.isnan(norms), jnp.ones_like(scale), scale)
+    return jnp.where(jnp.isnan(norms), _norms.full_like(scale, 1), scale)
 
 
 def batch_sum(multipliers: jax.Array, g: jax.Array) -> jax.Array:

@@ -616,12 +616,12 @@ class _SpamAction:
         nus, counted = [], []
 
         def clip_leaf(_, g, nu):
-            nu = jnp.where(reset, jnp.zeros_like(nu), nu)
+            nu = jnp.where(reset, _norms.full_like(nu, 0), nu)
             magnitude = jnp.abs(g).astype(nu.dtype)
             bound = _norms.safe_root(ctx.threshold.astype(nu.dtype) * nu, 2.0)
             over = active & (nu > 0) & (magnitude > bound)
-            safe = jnp.where(over, magnitude, jnp.ones_like(magnitude))
-            factor = jnp.where(over, bound / safe, jnp.ones_like(safe))
+            safe = jnp.where(over, magnitude, _norms.full_like(magnitude, 1))
+            factor = jnp.where(over, bound / safe, _norms.full_like(safe, 1))
             new_mag = jnp.where(over, bound, magnitude)
             nus.append(b2.astype(nu.dtype) * nu + rest.astype(nu.dtype) * new_mag**2)
             counted.append(jnp.sum(over, dtype=jnp.int32))
@@ -819,7 +819,7 @@ class _ScaleAbove:
             counted.append(jnp.sum(mask, dtype=jnp.int32))
             return scale_leaf(
                 g,
-                jnp.where(mask, factors[i].reshape(()), jnp.ones_like(magnitude)),
+                jnp.where(mask, factors[i].reshape(()), _norms.full_like(magnitude, 1)),
                 ctx.keep,
             )
 

@@ -30,7 +30,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import optaxclip as oc
-from optaxclip import rules
+from optaxclip import _core, _norms, rules
 from tests.helpers import learning_rule_names
 
 RTOL, ATOL = 1e-6, 1e-7
@@ -310,12 +310,17 @@ PER_EXAMPLE_LAYOUTS = {
     # Data parallel: the batch axis is split; FSDP: the first parameter axis.
     "batch": {"w": P("data"), "b": P("data"), "k": P("data"), "s": P("data")},
     "fsdp": {"w": P(None, "data"), "b": P(None, "data"), "k": P(), "s": P()},
+    # Some leaves split on the batch axis, others replicated: the per-example
+    # norms (and the finiteness flags) are split, and they meet replicated
+    # leaves.
+    "mixed": {"w": P("data"), "b": P("data"), "k": P(), "s": P()},
 }
 
 
 @pytest.mark.parametrize(
     "layout,mode",
-    [("batch", mode) for mode in MESH_MODES] + [("fsdp", "explicit")],
+    [("batch", mode) for mode in MESH_MODES]
+    + [("fsdp", "explicit"), ("mixed", "explicit")],
 )
 def test_per_example_clipping_sharded_matches_single_device(layout, mode):
     """clip_per_example and the per-example drop-ins on sharded batches."""
@@ -360,6 +365,37 @@ def test_per_example_clipping_sharded_matches_single_device(layout, mode):
     assert_trees_close(actual, expected, f"per-example {layout}/{mode}")
     clipped = int(actual["number"][1].stats.clipped)
     assert 0 < clipped < batch
+
+
+@pytest.mark.parametrize(
+    "spec,flags_spec",
+    [(P("data"), P()), (P(None, "data"), P()), (P(), P("data")), (P("data"), None)],
+)
+def test_constants_and_flags_carry_the_sharding_they_meet(spec, flags_spec):
+    """Inside ``jit`` on an Explicit mesh with no mesh context (where
+    ``jnp.ones_like`` drops the sharding on jax 0.12), the constants a step
+    builds and a per-example flag broadcast against a leaf take the leaf's
+    sharding; the zeroing select then runs and zeroes the flagged examples."""
+    mesh = mesh_1d("explicit")
+    values = np.arange(1.0, 129.0, dtype=np.float32).reshape(8, 16)
+    keep = np.arange(8) % 3 != 0
+    x = jax.device_put(jnp.asarray(values), NamedSharding(mesh, spec))
+    flags = jnp.asarray(keep)
+    if flags_spec is not None:
+        flags = jax.device_put(flags, NamedSharding(mesh, flags_spec))
+
+    def step(x, flags):
+        one = _norms.full_like(x, 1)
+        assert jax.typeof(one).sharding == jax.typeof(x).sharding
+        zeroed = _core.zero_unless(flags.reshape(8, 1), x)
+        assert jax.typeof(zeroed).sharding == jax.typeof(x).sharding
+        return zeroed + one
+
+    out = jax.jit(step)(x, flags)
+    np.testing.assert_array_equal(
+        np.asarray(out), np.where(keep[:, None], values, 0) + 1
+    )
+    assert out.sharding.is_equivalent_to(x.sharding, 2)
 
 
 def test_named_sharding_clipped_norm_is_exact():

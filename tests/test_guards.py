@@ -47,6 +47,22 @@ def bad_steps(stream):
     )
 
 
+# The guarded step and its reference (optax's guard, or a scan of bare Adam)
+# compile to different fusions, which XLA rounds differently in float32
+# (newer JAX more often than older). Adam's moments are averages whose small
+# entries come from cancellation, so their rounding error is a few ulp of the
+# array's largest magnitude, not of the entry itself; the slow second moment
+# gathers a few such ulp over the run (up to 8 seen on jax 0.12).
+ROUNDING = 16 * float(np.finfo(np.float32).eps)
+
+
+def assert_equal_to_rounding(actual, desired):
+    """Equal up to float32 rounding at the scale of ``desired`` (NaN alike)."""
+    actual, desired = np.asarray(actual), np.asarray(desired)
+    scale = float(np.max(np.abs(desired[np.isfinite(desired)]), initial=0.0))
+    np.testing.assert_allclose(actual, desired, rtol=1e-6, atol=ROUNDING * scale)
+
+
 def assert_unchanged_when_skipped(init_inner, inner_states, skipped):
     """Inner state after a skipped step is bit-identical to the one before it."""
     for t in np.flatnonzero(skipped):
@@ -83,15 +99,14 @@ def test_skip_nonfinite_matches_apply_if_finite(max_consecutive):
             optax.adam(1e-2), max_consecutive_errors=max_consecutive
         )
         _, (ref_outs, ref_states) = scan_guard(reference, stream)
-        # Equal up to float32 rounding (the two compile to different fusions).
         for k in outs:
-            np.testing.assert_allclose(outs[k], ref_outs[k], rtol=1e-6, atol=1e-9)
+            assert_equal_to_rounding(outs[k], ref_outs[k])
         for a, b in zip(
             jax.tree.leaves(states.inner_state),
             jax.tree.leaves(ref_states.inner_state),
             strict=True,
         ):
-            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+            assert_equal_to_rounding(a, b)
         skipped = ~np.asarray(ref_states.last_finite)
         skipped &= np.asarray(ref_states.notfinite_count) <= max_consecutive
     assert_unchanged_when_skipped(
@@ -211,9 +226,7 @@ def test_skip_spikes_matches_olmo_core_reference(window, sigma, with_loss):
             kept,
         )
     for k in outs:
-        np.testing.assert_allclose(
-            np.asarray(outs[k])[~skips], ref[k], rtol=1e-6, atol=1e-12
-        )
+        assert_equal_to_rounding(np.asarray(outs[k])[~skips], ref[k])
 
 
 def test_skip_spikes_never_checks_before_min_history():
