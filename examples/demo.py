@@ -43,6 +43,7 @@ against the threshold, and the number of seeds solved per method and rate.
     python examples/demo.py --json runs.json    # every run as a row
     python examples/demo.py --suggest norms.png # a threshold from a recorded run
     python examples/demo.py --sweep             # fixed bounds x rates, as a grid
+    python examples/demo.py --task charlm --sweep  # the grid on a character LM
 
 ``--sweep`` trains no clipping, the fixed global-norm bounds of
 ``--thresholds`` (0.1, 0.3, 1, 3, 10) and ``recommended`` against the peak
@@ -50,6 +51,15 @@ rates, prints the grid (seeds solved, the median step to solve, and how the
 other seeds failed: NaN, stuck at the mean, or still learning) and saves it
 as a heat map. ``recommended`` is ``optaxclip.trust_ratio_clip()`` after the
 optimizer: each step at most 1% of the weights' norm, no threshold.
+
+``--task charlm --sweep`` runs the same grid on a second task: a character
+language model (GRU, 64 units, batch 16 x 32 characters, 400 steps) on the
+source of a few standard-library modules, read from this interpreter's
+installation and split 90/10 into training and test text. A run is solved
+when its final test loss (bits per character) beats the bigram model's on the
+same text; it has stalled ("flat") when it ends no better than the unigram
+model's (the character frequencies) minus 0.1 bit. Peak rates 0.5 to 10,
+5 seeds; ``--quick``: 100 steps, 2 seeds, rates 0.5 and 5.
 
 ``--suggest PNG`` reuses the pre-clip norms recorded in one run: the
 ``global_norm`` run of the first seed at peak rate 0.5 (or at the highest
@@ -67,6 +77,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -208,6 +219,194 @@ class LSTM(nnx.Module):
 
 
 # ---------------------------------------------------------------------------
+# The second task: a character language model on standard-library source
+# ---------------------------------------------------------------------------
+
+VOCAB = 128  # ASCII; other bytes are read as "?"
+TEXT_MODULES = ("argparse", "dataclasses", "json.decoder", "json.encoder")
+
+
+@functools.cache
+def char_text() -> tuple[np.ndarray, np.ndarray]:
+    """ASCII codes of a few standard-library modules: (train, test).
+
+    The source files are read from this interpreter's installation, so nothing
+    is downloaded; the last 10% of the characters are held out for the test
+    loss. Which text a run saw depends on the Python version.
+    """
+    import importlib
+    import inspect
+
+    parts = []
+    for name in TEXT_MODULES:
+        source = inspect.getsourcefile(importlib.import_module(name))
+        with open(str(source), "rb") as f:
+            parts.append(np.frombuffer(f.read(), np.uint8))
+    text = np.concatenate(parts)
+    text = np.where(text < VOCAB, text, ord("?")).astype(np.int32)
+    cut = int(0.9 * text.size)
+    return text[:cut], text[cut:]
+
+
+@functools.cache
+def char_baselines() -> tuple[float, float]:
+    """Test cross-entropies (bits per character) of two counting models.
+
+    The unigram model predicts each character from the training text's
+    character frequencies; the bigram model from the frequencies of the
+    character that follows the previous one (both add-one smoothed over the
+    128 codes). A network that ends at the unigram's loss has learned only
+    the frequencies, the language model's "predicting the mean".
+    """
+    train, test = char_text()
+    unigram = np.bincount(train, minlength=VOCAB) + 1.0
+    unigram /= unigram.sum()
+    pairs = np.zeros((VOCAB, VOCAB)) + 1.0
+    np.add.at(pairs, (train[:-1], train[1:]), 1.0)
+    pairs /= pairs.sum(axis=1, keepdims=True)
+    uni = -np.mean(np.log2(unigram[test[1:]]))
+    bi = -np.mean(np.log2(pairs[test[:-1], test[1:]]))
+    return float(uni), float(bi)
+
+
+def char_batch(key: jax.Array, cfg: Config):
+    """``cfg.batch`` random windows of the training text: inputs and next chars."""
+    train, _ = char_text()
+    starts = jax.random.randint(key, (cfg.batch,), 0, train.size - cfg.seq_len - 1)
+    index = starts[:, None] + jnp.arange(cfg.seq_len + 1)
+    window = jnp.asarray(train)[index]
+    return window[:, :-1], window[:, 1:]
+
+
+def char_test(cfg: Config):
+    """``cfg.test_size`` windows spread evenly over the held-out text."""
+    _, test = char_text()
+    starts = np.linspace(0, test.size - cfg.seq_len - 1, cfg.test_size).astype(int)
+    window = test[starts[:, None] + np.arange(cfg.seq_len + 1)]
+    return jnp.asarray(window[:, :-1]), jnp.asarray(window[:, 1:])
+
+
+class CharGRU(nnx.Module):
+    """Embedding, one GRU layer, and a linear read-out of the next character."""
+
+    def __init__(self, hidden: int, *, rngs: nnx.Rngs):
+        self.hidden = hidden
+        self.embed = nnx.Embed(VOCAB, hidden, rngs=rngs)
+        self.inp = nnx.Linear(hidden, 3 * hidden, rngs=rngs)
+        self.rec = nnx.Linear(
+            hidden,
+            3 * hidden,
+            use_bias=False,
+            kernel_init=nnx.initializers.orthogonal(),
+            rngs=rngs,
+        )
+        self.out = nnx.Linear(hidden, VOCAB, rngs=rngs)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        drive = jnp.swapaxes(self.inp(self.embed(tokens)), 0, 1)  # (T, batch, 3h)
+        kernel = self.rec.kernel[...]
+
+        def step(h, x):
+            # Gates laid out [reset, update, candidate] (Cho et al. 2014).
+            xr, xz, xn = jnp.split(x, 3, axis=-1)
+            hr, hz, hn = jnp.split(h @ kernel, 3, axis=-1)
+            r, z = jax.nn.sigmoid(xr + hr), jax.nn.sigmoid(xz + hz)
+            h = (1 - z) * jnp.tanh(xn + r * hn) + z * h
+            return h, h
+
+        zeros = jnp.zeros((drive.shape[1], self.hidden), drive.dtype)
+        _, hs = jax.lax.scan(step, zeros, drive)
+        return self.out(jnp.swapaxes(hs, 0, 1))  # (batch, T, VOCAB) logits
+
+
+def _cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, targets))
+
+
+# ---------------------------------------------------------------------------
+# Tasks
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """A task of the demo: data, model, loss, and what counts as solved."""
+
+    name: str
+    title: str  # for headers and figures
+    model: Callable[[Config, nnx.Rngs], nnx.Module]
+    batch: Callable[[jax.Array, Config], tuple[jax.Array, jax.Array]]
+    test: Callable[[Config], tuple[jax.Array, jax.Array]]
+    loss: Callable[[jax.Array, jax.Array], jax.Array]
+    final: str  # the --json field of the final test score
+    solved: float  # solved: final test score below this
+    at_mean: float  # stalled: a finite final score at or above this
+    codes: dict[str, str]  # the grid's words for diverged / stalled / slow
+    score: float = 1.0  # test score = score * loss
+
+
+def _squared_error(prediction: jax.Array, target: jax.Array) -> jax.Array:
+    return jnp.mean((prediction - target) ** 2)
+
+
+def _charlm_task() -> Task:
+    unigram, bigram = char_baselines()
+    return Task(
+        name="charlm",
+        title="character LM (GRU) on standard-library source",
+        model=lambda cfg, rngs: CharGRU(cfg.hidden, rngs=rngs),
+        batch=char_batch,
+        test=char_test,
+        loss=_cross_entropy,
+        final="final_bpc",
+        solved=bigram,
+        at_mean=unigram - 0.1,
+        codes={"diverged": "nan", "mean": "flat", "slow": "slow"},
+        score=1 / math.log(2),  # nats to bits
+    )
+
+
+class _Tasks(dict):
+    """The tasks by name; the character task reads its text when first asked."""
+
+    def __missing__(self, name: str) -> Task:
+        if name != "charlm":
+            raise KeyError(name)
+        self[name] = task = _charlm_task()
+        return task
+
+
+TASKS: dict[str, Task] = _Tasks(
+    adding=Task(
+        name="adding",
+        title="adding problem",
+        model=lambda cfg, rngs: LSTM(cfg.hidden, rngs=rngs),
+        batch=lambda key, cfg: adding_batch(key, cfg.batch, cfg.seq_len),
+        test=lambda cfg: adding_batch(
+            jax.random.key(10_000), cfg.test_size, cfg.seq_len
+        ),
+        loss=_squared_error,
+        final="final_mse",
+        solved=SOLVED,
+        at_mean=0.1,
+        codes={"diverged": "nan", "mean": "mean", "slow": "slow"},
+    )
+)
+TASK_NAMES = ("adding", "charlm")
+# What --task charlm changes in Config when the flags leave it.
+CHARLM_DEFAULTS = {
+    "seq_len": 32,
+    "hidden": 64,
+    "batch": 16,
+    "steps": 400,
+    "eval_every": 25,
+    "test_size": 128,
+    "learning_rates": (0.5, 1.0, 2.0, 5.0, 10.0),
+    "seeds": (0, 1, 2, 3, 4),
+}
+
+
+# ---------------------------------------------------------------------------
 # Training: every (seed, learning rate) of a method in one jitted scan
 # ---------------------------------------------------------------------------
 
@@ -228,6 +427,7 @@ class Config:
     clip_norm: float = 1.0
     clip_value: float = 0.1
     max_ratio: float = 0.01  # recommended's trust_ratio_clip(max_ratio)
+    task: str = "adding"  # a key of TASKS
 
 
 @dataclasses.dataclass
@@ -277,7 +477,8 @@ def prepare(method: Method, cfg: Config) -> Callable[..., Result]:
     n_rates, n_seeds = len(cfg.learning_rates), len(cfg.seeds)
     peaks = np.repeat(np.asarray(cfg.learning_rates, np.float32), n_seeds)
     seeds = np.tile(np.asarray(cfg.seeds, np.uint32), n_rates)
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: LSTM(cfg.hidden, rngs=nnx.Rngs(0))))
+    task = TASKS[cfg.task]
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: task.model(cfg, nnx.Rngs(0))))
     n_chunks = cfg.steps // cfg.eval_every
 
     def optimizer(peak):
@@ -287,11 +488,11 @@ def prepare(method: Method, cfg: Config) -> Callable[..., Result]:
         return optax.chain(method.make(), sgd)
 
     def loss_fn(params, x, y):
-        return jnp.mean((nnx.merge(graphdef, params)(x) - y) ** 2)
+        return task.loss(nnx.merge(graphdef, params)(x), y)
 
     def train_step(carry, step, peak, data_key):
         params, opt_state = carry
-        x, y = adding_batch(jax.random.fold_in(data_key, step), cfg.batch, cfg.seq_len)
+        x, y = task.batch(jax.random.fold_in(data_key, step), cfg)
         grads = jax.grad(loss_fn)(params, x, y)
         updates, opt_state = optimizer(peak).update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
@@ -313,11 +514,9 @@ def prepare(method: Method, cfg: Config) -> Callable[..., Result]:
 
     def one_run(seed, peak):
         key = jax.random.key(seed)
-        params = nnx.state(LSTM(cfg.hidden, rngs=nnx.Rngs(key)))
+        params = nnx.state(task.model(cfg, nnx.Rngs(key)))
         data_key = jax.random.fold_in(key, 1)
-        test_x, test_y = adding_batch(
-            jax.random.key(10_000), cfg.test_size, cfg.seq_len
-        )
+        test_x, test_y = task.test(cfg)
 
         def chunk(carry, index):
             steps = index * cfg.eval_every + jnp.arange(cfg.eval_every)
@@ -325,7 +524,8 @@ def prepare(method: Method, cfg: Config) -> Callable[..., Result]:
                 lambda c, t: train_step(c, t, peak, data_key), carry, steps
             )
             jax.debug.callback(tick, index)
-            return carry, (records, loss_fn(carry[0], test_x, test_y))
+            score = task.score * loss_fn(carry[0], test_x, test_y)
+            return carry, (records, score)
 
         carry = (params, optimizer(peak).init(params))
         _, out = jax.lax.scan(chunk, carry, jnp.arange(n_chunks))
@@ -394,12 +594,13 @@ def _device_count(runs: int) -> int:
 
 def run_rows(r: Result, cfg: Config) -> list[dict]:
     """Every run of one method as a dict: the fields of ``--json``."""
+    task = TASKS[cfg.task]
     out = []
     for i, lr in enumerate(cfg.learning_rates):
         for j, seed in enumerate(cfg.seeds):
             curve = r.test_mse[i, j]
             final = float(curve[-1])
-            below = np.flatnonzero(curve < SOLVED)
+            below = np.flatnonzero(curve < task.solved)
             nonfinite = int(r.nonfinite[i, j].sum())
             out.append(
                 {
@@ -407,8 +608,8 @@ def run_rows(r: Result, cfg: Config) -> list[dict]:
                     "threshold": r.method.threshold,
                     "lr": lr,
                     "seed": seed,
-                    "final_mse": final if math.isfinite(final) else None,
-                    "solved": bool(final < SOLVED),
+                    task.final: final if math.isfinite(final) else None,
+                    "solved": bool(final < task.solved),
                     "diverged": bool(nonfinite > 0 or not math.isfinite(final)),
                     "first_solved_step": (
                         int(r.eval_steps[below[0]]) if below.size else None
@@ -580,7 +781,7 @@ SWEEP_THRESHOLDS = (0.1, 0.3, 1.0, 3.0, 10.0)
 AT_MEAN = 0.1  # a finite run that ends above this has not left the mean (0.167)
 
 
-def _cell(mine: list[dict]) -> dict:
+def _cell(mine: list[dict], task: Task | None = None) -> dict:
     """One (method, rate) cell: how its seeds ended, and the median solved step.
 
     Every seed is one of: solved (final test MSE < 0.01), diverged (NaN),
@@ -588,13 +789,15 @@ def _cell(mine: list[dict]) -> dict:
     mean) or slow (finite, 0.01 <= final MSE < 0.1: still learning at the
     last step).
     """
+    task = task or TASKS["adding"]
+    final, at_mean = task.final, task.at_mean
     firsts = [x["first_solved_step"] for x in mine if x["solved"]]
     finite = [x for x in mine if not x["diverged"] and not x["solved"]]
     return {
         "solved": sum(x["solved"] for x in mine),
         "diverged": sum(x["diverged"] for x in mine),
-        "mean": sum(x["final_mse"] >= AT_MEAN for x in finite),
-        "slow": sum(x["final_mse"] < AT_MEAN for x in finite),
+        "mean": sum(x[final] >= at_mean for x in finite),
+        "slow": sum(x[final] < at_mean for x in finite),
         "first": int(np.median(firsts)) if firsts else None,
     }
 
@@ -603,7 +806,7 @@ def sweep_cells(results: list[Result], cfg: Config) -> list[list[dict]]:
     """``_cell`` of every method (row) at every peak learning rate (column)."""
     return [
         [
-            _cell([x for x in run_rows(r, cfg) if x["lr"] == lr])
+            _cell([x for x in run_rows(r, cfg) if x["lr"] == lr], TASKS[cfg.task])
             for lr in cfg.learning_rates
         ]
         for r in results
@@ -619,13 +822,18 @@ def _sweep_label(method: Method) -> str:
 def sweep_table(results: list[Result], cfg: Config) -> str:
     """The sweep's grid as text: one row per threshold, one column per rate."""
     labels = [_sweep_label(r.method) for r in results]
-    return grid_text(labels, sweep_cells(results, cfg), cfg.learning_rates)
+    cells = sweep_cells(results, cfg)
+    return grid_text(labels, cells, cfg.learning_rates, TASKS[cfg.task].codes)
 
 
 def grid_text(
-    labels: list[str], cells: list[list[dict]], rates: tuple[float, ...]
+    labels: list[str],
+    cells: list[list[dict]],
+    rates: tuple[float, ...],
+    codes: dict[str, str] | None = None,
 ) -> str:
     """Rows of ``_cell`` dicts as text; ``--json``'s rows are enough to rebuild it."""
+    codes = codes or SWEEP_CODES
     texts = []
     for row in cells:
         texts.append([])
@@ -636,7 +844,7 @@ def grid_text(
                 parts.append(f"@{c['first']}")
             for key in ("diverged", "mean", "slow"):
                 if c[key]:
-                    parts.append(f"{c[key]}{SWEEP_CODES[key]}")
+                    parts.append(f"{c[key]}{codes[key]}")
             texts[-1].append(" ".join(parts))
     width = 2 + max([len(t) for row in texts for t in row] + [8])
     head = f"{'threshold':<12}" + "".join(
@@ -649,6 +857,14 @@ def grid_text(
 
 
 SWEEP_CODES = {"diverged": "nan", "mean": "mean", "slow": "slow"}
+CHARLM_NOTE = (
+    "each cell: seeds solved (final test loss below the bigram model's, in "
+    "bits per character) @ the median first evaluation below it over the "
+    "solved seeds, then the other seeds: Nnan: N diverged (a gradient or the "
+    "final test loss was NaN/Inf); Nflat: N finite but stalled at the "
+    "character frequencies (final loss above the unigram model's minus 0.1); "
+    "Nslow: N still learning at the last step (in between)."
+)
 SWEEP_NOTE = (
     "each cell: seeds solved (final test MSE < 0.01) @ the median first "
     "evaluation below 0.01 over the solved seeds, then the other seeds: Nnan: "
@@ -667,6 +883,7 @@ def plot_sweep(results: list[Result], cfg: Config, path: str) -> None:
     import matplotlib.pyplot as plt
 
     cells = sweep_cells(results, cfg)
+    stalled = "flat" if cfg.task == "charlm" else "at mean"
     n = len(cfg.seeds)
     solved = np.array([[c["solved"] for c in row] for row in cells], float)
     first = np.array(
@@ -698,7 +915,7 @@ def plot_sweep(results: list[Result], cfg: Config, path: str) -> None:
                     text = [f"{c['solved']}/{n}"]
                     for key, word in [
                         ("diverged", "NaN"),
-                        ("mean", "at mean"),
+                        ("mean", stalled),
                         ("slow", "slow"),
                     ]:
                         if c[key]:
@@ -706,13 +923,21 @@ def plot_sweep(results: list[Result], cfg: Config, path: str) -> None:
                 else:
                     text = ["-" if c["first"] is None else str(c["first"])]
                 ax.text(j, i, "\n".join(text), ha="center", va="center", fontsize=8)
-    fig.suptitle(
-        f"Global-norm threshold x peak learning rate, adding problem "
-        f"T={cfg.seq_len}, {cfg.steps} steps. NaN: diverged; at mean: finite, "
-        "stuck at the mean (too large a bound, or none); slow: still learning "
-        "at the end (too small a bound)",
-        fontsize=9,
-    )
+    if cfg.task == "charlm":
+        title = (
+            f"Global-norm threshold x peak learning rate, character LM (GRU "
+            f"{cfg.hidden}), {cfg.steps} steps. Solved: test loss below the "
+            "bigram model's. NaN: diverged; flat: finite, stalled at the "
+            "character frequencies; slow: still learning at the end"
+        )
+    else:
+        title = (
+            f"Global-norm threshold x peak learning rate, adding problem "
+            f"T={cfg.seq_len}, {cfg.steps} steps. NaN: diverged; at mean: finite, "
+            "stuck at the mean (too large a bound, or none); slow: still learning "
+            "at the end (too small a bound)"
+        )
+    fig.suptitle(title, fontsize=9)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -798,20 +1023,25 @@ def main(argv: list[str] | None = None) -> list[Result]:
     available = methods(defaults.clip_norm, defaults.clip_value)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--seeds", type=_seeds, default=defaults.seeds, help="count, or a comma list"
+        "--task",
+        choices=TASK_NAMES,
+        default="adding",
+        help="adding: the adding problem (LSTM); charlm: a character language "
+        "model (GRU) on standard-library source, with --sweep only",
     )
+    parser.add_argument("--seeds", type=_seeds, help="count, or a comma list")
     parser.add_argument(
         "--lrs",
         type=_rates,
-        default=defaults.learning_rates,
-        help="comma list of peak learning rates (default 0.1,0.2,0.5,1.0)",
+        help="comma list of peak learning rates (default 0.1,0.2,0.5,1.0; "
+        "charlm 0.5,1,2,5,10)",
     )
     parser.add_argument(
         "--methods",
         default=",".join(available),
         help=f"comma-separated subset of: {', '.join(available)}",
     )
-    parser.add_argument("--steps", type=int, default=defaults.steps)
+    parser.add_argument("--steps", type=int, help="default 800; charlm 400")
     parser.add_argument(
         "--warmup",
         type=int,
@@ -857,16 +1087,24 @@ def main(argv: list[str] | None = None) -> list[Result]:
     )
     args = parser.parse_args(argv)
 
+    if args.task == "charlm" and not args.sweep:
+        parser.error("--task charlm runs the grid only; add --sweep")
     cfg = Config(
-        steps=args.steps,
-        seeds=args.seeds,
-        learning_rates=args.lrs,
         warmup=args.warmup,
         clip_norm=args.clip_norm,
         clip_value=args.clip_value,
         max_ratio=args.max_ratio,
+        task=args.task,
     )
-    if args.quick:
+    if args.task == "charlm":
+        cfg = dataclasses.replace(cfg, **CHARLM_DEFAULTS)
+    given = {"steps": args.steps, "seeds": args.seeds, "learning_rates": args.lrs}
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in given.items() if v is not None})
+    if args.quick and args.task == "charlm":
+        cfg = dataclasses.replace(
+            cfg, steps=100, seeds=(0, 1), learning_rates=(0.5, 5.0), test_size=64
+        )
+    elif args.quick:
         cfg = dataclasses.replace(
             cfg, steps=200, seeds=(0, 1), learning_rates=(0.2, 1.0), test_size=256
         )
@@ -907,11 +1145,24 @@ def main(argv: list[str] | None = None) -> list[Result]:
     from tqdm.auto import tqdm
 
     warm = f", {cfg.warmup}-step warm-up" if cfg.warmup else ""
-    print(
-        f"adding problem T={cfg.seq_len}: LSTM {cfg.hidden} units, SGD momentum "
-        f"{cfg.momentum:g}, cosine decay{warm}, batch {cfg.batch}, {cfg.steps} steps; "
-        f"seeds {list(cfg.seeds)}; peak learning rates {list(cfg.learning_rates)}"
-    )
+    if cfg.task == "charlm":
+        unigram, bigram = char_baselines()
+        train, test = char_text()
+        print(
+            f"character LM on {', '.join(TEXT_MODULES)} ({train.size} training, "
+            f"{test.size} test characters): GRU {cfg.hidden} units, SGD momentum "
+            f"{cfg.momentum:g}, cosine decay{warm}, batch {cfg.batch} x "
+            f"{cfg.seq_len} characters, {cfg.steps} steps; seeds {list(cfg.seeds)}; "
+            f"peak learning rates {list(cfg.learning_rates)}; test loss of the "
+            f"unigram {unigram:.3f}, bigram {bigram:.3f} bits per character"
+        )
+    else:
+        print(
+            f"adding problem T={cfg.seq_len}: LSTM {cfg.hidden} units, SGD momentum "
+            f"{cfg.momentum:g}, cosine decay{warm}, batch {cfg.batch}, "
+            f"{cfg.steps} steps; seeds {list(cfg.seeds)}; "
+            f"peak learning rates {list(cfg.learning_rates)}"
+        )
     results = []
     start = time.perf_counter()
     runs = len(cfg.seeds) * len(cfg.learning_rates)
@@ -937,7 +1188,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
         print()
         print(sweep_table(results, cfg))
         print()
-        print(SWEEP_NOTE)
+        print(CHARLM_NOTE if cfg.task == "charlm" else SWEEP_NOTE)
         print(
             f"trained no clipping, {len(args.thresholds)} fixed thresholds and "
             f"recommended x {len(cfg.learning_rates)} rates x {len(cfg.seeds)} "

@@ -209,6 +209,86 @@ def test_demo_sweep_quick_grid_agrees_with_the_runs(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _char_baselines():
+    """Unigram and bigram test losses (bits/char) of the charlm text, in NumPy."""
+    import importlib
+    import inspect
+
+    names = ("argparse", "dataclasses", "json.decoder", "json.encoder")
+    files = [inspect.getsourcefile(importlib.import_module(n)) for n in names]
+    raw = b"".join(Path(f).read_bytes() for f in files)
+    codes = np.array([c if c < 128 else ord("?") for c in raw])
+    cut = int(0.9 * codes.size)
+    train, test = codes[:cut], codes[cut:]
+    # Add-one smoothing over the 128 codes.
+    uni = (np.bincount(train, minlength=128) + 1) / (train.size + 128)
+    pair = np.bincount(train[:-1] * 128 + train[1:], minlength=128 * 128) + 1
+    pair = pair.reshape(128, 128)
+    cond = pair / pair.sum(axis=1, keepdims=True)
+    unigram = -np.log2(uni[test[1:]]).mean()
+    bigram = -np.log2(cond[test[:-1], test[1:]]).mean()
+    return unigram, bigram
+
+
+def test_demo_charlm_sweep_quick_fields_and_outcomes(tmp_path):
+    out, runs_json = tmp_path / "charlm.png", tmp_path / "charlm.json"
+    stdout = run_example(
+        "demo.py",
+        "--task",
+        "charlm",
+        "--sweep",
+        "--thresholds",
+        "0.1,10",
+        "--out",
+        str(out),
+        "--json",
+        str(runs_json),
+    )
+    unigram, bigram = _char_baselines()
+    assert f"unigram {unigram:.3f}, bigram {bigram:.3f} bits per character" in stdout
+    data = json.loads(runs_json.read_text())
+    config, runs = data["config"], data["runs"]
+    assert config["task"] == "charlm"
+    assert config["steps"] == 100 and config["learning_rates"] == [0.5, 5.0]
+    fields = (RUN_FIELDS - {"final_mse"}) | {"final_bpc"}
+    expected = [("none", None), ("global_norm", 0.1), ("global_norm", 10.0)]
+    expected.append(("recommended", None))
+    assert len(runs) == len(expected) * 2 * len(config["seeds"])
+    assert {(r["method"], r["threshold"]) for r in runs} == set(expected)
+    for r in runs:
+        assert set(r) == fields, r
+        if r["final_bpc"] is not None:
+            # solved: the final test loss beats the bigram model's.
+            assert r["solved"] == (r["final_bpc"] < bigram), r
+    # The grid counts each cell from the runs: flat = at or above the unigram
+    # loss minus 0.1 bit.
+    grid = table_rows(stdout, "threshold")
+    assert [row[0] for row in grid] == ["no", "0.1", "10", "recommended"]
+    for (method, threshold), row in zip(expected, grid, strict=True):
+        cells = re.findall(
+            r"(\d+)/(\d+)(?: @\d+)?(?: (\d+)nan)?(?: (\d+)flat)?(?: (\d+)slow)?",
+            " ".join(row),
+        )
+        for lr, (solved, n, nan, flat, slow) in zip([0.5, 5.0], cells, strict=True):
+            mine = [
+                r
+                for r in runs
+                if (r["method"], r["threshold"], r["lr"]) == (method, threshold, lr)
+            ]
+            assert int(n) == len(mine) and int(solved) == sum(r["solved"] for r in mine)
+            assert int(nan or 0) == sum(r["diverged"] for r in mine)
+            rest = [r for r in mine if not r["solved"] and not r["diverged"]]
+            at_flat = sum(r["final_bpc"] >= unigram - 0.1 for r in rest)
+            assert int(flat or 0) == at_flat and int(slow or 0) == len(rest) - at_flat
+    # At peak rate 5 the unclipped runs end no better than the character
+    # frequencies; recommended's runs stay finite and well below them.
+    at5 = lambda m: [r for r in runs if r["method"] == m and r["lr"] == 5.0]  # noqa: E731
+    assert all(r["final_bpc"] is None or r["final_bpc"] > unigram for r in at5("none"))
+    for r in at5("recommended"):
+        assert not r["diverged"] and r["final_bpc"] < unigram - 0.5, r
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def _check_suggest_report(stdout, run, steps):
     """``--suggest``: the report on global_norm's seed-0 norms at the top rate."""
     text = stdout.split("threshold suggestion from the pre-clip norms of ", 1)[1]
@@ -290,6 +370,7 @@ def test_demo_rejects_bad_arguments():
         (["--lrs", "0.5,-1"], "positive learning rates; got '0.5,-1'"),
         (["--warmup", "800"], "--warmup must be in [0, --steps); got 800"),
         (["--max-ratio", "0"], "--max-ratio must be a number > 0; got 0.0"),
+        (["--task", "charlm"], "--task charlm runs the grid only; add --sweep"),
     ]
     for args, message in cases:
         proc = run(*args)
