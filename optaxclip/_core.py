@@ -199,18 +199,20 @@ def map_float(fn: Callable[..., jax.Array], tree: Any, *rest: Any) -> Any:
 
 
 def check_match(owner: str, measured: Measurement, record: Record) -> None:
-    """Raises if this step measured a different tree than ``init`` was given."""
+    """Raises if this step measured a different number of entries than ``init``.
+
+    A scope whose decision is global measures a scalar whatever the tree:
+    its state fits any tree (its per-tensor flags and norms follow the tree
+    of the latest update).
+    """
     norms = measured.norms
     expected = record_shape(record)
-    flags = int(record.counts.shape[-1]) - 2
-    leaf = getattr(measured, "leaf_norms", None)
-    found_flags = int(leaf.shape[0]) if leaf is not None and flags else flags
-    if tuple(norms.shape) != expected or found_flags != flags:
-        found = norms.shape[0] if norms.ndim else found_flags
-        held = expected[0] if expected else flags
+    if tuple(norms.shape) != expected:
+        found = norms.shape[0] if norms.ndim else 1
+        held = expected[0] if expected else 1
         raise ValueError(
             f"{owner}: the updates do not match the tree this transform was "
-            f"initialized with: it measured {found} tensor(s) (norms of shape "
+            f"initialized with: it measured {found} norm(s) (shape "
             f"{tuple(norms.shape)}) but its state holds {held} (shape "
             f"{expected}). Call `init` with params of the same structure as "
             "the updates."
@@ -338,17 +340,23 @@ def _clip_parts(state: ClipState) -> Parts:
     return Parts(state.rule_state, (), record_of(state))
 
 
-def record_sizes(scope: Any, params: Any) -> tuple[int, int]:
+def record_sizes(scope: Any, params: Any) -> tuple[int, int | None]:
     """How many non-finite flags and per-tensor norms ``scope`` records.
 
     A scope whose decision is global (``leafwise``) flags each tensor that
     was non-finite, and with ``per_tensor_stats`` records each tensor's
-    norm; per-tensor scopes need neither (their norms are per tensor).
+    norm (None: not recorded); per-tensor scopes need neither (their norms
+    are per tensor).
     """
     if not getattr(scope, "leafwise", False):
-        return 0, 0
+        return 0, None
     n = len(_norms.float_leaves(params))
-    return n, n if getattr(scope, "per_tensor_stats", False) else 0
+    return n, n if records_tensors(scope) else None
+
+
+def records_tensors(scope: Any) -> bool:
+    """Whether ``scope`` records each tensor's norm (``per_tensor_stats``)."""
+    return bool(getattr(scope, "per_tensor_stats", False))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -419,7 +427,7 @@ class Step(Generic[M]):
             applied.clipped,
             measured.finite,
             None if leaf is None else ~jnp.isfinite(leaf),
-            leaf,
+            leaf if leaf is not None and records_tensors(self.scope) else None,
         )
         return applied.updates, self.make_state(
             Parts(rule_state, applied.state, record)

@@ -186,7 +186,7 @@ def nonfinite_paths(opt_state: Any, params: Any) -> list[str]:
     Example:
       >>> import jax.numpy as jnp, optax
       >>> import optaxclip as oc
-      >>> tx = optax.chain(oc.clip_by_global_norm(1.0), optax.adam(1e-3))
+      >>> tx = optax.chain(oc.clip_by_global_norm(1.0), optax.sgd(1e-3))
       >>> params = {"embed": jnp.zeros(2), "head": {"kernel": jnp.zeros(3)}}
       >>> state = tx.init(params)
       >>> bad = jnp.array([1.0, jnp.nan, 0.0])

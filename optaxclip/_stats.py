@@ -94,7 +94,7 @@ def float_dtype(dtype: Any) -> Any:
     return jnp.float64 if jnp.dtype(dtype).itemsize == 8 else jnp.float32
 
 
-def empty_record(norm_like: jax.Array, flags: int, tensors: int) -> Record:
+def empty_record(norm_like: jax.Array, flags: int, tensors: int | None) -> Record:
     """The record of a transform that has not stepped yet.
 
     Args:
@@ -102,8 +102,8 @@ def empty_record(norm_like: jax.Array, flags: int, tensors: int) -> Record:
         of the stats.
       flags: the number of per-tensor non-finite flags (tensors of a clip
         whose decision is global; 0 for per-tensor scopes, whose norms say it).
-      tensors: the number of per-tensor norms recorded (0 unless
-        ``per_tensor_stats``).
+      tensors: the number of per-tensor norms recorded, or None where they
+        are not (``per_tensor_stats`` off).
     """
     norm_like = jnp.asarray(norm_like)
     fdt = float_dtype(norm_like.dtype)
@@ -113,7 +113,7 @@ def empty_record(norm_like: jax.Array, flags: int, tensors: int) -> Record:
         jnp.zeros((), jnp.int32),
         rows,
         jnp.zeros((2 + flags,), jnp.int32),
-        jnp.zeros((tensors,), fdt) if tensors else (),
+        () if tensors is None else jnp.zeros((tensors,), fdt),
     )
 
 
@@ -143,6 +143,9 @@ def write_record(
       finite: whether the step's measurement was finite.
       nonfinite_tensors: bool per tensor, for a clip whose decision is global.
       tensor_norms: each tensor's norm, when recorded.
+
+    The flags and per-tensor norms are those of this step's tree: a clip
+    whose decision is global keeps a state that fits any tree.
     """
     fdt = old.norm_threshold_scale.dtype
     norm = norm.astype(fdt)
@@ -160,9 +163,7 @@ def write_record(
     if nonfinite_tensors is not None:
         counters.append(nonfinite_tensors.astype(jnp.int32))
     counts = jnp.concatenate(counters)
-    norms = old.tensor_norms
-    if tensor_norms is not None and not isinstance(norms, tuple):
-        norms = tensor_norms.astype(fdt)
+    norms = old.tensor_norms if tensor_norms is None else tensor_norms.astype(fdt)
     count = jnp.asarray(optax.safe_increment(old.count))
     return Record(count, rows, counts, norms)
 

@@ -414,6 +414,10 @@ def test_params_of_another_tree_are_refused(name):
 # is valid and gives what a state initialized on it gives.
 TREE_FREE = [
     ("clip_by_global_norm", lambda: oc.clip_by_global_norm(1.0)),
+    (
+        "clip_by_global_norm-per_tensor_stats",
+        lambda: oc.clip_by_global_norm(1.0, per_tensor_stats=True),
+    ),
     ("clip_by_value", lambda: oc.clip_by_value(0.5)),
     ("autoclip", oc.autoclip),
     ("zclip", oc.zclip),
