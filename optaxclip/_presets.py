@@ -104,10 +104,10 @@ def autoclip(
         split across.
       partition_specs: keyword-only; which leaves are split across
         ``axis_name`` (a pytree prefix of ``PartitionSpec``).
-
       per_tensor_stats: keyword-only; also record each tensor's norm on every
         step (``stats.tensor_norms``; per-tensor keys in
         [`metrics`][optaxclip.metrics]).
+
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
 
@@ -190,10 +190,10 @@ def zclip(
       axis_name: keyword-only; the ``shard_map`` mesh axis.
       partition_specs: keyword-only; which leaves are split across
         ``axis_name`` (a pytree prefix of ``PartitionSpec``).
-
       per_tensor_stats: keyword-only; also record each tensor's norm on every
         step (``stats.tensor_norms``; per-tensor keys in
         [`metrics`][optaxclip.metrics]).
+
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
 
@@ -279,9 +279,9 @@ def adagc(
         ``axis_name`` (a pytree prefix of ``PartitionSpec``).
       stacked_axes: keyword-only; leading stacked-layer axes (see
         [`clip_by_norm`][optaxclip.clip_by_norm]).
-
       per_tensor_stats: keyword-only; accepted for a uniform signature:
         this method always records one entry per tensor.
+
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``stats`` hold one entry
       per tensor.
@@ -359,9 +359,9 @@ def olmo_adaptive_clip(
         ``axis_name`` (a pytree prefix of ``PartitionSpec``).
       stacked_axes: keyword-only; leading stacked-layer axes (see
         [`clip_by_norm`][optaxclip.clip_by_norm]).
-
       per_tensor_stats: keyword-only; accepted for a uniform signature:
         this method always records one entry per tensor.
+
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``stats`` hold one entry
       per tensor.
@@ -430,10 +430,10 @@ def quantile_clip(
       axis_name: keyword-only; the ``shard_map`` mesh axis.
       partition_specs: keyword-only; which leaves are split across
         ``axis_name`` (a pytree prefix of ``PartitionSpec``).
-
       per_tensor_stats: keyword-only; also record each tensor's norm on every
         step (``stats.tensor_norms``; per-tensor keys in
         [`metrics`][optaxclip.metrics]).
+
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
 
@@ -540,10 +540,10 @@ def spam_clip(
         are then the whole tree's).
       partition_specs: keyword-only; which leaves are split across
         ``axis_name`` (a pytree prefix of ``PartitionSpec``).
-
       per_tensor_stats: keyword-only; also record each tensor's norm on every
         step (``stats.tensor_norms``; per-tensor keys in
         [`metrics`][optaxclip.metrics]).
+
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
       [`SpamClipState`][optaxclip.SpamClipState].
@@ -706,9 +706,9 @@ def stable_spam_clip(
         are then the whole tree's).
       partition_specs: keyword-only; which leaves are split across
         ``axis_name`` (a pytree prefix of ``PartitionSpec``).
-
       per_tensor_stats: keyword-only; accepted for a uniform signature:
         this method always records one entry per tensor.
+
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
       [`StableSpamClipState`][optaxclip.StableSpamClipState].
@@ -882,9 +882,9 @@ def clippy(
       nonfinite: keyword-only; ``"zero"`` (default) or ``"propagate"``.
       axis_name: keyword-only; the ``shard_map`` / ``pmap`` mesh axis (or
         axes) the leaves are split across.
-
       per_tensor_stats: keyword-only; accepted for a uniform signature:
         this method always records one entry per tensor.
+
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
       [`ClippyState`][optaxclip.ClippyState].

@@ -113,3 +113,22 @@ def test_api_reference_options_render_sections_and_signatures():
     assert re.search(r"^\s+separate_signature: true$", config, re.M)
     assert re.search(r"^\s+line_length: \d+$", config, re.M)
     assert "ruff" in requirement_names(PROJECT["optional-dependencies"]["docs"])
+
+
+def test_docstring_sections_start_after_a_blank_line():
+    # A section header glued to the previous entry renders as part of it:
+    # the API page then shows no "Returns" at all (make docs-check).
+    import inspect
+    import re
+
+    import optaxclip as oc
+
+    header = re.compile(r"^\s*(Args|Returns|Raises|Example|Examples|References):$")
+    glued = []
+    for name in oc.__all__:
+        doc = inspect.getdoc(getattr(oc, name)) or ""
+        lines = doc.splitlines()
+        for i, line in enumerate(lines[1:], 1):
+            if header.match(line) and lines[i - 1].strip():
+                glued.append(f"{name}: {line.strip()}")
+    assert not glued, glued
