@@ -25,7 +25,7 @@ from ._scopes import (
     TensorScope,
     UnitScope,
 )
-from ._stats import ClipStats, read_record, record_of
+from ._stats import StatsField
 from .rules import Threshold, as_rule
 
 __all__ = [
@@ -381,10 +381,7 @@ class SpamClipState(NamedTuple):
     counts: jax.Array
     tensor_norms: jax.Array | tuple[()]
 
-    @property
-    def stats(self) -> ClipStats:
-        """The latest step's [`ClipStats`][optaxclip.ClipStats]."""
-        return read_record(record_of(self))
+    stats = StatsField()
 
 
 def spam_clip(
@@ -468,35 +465,16 @@ def spam_clip(
     return Step(scope, rules.fixed(threshold), zero, SpamClipState).transform()
 
 
-class StableSpamClipState(NamedTuple):
-    """State of [`stable_spam_clip`][optaxclip.stable_spam_clip], one entry per tensor.
+StableSpamClipState = ClipState
+"""State of [`stable_spam_clip`][optaxclip.stable_spam_clip]: a
+[`ClipState`][optaxclip.ClipState], one entry per tensor.
 
-    Attributes:
-      rule_state: a [`MaxEmaState`][optaxclip.rules.MaxEmaState]: the EMA
-        of each tensor's largest absolute entry (``m_max``) and the number
-        of non-zero gradients each tensor has had (``nonzero_count``).
-      count: int32, steps seen.
-      norm_threshold_scale: three rows, one column per tensor: each
-        tensor's largest absolute entry, the bias-corrected bound ``T``, and
-        ``T / max|g|`` where clipped.
-      counts: int32, ``[entries clipped, nonfinite_count]``.
-      tensor_norms: empty (the norms are per tensor).
-
-    Read the stats together as ``state.stats`` (a
-    [`ClipStats`][optaxclip.ClipStats]); what each means is tabulated in
-    the docs (methods page, "What the stats mean").
-    """
-
-    rule_state: Any
-    count: jax.Array
-    norm_threshold_scale: jax.Array
-    counts: jax.Array
-    tensor_norms: jax.Array | tuple[()]
-
-    @property
-    def stats(self) -> ClipStats:
-        """The latest step's [`ClipStats`][optaxclip.ClipStats]."""
-        return read_record(record_of(self))
+Its ``rule_state`` is a [`MaxEmaState`][optaxclip.rules.MaxEmaState]: the
+EMA of each tensor's largest absolute entry (``m_max``) and the number of
+non-zero gradients each tensor has had (``nonzero_count``). Its stats: each
+tensor's largest absolute entry, the bias-corrected bound ``T``, and
+``T / max|g|`` where clipped; ``clipped`` counts entries.
+"""
 
 
 def stable_spam_clip(
@@ -534,7 +512,7 @@ def stable_spam_clip(
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
-      [`StableSpamClipState`][optaxclip.StableSpamClipState].
+      [`ClipState`][optaxclip.ClipState] (`StableSpamClipState`).
 
     Example:
       >>> import jax.numpy as jnp
@@ -555,34 +533,17 @@ def stable_spam_clip(
         zero = check_nonfinite(nonfinite)
         _checks.static_flag(per_tensor_stats, "per_tensor_stats")
     scope = ScaleAboveScope(axis_name=axis_name, partition_specs=partition_specs)
-    return Step(scope, rule, zero, StableSpamClipState).transform()
+    return Step(scope, rule, zero).transform()
 
 
-class ClippyState(NamedTuple):
-    """State of [`clippy`][optaxclip.clippy].
+ClippyState = ClipState
+"""State of [`clippy`][optaxclip.clippy]: a [`ClipState`][optaxclip.ClipState]
+with no rule state, one entry per tensor.
 
-    Attributes:
-      count: int32, steps seen.
-      norm_threshold_scale: three rows, one column per tensor: the largest
-        ``|u| / (relative * |w| + absolute)``, 1 (the bound), and the factor
-        applied.
-      counts: int32, ``[tensors scaled down, nonfinite_count]``.
-      tensor_norms: empty (the norms are per tensor).
-
-    Read the stats together as ``state.stats`` (a
-    [`ClipStats`][optaxclip.ClipStats]); what each means is tabulated in
-    the docs (methods page, "What the stats mean").
-    """
-
-    count: jax.Array
-    norm_threshold_scale: jax.Array
-    counts: jax.Array
-    tensor_norms: jax.Array | tuple[()]
-
-    @property
-    def stats(self) -> ClipStats:
-        """The latest step's [`ClipStats`][optaxclip.ClipStats]."""
-        return read_record(record_of(self))
+Its stats: each tensor's largest ``|u| / (relative * |w| + absolute)``, 1
+(the bound), and the factor applied; ``clipped`` counts the tensors scaled
+down.
+"""
 
 
 def clippy(
@@ -615,7 +576,7 @@ def clippy(
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
-      [`ClippyState`][optaxclip.ClippyState].
+      [`ClipState`][optaxclip.ClipState] (`ClippyState`).
 
     Raises:
       ValueError: in ``update`` if ``params`` is None.
@@ -639,7 +600,7 @@ def clippy(
         zero = check_nonfinite(nonfinite)
         _checks.static_flag(per_tensor_stats, "per_tensor_stats")
     scope = RelativeScope(relative, absolute, axis_name)
-    return Step(scope, rules.fixed(1.0), zero, ClippyState).transform()
+    return Step(scope, rules.fixed(1.0), zero).transform()
 
 
 def trust_ratio_clip(

@@ -231,11 +231,11 @@ class TensorMeasurement(Measurement):
     """One norm per tensor (or stacked layer slice), with each leaf's piece.
 
     Attributes:
-      keep_axes: per leaf, the leading stacked axes kept apart.
+      layer_axes: per leaf, the leading stacked axes kept apart.
       pieces: per leaf, its norms shaped for broadcasting against it.
     """
 
-    keep_axes: tuple[tuple[int, ...], ...] = ()
+    layer_axes: tuple[tuple[int, ...], ...] = ()
     pieces: tuple[jax.Array, ...] = ()
 
 
@@ -251,7 +251,7 @@ class TensorScope(Scope):
     rms: bool = False
     owner: str = "clip_by_norm"
 
-    def _keep_axes(self, tree):
+    def _layer_axes(self, tree):
         leaves = float_leaves(tree)
         out = []
         stacked = _stacked_per_leaf(self.stacked_axes, tree)
@@ -266,18 +266,20 @@ class TensorScope(Scope):
         return leaves, out
 
     def norm_like(self, params):
-        leaves, keep = self._keep_axes(params)
-        n = sum(_norms.segment_count(x, k) for x, k in zip(leaves, keep, strict=True))
+        leaves, layers = self._layer_axes(params)
+        n = sum(_norms.segment_count(x, k) for x, k in zip(leaves, layers, strict=True))
         return jnp.zeros((n,), tree_acc_dtype(params))
 
-    def _total(self, norms, leaves, keep):
+    def _total(self, norms, leaves, layers):
         # The whole tree's measurement, in the scope's own terms: the
         # ``ord``-norm of the tensors' norms, or the RMS of every entry.
         if not leaves:
             return jnp.zeros((), norms.dtype)
         if not self.rms:
             return _norms.norm_of_norms(norms, self.ord)
-        counts = [_norms.segment_count(x, k) for x, k in zip(leaves, keep, strict=True)]
+        counts = [
+            _norms.segment_count(x, k) for x, k in zip(leaves, layers, strict=True)
+        ]
         sizes = np.repeat(
             [x.size // max(c, 1) for x, c in zip(leaves, counts, strict=True)], counts
         )
@@ -286,45 +288,45 @@ class TensorScope(Scope):
 
     def measure(self, updates, params, extra_args):
         del params, extra_args
-        leaves, keep = self._keep_axes(updates)
+        leaves, layers = self._layer_axes(updates)
         reduced = [
             tuple(a for a in range(x.ndim) if a not in k)
-            for x, k in zip(leaves, keep, strict=True)
+            for x, k in zip(leaves, layers, strict=True)
         ]
         groups = _mesh.reduction_groups(
             updates, leaves, self.axis_name, self.partition_specs, reduced
         )
-        segments = _norms.segments(leaves, self.ord, keep, groups, self.rms)
+        segments = _norms.segments(leaves, self.ord, layers, groups, self.rms)
         dtype = tree_acc_dtype(updates)
         pieces = tuple(
             piece if piece.dtype == dtype else piece.astype(dtype)
             for piece in segments.pieces
         )
         norms = segments.norms.astype(dtype)
-        total = self._total(norms, leaves, keep)
+        total = self._total(norms, leaves, layers)
         return TensorMeasurement(
-            norms, _finite(norms), total, None, None, tuple(keep), pieces
+            norms, _finite(norms), total, None, None, tuple(layers), pieces
         )
 
     def apply(self, updates, measured, act):
         threshold, keep = act.threshold, act.keep
-        keep_axes, pieces = measured.keep_axes, measured.pieces
+        layer_axes, pieces = measured.layer_axes, measured.pieces
         factors = None
         if threshold.ndim:
             # A rule's bounds: every leaf's factor is computed in one vector
             # and split off it into a buffer of its own (see `_xla`).
             counts = [
                 _norms.segment_count(x, k)
-                for x, k in zip(float_leaves(updates), keep_axes, strict=True)
+                for x, k in zip(float_leaves(updates), layer_axes, strict=True)
             ]
             factors = _xla.leaf_scales(pieces, threshold, counts)
 
         def scale(i, x):
             if factors is not None:
-                factor = _norms.segment_view(factors[i], x, keep_axes[i])
+                factor = _norms.segment_view(factors[i], x, layer_axes[i])
                 return scale_leaf(x, factor, keep)
             piece = pieces[i]
-            if not keep_axes[i]:
+            if not layer_axes[i]:
                 # One norm for the leaf: a scalar, as the global scope's,
                 # so the division fuses into the pass over the leaf.
                 piece = jnp.reshape(piece, ())
