@@ -18,10 +18,12 @@ from ._norms import unitwise_norm as unitwise_norm
 from ._per_example import clip_per_example as clip_per_example
 from ._per_example import per_example_global_norm_clip as per_example_global_norm_clip
 from ._per_example import per_example_layer_norm_clip as per_example_layer_norm_clip
+from ._presets import AdamWClipState as AdamWClipState
 from ._presets import ClippyState as ClippyState
 from ._presets import SpamClipState as SpamClipState
 from ._presets import StableSpamClipState as StableSpamClipState
 from ._presets import adagc as adagc
+from ._presets import adamw_clip as adamw_clip
 from ._presets import autoclip as autoclip
 from ._presets import clippy as clippy
 from ._presets import olmo_adaptive_clip as olmo_adaptive_clip
@@ -46,6 +48,7 @@ from .diagnostics import suggest_threshold as suggest_threshold
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdamWClipState",
     "ClipState",
     "ClipStats",
     "ClippyState",
@@ -55,6 +58,7 @@ __all__ = [
     "StableSpamClipState",
     "ThresholdReport",
     "adagc",
+    "adamw_clip",
     "adaptive_grad_clip",
     "autoclip",
     "clip",

@@ -45,10 +45,12 @@ from ._scopes import (
 from ._stats import ClipStats, read_record, record_of
 
 __all__ = [
+    "AdamWClipState",
     "ClippyState",
     "SpamClipState",
     "StableSpamClipState",
     "adagc",
+    "adamw_clip",
     "autoclip",
     "clippy",
     "olmo_adaptive_clip",
@@ -1100,3 +1102,218 @@ def _log(beta: Any) -> float:
 
 def _real_acc(x: jax.Array) -> jnp.dtype:
     return _norms.acc_dtype(x.dtype)
+
+
+# ---------------------------------------------------------------------------
+# AdamWClip: each entry clamped to k times Adam's RMS of its past gradients
+# ---------------------------------------------------------------------------
+# The numerics are the two pure functions `moment_bound` and `clamp_entries`;
+# the glue (state, action, Step call) follows them.
+
+
+def moment_bound(
+    nu: jax.Array, k: jax.Array, log_beta2: jax.Array, steps: jax.Array, floor: Any
+) -> jax.Array:
+    """AdamWClip's bound per entry: ``max(k * sqrt(nu / (1 - beta2**steps)), floor)``.
+
+    ``steps`` counts the gradients ``nu`` holds (with none, ``nu`` is 0 and
+    the bound is ``floor``). ``1 - beta2**steps`` is computed as
+    ``-expm1(steps * log(beta2))``, without cancellation.
+    """
+    correction = -jnp.expm1(jnp.maximum(steps, 1).astype(nu.dtype) * log_beta2)
+    return jnp.maximum(k * _norms.safe_root(nu / correction, 2.0), floor)
+
+
+def clamp_entries(
+    g: jax.Array, bound: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``g`` with each entry's magnitude clamped to ``bound`` (its sign or phase kept).
+
+    Returns the clamped ``g`` (in its dtype), the clamped magnitudes (in
+    ``bound``'s dtype) and where an entry was clamped (its magnitude above
+    ``bound``).
+    """
+    magnitude = jnp.abs(g).astype(bound.dtype)
+    over = magnitude > bound
+    safe = jnp.where(over, magnitude, _norms.full_like(magnitude, 1))
+    factor = jnp.where(over, bound / safe, _norms.full_like(safe, 1))
+    return scale_leaf(g, factor, None), jnp.where(over, bound, magnitude), over
+
+
+class AdamWClipState(NamedTuple):
+    """State of [`adamw_clip`][optaxclip.adamw_clip].
+
+    Attributes:
+      nu: the EMA of the clipped squared gradient (float32 or better), shaped
+        like the updates: Adam's second moment.
+      finite_count: int32, finite steps seen (the gradients ``nu`` holds).
+      count: int32, steps seen.
+      norm_threshold_scale: three rows: the latest step's global norm
+        before clipping, ``k``, and the global norm after clipping over the
+        one before.
+      counts: int32, ``[entries clipped, nonfinite_count, *nonfinite_tensors]``.
+      tensor_norms: each tensor's 2-norm, with ``per_tensor_stats=True``.
+
+    Read the stats together as ``state.stats`` (a
+    [`ClipStats`][optaxclip.ClipStats]).
+    """
+
+    nu: Any
+    finite_count: jax.Array
+    count: jax.Array
+    norm_threshold_scale: jax.Array
+    counts: jax.Array
+    tensor_norms: jax.Array | tuple[()]
+
+    @property
+    def stats(self) -> ClipStats:
+        """The latest step's [`ClipStats`][optaxclip.ClipStats]."""
+        return read_record(record_of(self))
+
+
+def adamw_clip(
+    k: Any = 3.0,
+    beta2: Any = 0.999,
+    floor: Any = 1e-10,
+    warmup_steps: Any = 0,
+    *,
+    nonfinite: str = "zero",
+    axis_name: _norms.AxisName = None,
+    partition_specs: Any = None,
+    per_tensor_stats: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+    """AdamWClip's clipping: each entry within ``k`` times its Adam RMS.
+
+    With ``nu`` Adam's second moment of the clipped gradients of the earlier
+    steps (``n`` of them), each entry of ``g`` is clamped to
+    ``+-max(k * sqrt(nu / (1 - beta2**n)), floor)`` (its sign kept, a complex
+    entry's phase kept); then ``nu <- beta2 * nu + (1 - beta2) * g_clipped**2``.
+    On the first step ``nu`` is empty and every entry is clamped to
+    ``floor``, as officially; ``warmup_steps`` first steps are not clipped
+    (``nu`` is still updated).
+
+    ``optax.chain(oc.adamw_clip(k, b2, floor, w), optax.adamw(lr, b1, b2,
+    eps, weight_decay=wd))`` is the official ``AdamWClip(params, lr, (b1,
+    b2), eps, wd, clip_grad_adapt=k, clip_grad_min=floor,
+    clip_grad_warm_up=w)`` (the official ``weight_decay`` defaults to 0.01,
+    optax's to 1e-4): the two second moments are equal, since both take
+    the clipped gradient.
+
+    Differences from the official code (``AdamWClip/optimizer.py``, PyPI
+    0.1.4): the second moment is this transform's own copy (the official
+    optimizer reads its ``exp_avg_sq``), so it works before any optimizer
+    and costs one moment of memory; a NaN/Inf step is zeroed and leaves
+    ``nu`` and the step count untouched (officially it enters ``v`` and every
+    later step is NaN; wrap the chain in
+    [`skip_nonfinite`][optaxclip.skip_nonfinite] so the optimizer's moments
+    skip it too); ``floor`` must be positive (at 0 an entry whose ``nu`` is 0
+    would be clamped to 0 for ever). As officially, zero gradients enter
+    ``nu``: after ``s`` of them the bound shrinks by ``beta2**(s/2)`` and
+    regrows by at most ``sqrt(beta2 + (1 - beta2) * k**2)`` per step.
+
+    Args:
+      k: the bound in standard deviations (``clip_grad_adapt``), ``> 0``, or
+        a schedule.
+      beta2: Adam's ``b2``, in ``[0, 1)``.
+      floor: the smallest bound (``clip_grad_min``), ``> 0``.
+      warmup_steps: steps not clipped at the start (``clip_grad_warm_up``).
+      nonfinite: keyword-only; ``"zero"`` (default) or ``"propagate"``.
+      axis_name: keyword-only; the ``shard_map`` / ``pmap`` mesh axis (or
+        axes) the leaves are split across (the recorded norms and counts
+        are then the whole tree's).
+      partition_specs: keyword-only; which leaves are split across
+        ``axis_name`` (a pytree prefix of ``PartitionSpec``).
+      per_tensor_stats: keyword-only; also record each tensor's norm on every
+        step (``stats.tensor_norms``; per-tensor keys in
+        [`metrics`][optaxclip.metrics]).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is an
+      [`AdamWClipState`][optaxclip.AdamWClipState].
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import optaxclip as oc
+      >>> tx = oc.adamw_clip(k=3.0, beta2=0.5, warmup_steps=1)
+      >>> state = tx.init(jnp.zeros(2))
+      >>> out, state = tx.update(jnp.array([1.0, -2.0]), state)
+      >>> out, state = tx.update(jnp.array([10.0, -1.0]), state)
+      >>> print(out, state.stats.clipped)
+      [ 3. -1.] 1
+
+    References:
+      Wandel, [AdamWClip: AdamW with adaptive gradient
+      clipping](https://github.com/wandeln/AdamWClip), 2026 (PyPI
+      ``adamwclip`` 0.1.4).
+    """
+    with _checks.arguments("adamw_clip"):
+        if not callable(k):
+            _checks.check_number(k, "k", lo=0.0, lo_open=True)
+        _checks.check_number(beta2, "beta2", lo=0.0, hi=1.0, hi_open=True)
+        _checks.check_number(floor, "floor", lo=0.0, lo_open=True)
+        _checks.check_number(warmup_steps, "warmup_steps", lo=0, integer=True)
+        zero = check_nonfinite(nonfinite)
+        pts = _checks.static_flag(per_tensor_stats, "per_tensor_stats")
+        rule = rules.as_rule(k, "k")
+    scope = GlobalScope(2.0, axis_name, partition_specs, "adamw_clip", pts)
+    action = _MomentClamp(beta2, floor, warmup_steps, axis_name, partition_specs)
+
+    def make(parts: Parts) -> AdamWClipState:
+        return AdamWClipState(*parts.action_state, *parts.record)
+
+    def parts_of(state: AdamWClipState) -> Parts:
+        return Parts((), (state.nu, state.finite_count), record_of(state))
+
+    return Step(scope, rule, action, zero, make, parts_of, AdamWClipState).transform()
+
+
+@dataclasses.dataclass(frozen=True)
+class _MomentClamp:
+    """AdamWClip's action: `clamp_entries` to `moment_bound`, then update ``nu``."""
+
+    beta2: Any
+    floor: Any
+    warmup_steps: Any
+    axis_name: Any
+    partition_specs: Any
+    stateless = False
+
+    def init(self, params: Any) -> tuple[Any, jax.Array]:
+        nu = map_float(lambda _, x: jnp.zeros_like(x, dtype=_real_acc(x)), params)
+        return nu, jnp.zeros((), jnp.int32)
+
+    def apply(self, updates: Any, measured: Measurement, ctx: Context) -> Applied:
+        nu_tree, steps = ctx.state
+        _checks.check_same_tree("adamw_clip", nu_tree, updates)
+        b2, acc = self.beta2, measured.norms.dtype
+        log_b2 = jnp.log(b2) if isinstance(b2, jax.Array) else _log(b2)
+        # Before `warmup_steps` the bound is inf: nothing is clipped.
+        floor = jnp.where(steps >= self.warmup_steps, self.floor, jnp.inf)
+        nus, counted = [], []
+
+        def clip_leaf(_, g, nu):
+            dt = nu.dtype
+            cast = lambda x: jnp.asarray(x, dt)  # noqa: E731
+            bound = moment_bound(
+                nu, cast(ctx.threshold), cast(log_b2), steps, cast(floor)
+            )
+            out, magnitude, over = clamp_entries(g, bound)
+            nus.append(cast(b2) * nu + rules.one_minus(b2, dt) * magnitude**2)
+            counted.append(jnp.sum(over, dtype=jnp.int32))
+            return out
+
+        clipped = map_float(clip_leaf, updates, nu_tree)
+        new_nu = map_float(lambda i, _: nus[i], nu_tree)
+        after = _norms.global_norm(
+            clipped, 2, self.axis_name, partition_specs=self.partition_specs
+        )
+        n_clipped = _norms.count_entries(
+            counted, updates, self.axis_name, self.partition_specs
+        )
+        norm, finite = measured.norms, measured.finite
+        scale = jnp.where(norm > 0, after.astype(acc) / jnp.where(norm > 0, norm, 1), 1)
+        steps = jnp.where(finite, optax.safe_increment(steps), steps)
+        state = (keep_if(finite, new_nu, nu_tree), steps)
+        return Applied(
+            zero_tree(ctx.keep, clipped), zero_unless(ctx.keep, scale), n_clipped, state
+        )
