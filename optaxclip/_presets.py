@@ -1259,7 +1259,8 @@ def adamw_clip(
     action = _MomentClamp(beta2, floor, warmup_steps, axis_name, partition_specs)
 
     def make(parts: Parts) -> AdamWClipState:
-        return AdamWClipState(*parts.action_state, *parts.record)
+        nu, finite_count = parts.action_state
+        return AdamWClipState(nu, finite_count, *parts.record)
 
     def parts_of(state: AdamWClipState) -> Parts:
         return Parts((), (state.nu, state.finite_count), record_of(state))

@@ -125,11 +125,12 @@ CASES: dict[str, Case] = {
 
 # Every transform the package exports is in the table.
 _TRANSFORMS = {
-    "adagc", "adamw_clip", "adaptive_grad_clip", "autoclip", "clip", "clip_by_block_rms",
+    "adagc", "adaptive_grad_clip", "autoclip", "clip", "clip_by_block_rms",
     "clip_by_global_norm", "clip_by_norm", "clip_by_value", "clip_per_example",
     "clippy", "olmo_adaptive_clip", "per_example_global_norm_clip",
     "per_example_layer_norm_clip", "quantile_clip", "skip_nonfinite",
     "skip_spikes", "spam_clip", "stable_spam_clip", "trust_ratio_clip", "zclip",
+    "adamw_clip",
 }  # fmt: skip
 
 

@@ -1157,3 +1157,17 @@ def test_adamw_clip_k_as_a_schedule_and_injected():
     out, state = step(jnp.array([10.0, -10.0]), state)
     np.testing.assert_allclose(out, [1.5, -3.0], rtol=1e-6)
     assert len(traces) == 2  # init, and one trace of update for both values
+
+
+def test_adamw_clip_per_tensor_stats_and_nonfinite_paths():
+    params = {"a": jnp.zeros(3), "b": jnp.zeros((2, 2))}
+    tx = oc.adamw_clip(per_tensor_stats=True)
+    state = tx.init(params)
+    assert state.count.dtype == jnp.int32 and state.finite_count.dtype == jnp.int32
+    g = {"a": jnp.array([3.0, 4.0, 0.0]), "b": jnp.array([[1.0, 0.0], [0.0, 0.0]])}
+    _, state = tx.update(g, state)
+    np.testing.assert_allclose(state.stats.tensor_norms, [5.0, 1.0], rtol=1e-6)
+    np.testing.assert_allclose(state.stats.norm, math.sqrt(26.0), rtol=1e-6)
+    bad = {"a": g["a"], "b": g["b"].at[1, 1].set(jnp.nan)}
+    _, state = tx.update(bad, state)
+    assert oc.nonfinite_paths(state, params) == ["b"]
