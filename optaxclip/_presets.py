@@ -1140,8 +1140,8 @@ def clamp_entries(
     return scale_leaf(g, factor, None), jnp.where(over, bound, magnitude), over
 
 
-class AdamWClipState(NamedTuple):
-    """State of [`adamw_clip`][optaxclip.adamw_clip].
+class AdamWClipState(SpamClipState):
+    """State of [`adamw_clip`][optaxclip.adamw_clip] (the fields of SPAM's).
 
     Attributes:
       nu: the EMA of the clipped squared gradient (float32 or better), shaped
@@ -1158,17 +1158,7 @@ class AdamWClipState(NamedTuple):
     [`ClipStats`][optaxclip.ClipStats]).
     """
 
-    nu: Any
-    finite_count: jax.Array
-    count: jax.Array
-    norm_threshold_scale: jax.Array
-    counts: jax.Array
-    tensor_norms: jax.Array | tuple[()]
-
-    @property
-    def stats(self) -> ClipStats:
-        """The latest step's [`ClipStats`][optaxclip.ClipStats]."""
-        return read_record(record_of(self))
+    __slots__ = ()
 
 
 def adamw_clip(
@@ -1208,8 +1198,9 @@ def adamw_clip(
     [`skip_nonfinite`][optaxclip.skip_nonfinite] so the optimizer's moments
     skip it too); ``floor`` must be positive (at 0 an entry whose ``nu`` is 0
     would be clamped to 0 for ever). As officially, zero gradients enter
-    ``nu``: after ``s`` of them the bound shrinks by ``beta2**(s/2)`` and
-    regrows by at most ``sqrt(beta2 + (1 - beta2) * k**2)`` per step.
+    ``nu``: after ``s`` of them the bound shrinks by ``beta2**(s/2)``, and
+    once ``1 - beta2**n`` is near 1 it regrows by at most
+    ``sqrt(beta2 + (1 - beta2) * k**2)`` per step (1.004 at the defaults).
 
     Args:
       k: the bound in standard deviations (``clip_grad_adapt``), ``> 0``, or
