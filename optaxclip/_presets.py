@@ -1193,10 +1193,11 @@ def adamw_clip(
     0.1.4): the second moment is this transform's own copy (the official
     optimizer reads its ``exp_avg_sq``), so it works before any optimizer
     and costs one moment of memory; a NaN/Inf step is zeroed and leaves
-    ``nu`` and the step count untouched (officially it enters ``v`` and every
-    later step is NaN; wrap the chain in
+    ``nu`` and the step count untouched (officially a NaN enters ``v`` and
+    the parameters for ever, and an infinite entry is clamped to its bound
+    like any other; wrap the chain in
     [`skip_nonfinite`][optaxclip.skip_nonfinite] so the optimizer's moments
-    skip it too); ``floor`` must be positive (at 0 an entry whose ``nu`` is 0
+    skip the step too); ``floor`` must be positive (at 0 an entry whose ``nu`` is 0
     would be clamped to 0 for ever). As officially, zero gradients enter
     ``nu``: after ``s`` of them the bound shrinks by ``beta2**(s/2)``, and
     once ``1 - beta2**n`` is near 1 it regrows by at most
