@@ -1140,6 +1140,9 @@ def clamp_entries(
     return scale_leaf(g, factor, None), jnp.where(over, bound, magnitude), over
 
 
+# The glue: the state, the preset and its action over today's `Step`.
+
+
 class AdamWClipState(SpamClipState):
     """State of [`adamw_clip`][optaxclip.adamw_clip] (the fields of SPAM's).
 
