@@ -74,7 +74,8 @@ def autoclip(
       history: the buffer size (a Python int), or None for 1024.
       include_zeros: keyword-only; record zero norms in the history, as the
         official code does (default False).
-      nonfinite: keyword-only; as in [`clip_by_global_norm`][optaxclip.clip_by_global_norm].
+      nonfinite: keyword-only; as in
+        [`clip_by_global_norm`][optaxclip.clip_by_global_norm].
       axis_name: keyword-only; as there.
       partition_specs: keyword-only; as there.
       per_tensor_stats: keyword-only; as there.
@@ -151,7 +152,8 @@ def zclip(
       clip_option: ``"adaptive_scaling"`` or ``"mean"``.
       clip_factor: multiplies the adaptive bound.
       skip_update_on_spike: leave the EMAs untouched on a spike.
-      nonfinite: keyword-only; as in [`clip_by_global_norm`][optaxclip.clip_by_global_norm].
+      nonfinite: keyword-only; as in
+        [`clip_by_global_norm`][optaxclip.clip_by_global_norm].
       axis_name: keyword-only; as there.
       partition_specs: keyword-only; as there.
       per_tensor_stats: keyword-only; as there.
@@ -362,7 +364,8 @@ def quantile_clip(
       learning_rate: the step size of the update.
       initial: the first bound.
       geometric: multiplicative (default) or additive update.
-      nonfinite: keyword-only; as in [`clip_by_global_norm`][optaxclip.clip_by_global_norm].
+      nonfinite: keyword-only; as in
+        [`clip_by_global_norm`][optaxclip.clip_by_global_norm].
       axis_name: keyword-only; as there.
       partition_specs: keyword-only; as there.
       per_tensor_stats: keyword-only; as there.

@@ -51,7 +51,7 @@ from ._tree import (
     zero_tree,
     zero_unless,
 )
-from .rules import one_minus
+from .rules import bias_correction, one_minus
 
 
 def _finite(norms: jax.Array) -> jax.Array:
@@ -161,15 +161,23 @@ class StepRatioScope(GlobalScope):
 
 @dataclasses.dataclass(frozen=True)
 class MomentClampScope(GlobalScope):
-    """SPAM: each entry clamped to ``sqrt(threshold * v)``, then ``v`` updated.
+    """Each entry clamped relative to the EMA ``v`` of its clipped square.
 
-    Its state: ``nu`` (the EMA of the clipped squared gradient) and
-    ``finite_count`` (finite steps seen, which drive resets and guards).
+    SPAM (``floor=None``): entries with ``g**2 > threshold * v`` become
+    ``sign(g) * sqrt(threshold * v)``, where ``v > 0``, outside the guard
+    steps after the start and each reset of ``v``. AdamWClip (``floor`` a
+    number): each entry is clamped to ``max(threshold * sqrt(v_hat), floor)``,
+    ``v_hat`` bias-corrected over the earlier finite steps, once
+    ``warmup_steps`` have passed. Then ``v <- beta2 v + (1 - beta2) g_c**2``.
+
+    Its state: ``nu`` (``v``) and ``finite_count`` (finite steps seen).
     """
 
     beta2: Any = 0.999
-    reset_interval: Any = 500
-    guard_steps: Any = 20
+    reset_interval: Any = 0
+    guard_steps: Any = 0
+    floor: Any = None
+    warmup_steps: Any = 0
     owner: str = "spam_clip"
     stateless = False
 
@@ -177,25 +185,44 @@ class MomentClampScope(GlobalScope):
         acc = lambda _, x: jnp.zeros_like(x, dtype=acc_dtype(x.dtype))  # noqa: E731
         return {"nu": map_float(acc, params), "finite_count": jnp.zeros((), jnp.int32)}
 
+    def _bound(self, count, threshold, dtype):
+        """``(reset, bound_of(nu))`` of this step."""
+        if self.floor is None:
+            t = count + 1
+            interval = jnp.asarray(self.reset_interval, jnp.int32)
+            guard = jnp.asarray(self.guard_steps, jnp.int32)
+            periodic = interval > 0
+            phase = jnp.where(periodic, t % jnp.maximum(interval, 1), t)
+            active = (t >= guard) & (phase >= guard)
+
+            def spam(nu):
+                bound = safe_root(threshold.astype(nu.dtype) * nu, 2.0)
+                return jnp.where(active & (nu > 0), bound, full_like(bound, INF))
+
+            return periodic & (phase == 0), spam
+        # ``1 - beta2**n`` over the n >= 1 gradients ``nu`` holds (none: nu = 0).
+        correction = bias_correction(self.beta2, jnp.maximum(count, 1), dtype)
+        floor = jnp.where(count >= self.warmup_steps, self.floor, INF).astype(dtype)
+
+        def adam(nu):
+            rms = safe_root(nu / correction.astype(nu.dtype), 2.0)
+            return jnp.maximum(threshold.astype(nu.dtype) * rms, floor)
+
+        return jnp.asarray(False), adam
+
     def apply(self, updates, measured, act):
         nu_tree, count = act.state["nu"], act.state["finite_count"]
         _checks.check_same_tree(self.owner, nu_tree, updates)
         acc = measured.norms.dtype
-        t = count + 1
-        interval = jnp.asarray(self.reset_interval, jnp.int32)
-        guard = jnp.asarray(self.guard_steps, jnp.int32)
-        periodic = interval > 0
-        phase = jnp.where(periodic, t % jnp.maximum(interval, 1), t)
-        reset = periodic & (phase == 0)
-        active = (t >= guard) & (phase >= guard)
+        reset, bound_of = self._bound(count, act.threshold, acc)
         b2, rest = jnp.asarray(self.beta2, acc), one_minus(self.beta2, acc)
         nus, counted = [], []
 
         def clip_leaf(_, g, nu):
             nu = jnp.where(reset, full_like(nu, 0), nu)
             magnitude = jnp.abs(g).astype(nu.dtype)
-            bound = safe_root(act.threshold.astype(nu.dtype) * nu, 2.0)
-            over = active & (nu > 0) & (magnitude > bound)
+            bound = bound_of(nu)
+            over = magnitude > bound
             safe = jnp.where(over, magnitude, full_like(magnitude, 1))
             factor = jnp.where(over, bound / safe, full_like(safe, 1))
             new_mag = jnp.where(over, bound, magnitude)
