@@ -101,7 +101,7 @@ def global_norm(
     p = check_ord(ord)
     leaves = float_leaves(tree)
     groups = reduction_groups(tree, leaves, axis_name, partition_specs)
-    return measure_total(leaves, p, groups)
+    return measure_leaves(leaves, p, groups)[0]
 
 
 def tree_norms(
@@ -233,15 +233,6 @@ _SHIFT = 2.0**-64
 
 
 _UNSHIFT_ROOT = 2.0**32
-
-
-def measure_total(
-    leaves: Sequence[jax.Array],
-    p: float | jax.Array,
-    groups: Sequence[tuple[str, ...]],
-) -> jax.Array:
-    """The ``p``-norm of all ``leaves`` together, as a scalar."""
-    return measure_leaves(leaves, p, groups)[0]
 
 
 def measure_leaves(
