@@ -24,6 +24,7 @@ from ._presets import StableSpamClipState as StableSpamClipState
 from ._presets import adagc as adagc
 from ._presets import autoclip as autoclip
 from ._presets import clippy as clippy
+from ._presets import gradient_stabilizer as gradient_stabilizer
 from ._presets import olmo_adaptive_clip as olmo_adaptive_clip
 from ._presets import quantile_clip as quantile_clip
 from ._presets import spam_clip as spam_clip
@@ -65,6 +66,7 @@ __all__ = [
     "clip_per_example",
     "clippy",
     "global_norm",
+    "gradient_stabilizer",
     "metrics",
     "nonfinite_paths",
     "olmo_adaptive_clip",

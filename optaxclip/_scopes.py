@@ -54,6 +54,7 @@ def clip_by_global_norm(
     axis_name: _norms.AxisName = None,
     partition_specs: Any = None,
     per_tensor_stats: bool = False,
+    action: str = "rescale",
 ) -> optax.GradientTransformationExtraArgs:
     """Rescales the whole update so its global ``ord``-norm is at most the bound.
 
@@ -83,6 +84,10 @@ def clip_by_global_norm(
       per_tensor_stats: keyword-only; also record each tensor's ``ord``-norm on
         every step (``stats.tensor_norms``, and per-tensor keys in
         [`metrics`][optaxclip.metrics]); costs one small kernel per step.
+      action: keyword-only; ``"rescale"`` (default) scales the update down
+        to the bound when its norm is above it; ``"normalize"`` sets its norm
+        to the bound, up or down (a zero update stays zero, and an infinite
+        bound, a rule with no history yet, leaves it unchanged).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -107,7 +112,7 @@ def clip_by_global_norm(
         partition_specs=partition_specs,
         per_tensor_stats=_checks.static_flag(per_tensor_stats, "per_tensor_stats"),
     )
-    return scope_transform(scope, max_norm, "max_norm", nonfinite, Rescale())
+    return scope_transform(scope, max_norm, "max_norm", nonfinite, norm_action(action))
 
 
 def clip_by_norm(
@@ -119,6 +124,7 @@ def clip_by_norm(
     partition_specs: Any = None,
     stacked_axes: Any = None,
     per_tensor_stats: bool = False,
+    action: str = "rescale",
 ) -> optax.GradientTransformationExtraArgs:
     """Rescales each tensor (leaf) separately to an ``ord``-norm of at most the bound.
 
@@ -144,6 +150,10 @@ def clip_by_norm(
         ``optax.inject_hyperparams`` list it in ``static_args``.
       per_tensor_stats: keyword-only; accepted for a uniform signature:
         this scope always records one entry per tensor.
+      action: keyword-only; ``"rescale"`` (default) scales each tensor down
+        to its bound when its norm is above it; ``"normalize"`` sets each
+        tensor's norm to its bound, up or down (a zero tensor stays zero, and
+        an infinite bound, a rule with no history yet, leaves it unchanged).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``stats.norm`` holds one
@@ -166,7 +176,7 @@ def clip_by_norm(
         stacked_axes=_checks.check_stacked(stacked_axes),
         normalize=False,
     )
-    return scope_transform(scope, max_norm, "max_norm", nonfinite, Rescale())
+    return scope_transform(scope, max_norm, "max_norm", nonfinite, norm_action(action))
 
 
 def clip_by_block_rms(
@@ -733,3 +743,68 @@ class UnitScope:
             everywhere,
             unit_groups,
         )
+
+
+# ---------------------------------------------------------------------------
+# The normalize action: set each measured norm to its bound, up or down
+# ---------------------------------------------------------------------------
+
+
+def normalize_scale(norms: jax.Array, bound: jax.Array) -> jax.Array:
+    """``bound / norms``: the factor that sets each norm to its bound.
+
+    A zero norm gives 1 (a zero tensor stays zero, with no division by zero
+    and a finite derivative), and so does an infinite bound (a rule with no
+    history yet: the update passes unchanged). A NaN norm gives 1 (NaN
+    reaches the output under ``nonfinite="propagate"``), an infinite one 0.
+    Every operand is derived from ``norms``, so it carries its sharding.
+    """
+    bound = jnp.asarray(bound).astype(norms.dtype) + _norms.full_like(norms, 0)
+    acts = (norms > 0) & (bound != _norms.INF)
+    one = _norms.full_like(bound, 1)
+    return jnp.where(acts, bound, one) / jnp.where(acts, norms, one)
+
+
+def normalize(updates: Any, factor: jax.Array, measured: Any, keep: Any) -> Any:
+    """Multiplies each float leaf by its entries of ``factor`` (one fused pass).
+
+    ``factor`` is a scalar (a global scope) or one entry per measured
+    tensor or layer slice (``measured`` is a `TensorMeasurement`); each
+    leaf's entries are split off into a buffer of their own, as
+    `TensorMeasurement.rescale` does with a rule's bounds.
+    """
+    if not factor.ndim:
+        return map_float(lambda _, x: scale_leaf(x, factor, keep), updates)
+    axes = measured.keep_axes
+    counts = [
+        _norms.segment_count(x, k) for x, k in zip(measured.leaves, axes, strict=True)
+    ]
+    parts = _norms.split_entries(factor, counts)
+    return map_float(
+        lambda i, x: scale_leaf(x, _norms.segment_view(parts[i], x, axes[i]), keep),
+        updates,
+    )
+
+
+def norm_action(action: str) -> Any:
+    """The action of ``clip_by_norm`` / ``clip_by_global_norm``, validated."""
+    _checks.check_choice(action, "action", ("rescale", "normalize"))
+    return Normalize() if action == "normalize" else Rescale()
+
+
+@dataclasses.dataclass(frozen=True)
+class Normalize:
+    """Action: set each measured norm to the bound (``clipped``: those above)."""
+
+    stateless = True
+
+    def init(self, params: Any) -> tuple[()]:
+        del params
+        return ()
+
+    def apply(self, updates: Any, measured: Any, ctx: Context) -> Applied:
+        norms, threshold = measured.norms, ctx.threshold
+        factor = normalize_scale(norms, threshold)
+        out = normalize(updates, factor, measured, ctx.keep)
+        above = jnp.sum(norms > threshold) if norms.ndim else norms > threshold
+        return Applied(out, zero_unless(ctx.keep, factor), above, ctx.state)
