@@ -966,8 +966,11 @@ class mean_over_rms:  # noqa: N801
         check_number(self.eps, "eps", lo=0.0, lo_open=True)
 
     def init(self, norm_like: jax.Array) -> MeanOverRmsState:
-        zeros = jnp.zeros_like(norm_like)
-        return MeanOverRmsState(jnp.zeros(zeros.shape, jnp.int32), zeros, zeros)
+        # Three buffers of their own, so the fresh state can be donated.
+        count = jnp.zeros(jnp.shape(norm_like), jnp.int32)
+        return MeanOverRmsState(
+            count, jnp.zeros_like(norm_like), jnp.zeros_like(norm_like)
+        )
 
     def update(self, state: MeanOverRmsState, norm, step):
         del step

@@ -882,6 +882,7 @@ RECOVERING_PRESETS = [
     ("adagc", lambda: oc.adagc(), True, 0),
     ("olmo_adaptive_clip", lambda: oc.olmo_adaptive_clip(), True, 0),
     ("quantile_clip", lambda: oc.quantile_clip(), False, 0),
+    ("gradient_stabilizer", lambda: oc.gradient_stabilizer(), True, 0),
 ]
 
 
