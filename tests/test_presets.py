@@ -1178,3 +1178,20 @@ def test_gradient_stabilizer_under_inject_hyperparams():
 def test_gradient_stabilizer_and_action_arguments_raise(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_gradient_stabilizer_float64_equals_the_official_code_to_1e_10():
+    with jax.enable_x64(True):
+        stream = jax.tree.map(
+            lambda x: jnp.asarray(x, jnp.float64), stabilizer_stream(43)
+        )
+        steps = np_steps(stream)
+        outs, stats = run_stream(oc.gradient_stabilizer(0.8, 0.95), stream)
+        assert stats.threshold.dtype == jnp.float64
+    expected, _ = official_stabilizer(steps, 0.8, 0.95)
+    np.testing.assert_allclose(
+        stats.threshold, np.stack([e[0] for e in expected]), rtol=1e-10
+    )
+    for k, key in enumerate(sorted(outs)):
+        want = np.stack([e[1][k] for e in expected])
+        np.testing.assert_allclose(outs[key], want, rtol=1e-10, atol=0)
