@@ -30,7 +30,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import optaxclip as oc
-from optaxclip import _core, _norms, rules
+from optaxclip import _tree, rules
 from tests.helpers import learning_rule_names
 
 RTOL, ATOL = 1e-6, 1e-7
@@ -390,9 +390,9 @@ def test_constants_and_flags_carry_the_sharding_they_meet(spec, flags_spec):
         flags = jax.device_put(flags, NamedSharding(mesh, flags_spec))
 
     def step(x, flags):
-        one = _norms.full_like(x, 1)
+        one = _tree.full_like(x, 1)
         assert jax.typeof(one).sharding == jax.typeof(x).sharding
-        zeroed = _core.zero_unless(flags.reshape(8, 1), x)
+        zeroed = _tree.zero_unless(flags.reshape(8, 1), x)
         assert jax.typeof(zeroed).sharding == jax.typeof(x).sharding
         return zeroed + one
 

@@ -18,9 +18,9 @@ import optax
 import pytest
 
 import optaxclip as oc
+from tests.helpers import STREAM_SHAPES, first, make_stream, scan_many, scanner
 
 T = 320
-SHAPES = ((4,), (2, 3), (5,))
 RTOL = 1e-5
 
 
@@ -29,44 +29,10 @@ RTOL = 1e-5
 # ---------------------------------------------------------------------------
 
 
-def make_stream(seed: int, steps: int = T, scale: float = 1.0):
-    """Stacked gradients ``[steps, *shape]`` per leaf, with every hazard."""
-    rng = np.random.default_rng(seed)
-    level = np.exp(rng.normal(0.0, 0.3, size=steps)) * scale
-    leaves = [
-        rng.normal(size=(steps, *s)) * level.reshape(-1, *[1] * len(s)) for s in SHAPES
-    ]
-    k = max(1, steps // 50)  # hazards of each kind
-    start = min(40, steps // 3)
-    picks = rng.permutation(np.arange(start, steps))
-    spikes, zeros, nans, infs, entry_spikes = np.split(
-        picks[: 8 * k], [2 * k, 3 * k, 4 * k, 5 * k]
-    )
-    for t in spikes:
-        for x in leaves:
-            x[t] *= 30.0
-    for t in entry_spikes:
-        leaves[1][t].flat[rng.integers(6)] *= 1e3
-    for t in zeros:
-        for x in leaves:
-            x[t] = 0.0
-    leaves[0][:3] = 0.0  # a tensor whose gradient is exactly zero at the start
-    leaves[2][rng.choice(np.arange(3, steps), 2 * k, replace=False)] = 0.0
-    for t in [2, *nans]:
-        leaves[rng.integers(3)][t].flat[0] = np.nan
-    for j, t in enumerate([min(30, steps - 1), *infs]):
-        leaves[rng.integers(3)][t].flat[-1] = np.inf if j % 2 else -np.inf
-    return {f"p{i}": jnp.asarray(x, jnp.float32) for i, x in enumerate(leaves)}
-
-
 def np_steps(stream):
     """The stream as a list of per-step lists of float64 NumPy leaves."""
     arrays = [np.asarray(stream[k], np.float64) for k in sorted(stream)]
     return [[a[t] for a in arrays] for t in range(arrays[0].shape[0])]
-
-
-def first(tree):
-    return jax.tree.map(lambda x: x[0], tree)
 
 
 def finite_params(seed, steps):
@@ -75,41 +41,11 @@ def finite_params(seed, steps):
     )
 
 
-def scanner(tx):
-    """A jitted ``(state, stream, params) -> (state, (outputs, stats))`` for ``tx``."""
-
-    def body(state, xs):
-        grads, p = xs
-        out, state = tx.update(grads, state, p)
-        return state, (out, oc.stats(state)[0])
-
-    return jax.jit(
-        lambda state, stream, params: jax.lax.scan(body, state, (stream, params))
-    )
-
-
 def run_stream(tx, stream, params=None):
     """Runs ``tx`` over the stream with one ``lax.scan``; returns outputs and stats."""
     state = tx.init(first(stream if params is None else params))
     _, (outs, stats) = scanner(tx)(state, stream, params)
     return outs, stats
-
-
-def scan_many(txs, stream, params=None):
-    """Runs every transform of ``txs`` side by side over the stream, in one scan."""
-    states = tuple(tx.init(first(stream if params is None else params)) for tx in txs)
-
-    def body(states, xs):
-        grads, p = xs
-        results, new = [], []
-        for tx, state in zip(txs, states, strict=True):
-            out, state = tx.update(grads, state, p)
-            results.append((out, oc.stats(state)[0]))
-            new.append(state)
-        return tuple(new), results
-
-    run = jax.jit(lambda s, x, p: jax.lax.scan(body, s, (x, p))[1])
-    return run(states, stream, params)
 
 
 def check_preset(make, settings, reference, stream, params=None):
@@ -864,7 +800,7 @@ def zero_run_stream(seed, before, zeros, after, frozen):
     level[rng.choice(steps, 20, replace=False)] *= 20.0
     stream = {
         f"p{i}": rng.normal(size=(steps, *s)) * level.reshape(-1, *[1] * len(s))
-        for i, s in enumerate(SHAPES)
+        for i, s in enumerate(STREAM_SHAPES)
     }
     for k in frozen:
         stream[k][before : before + zeros] = 0.0
@@ -1074,7 +1010,7 @@ def stabilizer_stream(seed, steps=20):
     level = np.exp(rng.normal(0.0, 1.0, size=20))
     leaves = [
         rng.normal(size=(20, *s)) * level.reshape(-1, *[1] * len(s)) * scale
-        for s, scale in zip(SHAPES, (1.0, 0.01, 30.0), strict=True)
+        for s, scale in zip(STREAM_SHAPES, (1.0, 0.01, 30.0), strict=True)
     ]
     leaves[0][0] = 0.0
     leaves[2][7] = 0.0

@@ -12,7 +12,7 @@ import pytest
 
 import optaxclip as oc
 from optaxclip import rules
-from tests.test_presets import first, make_stream, scan_many, scanner
+from tests.helpers import first, make_stream, scan_many, scanner
 
 RULES = [
     ("percentile", lambda: rules.percentile(20.0, window=16)),
