@@ -6,9 +6,11 @@ adapts to the run).
 """
 
 from . import rules as rules
+from ._clipping import AdamWClipState as AdamWClipState
 from ._clipping import ClippyState as ClippyState
 from ._clipping import SpamClipState as SpamClipState
 from ._clipping import StableSpamClipState as StableSpamClipState
+from ._clipping import adamw_clip as adamw_clip
 from ._clipping import adaptive_grad_clip as adaptive_grad_clip
 from ._clipping import clip as clip
 from ._clipping import clip_by_block_rms as clip_by_block_rms
@@ -47,6 +49,7 @@ from .diagnostics import suggest_threshold as suggest_threshold
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdamWClipState",
     "ClipState",
     "ClipStats",
     "ClippyState",
@@ -56,6 +59,7 @@ __all__ = [
     "StableSpamClipState",
     "ThresholdReport",
     "adagc",
+    "adamw_clip",
     "adaptive_grad_clip",
     "autoclip",
     "clip",

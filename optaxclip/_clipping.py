@@ -27,13 +27,15 @@ from ._scopes import (
     TensorScope,
     UnitScope,
 )
-from ._stats import ClipStats, read_record, record_of
+from ._stats import StatsField
 from .rules import Threshold, as_rule
 
 __all__ = [
+    "AdamWClipState",
     "ClippyState",
     "SpamClipState",
     "StableSpamClipState",
+    "adamw_clip",
     "adaptive_grad_clip",
     "clip",
     "clip_by_block_rms",
@@ -397,10 +399,7 @@ class SpamClipState(NamedTuple):
     counts: jax.Array
     tensor_norms: jax.Array | tuple[()]
 
-    @property
-    def stats(self) -> ClipStats:
-        """The latest step's [`ClipStats`][optaxclip.ClipStats]."""
-        return read_record(record_of(self))
+    stats = StatsField()
 
 
 def spam_clip(
@@ -484,35 +483,121 @@ def spam_clip(
     return Step(scope, rules.fixed(threshold), zero, SpamClipState).transform()
 
 
-class StableSpamClipState(NamedTuple):
-    """State of [`stable_spam_clip`][optaxclip.stable_spam_clip], one entry per tensor.
+def adamw_clip(
+    k: Any = 3.0,
+    beta2: Any = 0.999,
+    floor: Any = 1e-10,
+    warmup_steps: Any = 0,
+    *,
+    nonfinite: str = "zero",
+    axis_name: AxisName = None,
+    partition_specs: Any = None,
+    per_tensor_stats: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+    """AdamWClip's clipping: each entry within ``k`` times its Adam RMS.
 
-    Attributes:
-      rule_state: a [`MaxEmaState`][optaxclip.rules.MaxEmaState]: the EMA
-        of each tensor's largest absolute entry (``m_max``) and the number
-        of non-zero gradients each tensor has had (``nonzero_count``).
-      count: int32, steps seen.
-      norm_threshold_scale: three rows, one column per tensor: each
-        tensor's largest absolute entry, the bias-corrected bound ``T``, and
-        ``T / max|g|`` where clipped.
-      counts: int32, ``[entries clipped, nonfinite_count]``.
-      tensor_norms: empty (the norms are per tensor).
+    With ``nu`` Adam's second moment of the clipped gradients of the earlier
+    steps (``n`` of them), each entry of ``g`` is clamped to
+    ``+-max(k * sqrt(nu / (1 - beta2**n)), floor)`` (its sign kept, a complex
+    entry's phase kept); then ``nu <- beta2 * nu + (1 - beta2) * g_clipped**2``.
+    On the first step ``nu`` is empty and every entry is clamped to
+    ``floor``, as officially; ``warmup_steps`` first steps are not clipped
+    (``nu`` is still updated).
 
-    Read the stats together as ``state.stats`` (a
-    [`ClipStats`][optaxclip.ClipStats]); what each means is tabulated in
-    the docs (methods page, "What the stats mean").
+    ``optax.chain(oc.adamw_clip(k, b2, floor, w), optax.adamw(lr, b1, b2,
+    eps, weight_decay=wd))`` is the official ``AdamWClip(params, lr, (b1,
+    b2), eps, wd, clip_grad_adapt=k, clip_grad_min=floor,
+    clip_grad_warm_up=w)`` (the official ``weight_decay`` defaults to 0.01,
+    optax's to 1e-4): the two second moments are equal, since both take
+    the clipped gradient.
+
+    Differences from the official code (``AdamWClip/optimizer.py``, PyPI
+    0.1.4): the second moment is this transform's own copy (the official
+    optimizer reads its ``exp_avg_sq``), so it works before any optimizer
+    and costs one moment of memory; a NaN/Inf step is zeroed and leaves
+    ``nu`` and the step count untouched (officially a NaN enters ``v`` and
+    the parameters for ever, and an infinite entry is clamped to its bound
+    like any other; wrap the chain in
+    [`skip_nonfinite`][optaxclip.skip_nonfinite] so the optimizer's moments
+    skip the step too); ``floor`` must be positive (at 0 an entry whose ``nu`` is 0
+    would be clamped to 0 for ever). As officially, zero gradients enter
+    ``nu``: after ``s`` of them the bound shrinks by ``beta2**(s/2)``, and
+    once ``1 - beta2**n`` is near 1 it regrows by at most
+    ``sqrt(beta2 + (1 - beta2) * k**2)`` per step (1.004 at the defaults).
+
+    Args:
+      k: the bound in standard deviations (``clip_grad_adapt``), ``> 0``, or
+        a schedule.
+      beta2: Adam's ``b2``, in ``[0, 1)``.
+      floor: the smallest bound (``clip_grad_min``), ``> 0``.
+      warmup_steps: steps not clipped at the start (``clip_grad_warm_up``).
+      nonfinite: keyword-only; ``"zero"`` (default) or ``"propagate"``.
+      axis_name: keyword-only; the ``shard_map`` / ``pmap`` mesh axis (or
+        axes) the leaves are split across (the recorded norms and counts
+        are then the whole tree's).
+      partition_specs: keyword-only; which leaves are split across
+        ``axis_name`` (a pytree prefix of ``PartitionSpec``).
+      per_tensor_stats: keyword-only; also record each tensor's norm on every
+        step (``stats.tensor_norms``; per-tensor keys in
+        [`metrics`][optaxclip.metrics]).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is an
+      [`AdamWClipState`][optaxclip.AdamWClipState] (SPAM's fields).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import optaxclip as oc
+      >>> tx = oc.adamw_clip(k=3.0, beta2=0.5, warmup_steps=1)
+      >>> state = tx.init(jnp.zeros(2))
+      >>> out, state = tx.update(jnp.array([1.0, -2.0]), state)
+      >>> out, state = tx.update(jnp.array([10.0, -1.0]), state)
+      >>> print(out, state.stats.clipped)
+      [ 3. -1.] 1
+
+    References:
+      Wandel, [AdamWClip: AdamW with adaptive gradient
+      clipping](https://github.com/wandeln/AdamWClip), 2026 (PyPI
+      ``adamwclip`` 0.1.4).
     """
+    with _checks.arguments("adamw_clip"):
+        rule = as_rule(k, "k")
+        if isinstance(rule, rules.fixed):
+            _checks.check_number(k, "k", lo=0.0, lo_open=True)
+        _checks.check_number(beta2, "beta2", lo=0.0, hi=1.0, hi_open=True)
+        _checks.check_number(floor, "floor", lo=0.0, lo_open=True)
+        _checks.check_number(warmup_steps, "warmup_steps", lo=0, integer=True)
+        zero = check_nonfinite(nonfinite)
+        pts = _checks.static_flag(per_tensor_stats, "per_tensor_stats")
+    scope = MomentClampScope(
+        axis_name=axis_name,
+        partition_specs=partition_specs,
+        per_tensor_stats=pts,
+        beta2=beta2,
+        floor=floor,
+        warmup_steps=warmup_steps,
+        owner="adamw_clip",
+    )
+    return Step(scope, rule, zero, AdamWClipState).transform()
 
-    rule_state: Any
-    count: jax.Array
-    norm_threshold_scale: jax.Array
-    counts: jax.Array
-    tensor_norms: jax.Array | tuple[()]
 
-    @property
-    def stats(self) -> ClipStats:
-        """The latest step's [`ClipStats`][optaxclip.ClipStats]."""
-        return read_record(record_of(self))
+AdamWClipState = SpamClipState
+"""State of [`adamw_clip`][optaxclip.adamw_clip]: SPAM's fields, with ``nu``
+Adam's second moment of the clipped gradients and ``finite_count`` the
+gradients it holds; ``stats.threshold`` is ``k``, ``stats.scale`` the global
+norm after clipping over the one before."""
+
+
+StableSpamClipState = ClipState
+"""State of [`stable_spam_clip`][optaxclip.stable_spam_clip]: a
+[`ClipState`][optaxclip.ClipState], one entry per tensor.
+
+Its ``rule_state`` is a [`MaxEmaState`][optaxclip.rules.MaxEmaState]: the
+EMA of each tensor's largest absolute entry (``m_max``) and the number of
+non-zero gradients each tensor has had (``nonzero_count``). Its stats: each
+tensor's largest absolute entry, the bias-corrected bound ``T``, and
+``T / max|g|`` where clipped; ``clipped`` counts entries.
+"""
 
 
 def stable_spam_clip(
@@ -550,7 +635,7 @@ def stable_spam_clip(
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
-      [`StableSpamClipState`][optaxclip.StableSpamClipState].
+      [`ClipState`][optaxclip.ClipState] (`StableSpamClipState`).
 
     Example:
       >>> import jax.numpy as jnp
@@ -573,34 +658,17 @@ def stable_spam_clip(
         zero = check_nonfinite(nonfinite)
         _checks.static_flag(per_tensor_stats, "per_tensor_stats")
     scope = ScaleAboveScope(axis_name=axis_name, partition_specs=partition_specs)
-    return Step(scope, rule, zero, StableSpamClipState).transform()
+    return Step(scope, rule, zero).transform()
 
 
-class ClippyState(NamedTuple):
-    """State of [`clippy`][optaxclip.clippy].
+ClippyState = ClipState
+"""State of [`clippy`][optaxclip.clippy]: a [`ClipState`][optaxclip.ClipState]
+with no rule state, one entry per tensor.
 
-    Attributes:
-      count: int32, steps seen.
-      norm_threshold_scale: three rows, one column per tensor: the largest
-        ``|u| / (relative * |w| + absolute)``, 1 (the bound), and the factor
-        applied.
-      counts: int32, ``[tensors scaled down, nonfinite_count]``.
-      tensor_norms: empty (the norms are per tensor).
-
-    Read the stats together as ``state.stats`` (a
-    [`ClipStats`][optaxclip.ClipStats]); what each means is tabulated in
-    the docs (methods page, "What the stats mean").
-    """
-
-    count: jax.Array
-    norm_threshold_scale: jax.Array
-    counts: jax.Array
-    tensor_norms: jax.Array | tuple[()]
-
-    @property
-    def stats(self) -> ClipStats:
-        """The latest step's [`ClipStats`][optaxclip.ClipStats]."""
-        return read_record(record_of(self))
+Its stats: each tensor's largest ``|u| / (relative * |w| + absolute)``, 1
+(the bound), and the factor applied; ``clipped`` counts the tensors scaled
+down.
+"""
 
 
 def clippy(
@@ -633,7 +701,7 @@ def clippy(
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
-      [`ClippyState`][optaxclip.ClippyState].
+      [`ClipState`][optaxclip.ClipState] (`ClippyState`).
 
     Raises:
       ValueError: in ``update`` if ``params`` is None.
@@ -657,7 +725,7 @@ def clippy(
         zero = check_nonfinite(nonfinite)
         _checks.static_flag(per_tensor_stats, "per_tensor_stats")
     scope = RelativeScope(relative, absolute, axis_name)
-    return Step(scope, rules.fixed(1.0), zero, ClippyState).transform()
+    return Step(scope, rules.fixed(1.0), zero).transform()
 
 
 def trust_ratio_clip(

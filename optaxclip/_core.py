@@ -6,7 +6,7 @@ order, written once:
 
 1. ``scope.measure`` reads the updates once and returns a `Measurement`;
 2. the rule turns the `rules.Observation` into a threshold;
-3. on a non-finite step the old state is kept (`_tree.keep_if`, the one
+3. on a non-finite step the old state is kept (`_tree.commit`, the one
    keep-the-old-state), for the rule's state and the scope's moments;
 4. ``scope.apply`` acts (rescale, clamp, normalize, skip) in one fused pass;
 5. `write_record` stores the step's stats (``optaxclip._stats``).
@@ -29,14 +29,13 @@ import optax
 from . import _checks
 from ._stats import (
     RECORD_FIELDS,
-    ClipStats,
+    StatsField,
     empty_record,
-    read_record,
     record_of,
     record_shape,
     write_record,
 )
-from ._tree import float_leaves, keep_if
+from ._tree import commit, float_leaves
 from .rules import Observation, Rule, observe
 
 __all__ = ["ClipState"]
@@ -71,10 +70,7 @@ class ClipState(NamedTuple):
     counts: jax.Array
     tensor_norms: jax.Array | tuple[()]
 
-    @property
-    def stats(self) -> ClipStats:
-        """The latest step's [`ClipStats`][optaxclip.ClipStats]."""
-        return read_record(record_of(self))
+    stats = StatsField()
 
 
 def check_nonfinite(nonfinite: str) -> bool:
@@ -282,9 +278,9 @@ class Step:
         )
         fields: dict[str, Any] = dict(new_record._asdict())
         if "rule_state" in self.state_type._fields:
-            fields["rule_state"] = keep_if(finite, rule_state, old_rule_state)
+            fields["rule_state"] = commit(finite, rule_state, old_rule_state)
         for name, value in (applied.moments or {}).items():
-            fields[name] = keep_if(finite, value, own[name])
+            fields[name] = commit(finite, value, own[name])
         fields.update(applied.counters or {})
         return applied.updates, state._replace(**fields)
 

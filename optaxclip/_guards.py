@@ -16,8 +16,8 @@ import optax
 
 from . import _checks, _mesh, _norms, _numerics, rules
 from ._core import Applied, Measurement, Scope, Step
-from ._stats import ClipStats, read_record, record_of
-from ._tree import keep_if, zero_unless
+from ._stats import StatsField
+from ._tree import commit, zero_unless
 
 __all__ = ["SkipNonfiniteState", "SkipSpikesState", "skip_nonfinite", "skip_spikes"]
 
@@ -48,10 +48,7 @@ class SkipNonfiniteState(NamedTuple):
     counts: jax.Array
     tensor_norms: jax.Array | tuple[()]
 
-    @property
-    def stats(self) -> ClipStats:
-        """The latest step's [`ClipStats`][optaxclip.ClipStats]."""
-        return read_record(record_of(self))
+    stats = StatsField()
 
 
 def skip_nonfinite(
@@ -155,10 +152,7 @@ class SkipSpikesState(NamedTuple):
     counts: jax.Array
     tensor_norms: jax.Array | tuple[()]
 
-    @property
-    def stats(self) -> ClipStats:
-        """The latest step's [`ClipStats`][optaxclip.ClipStats]."""
-        return read_record(record_of(self))
+    stats = StatsField()
 
 
 def skip_spikes(
@@ -374,4 +368,4 @@ def _apply_or_skip(inner, apply, updates, inner_state, params, extra_args):
     # skipped step's NaN results never leave the select.
     out, new_state = inner.update(updates, inner_state, params, **extra_args)
     out = jax.tree.map(lambda x: zero_unless(apply, jnp.asarray(x)), out)
-    return out, keep_if(apply, new_state, inner_state)
+    return out, commit(apply, new_state, inner_state)

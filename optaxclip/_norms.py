@@ -101,7 +101,7 @@ def global_norm(
     p = check_ord(ord)
     leaves = float_leaves(tree)
     groups = reduction_groups(tree, leaves, axis_name, partition_specs)
-    return measure_total(leaves, p, groups)
+    return measure_leaves(leaves, p, groups)[0]
 
 
 def tree_norms(
@@ -235,15 +235,6 @@ _SHIFT = 2.0**-64
 _UNSHIFT_ROOT = 2.0**32
 
 
-def measure_total(
-    leaves: Sequence[jax.Array],
-    p: float | jax.Array,
-    groups: Sequence[tuple[str, ...]],
-) -> jax.Array:
-    """The ``p``-norm of all ``leaves`` together, as a scalar."""
-    return measure_leaves(leaves, p, groups)[0]
-
-
 def measure_leaves(
     leaves: Sequence[jax.Array],
     p: float | jax.Array,
@@ -341,14 +332,14 @@ class Segments(NamedTuple):
 def segments(
     leaves: Sequence[jax.Array],
     p: float | jax.Array,
-    keep_axes: Sequence[tuple[int, ...]],
+    layer_axes: Sequence[tuple[int, ...]],
     groups: Sequence[tuple[str, ...]],
     normalize: bool = False,
 ) -> Segments:
     """One norm per segment, and each leaf's own norms for scaling it.
 
-    Leaf ``i`` is reduced over every axis except ``keep_axes[i]`` (leading
-    axes: stacked layers or a batch), giving ``prod(shape[keep])`` segments.
+    Leaf ``i`` is reduced over every axis except ``layer_axes[i]`` (leading
+    axes: stacked layers or a batch), giving ``prod(shape[layer_axes])`` segments.
     With ``normalize`` the power sum is divided by the segment size first
     (an RMS for ``p = 2``). Scaling a leaf by its own piece, rather than by
     a slice of the vector, keeps the per-leaf kernels of equally shaped
@@ -362,7 +353,7 @@ def segments(
         functools.partial(
             _segment_norms,
             leaves,
-            keep_axes=keep_axes,
+            layer_axes=layer_axes,
             groups=groups,
             normalize=normalize,
             pieces=True,
@@ -371,9 +362,9 @@ def segments(
     return Segments(vector, tuple(pieces))
 
 
-def _segment_norms(leaves, p, keep_axes, groups, normalize, pieces):
+def _segment_norms(leaves, p, layer_axes, groups, normalize, pieces):
     acc = jnp.result_type(*[acc_dtype(x.dtype) for x in leaves])
-    counts = [segment_count(x, keep) for x, keep in zip(leaves, keep_axes, strict=True)]
+    counts = [segment_count(x, k) for x, k in zip(leaves, layer_axes, strict=True)]
     offsets = np.cumsum([0, *counts])
     # Inside shard_map a leaf holds only its shard: the segment size is the
     # local size times the number of devices the reduced dims are split over.
@@ -390,7 +381,7 @@ def _segment_norms(leaves, p, keep_axes, groups, normalize, pieces):
     def totals(q, divisors=None):
         own = []
         for i, x in enumerate(leaves):
-            axes = tuple(a for a in range(x.ndim) if a not in keep_axes[i])
+            axes = tuple(a for a in range(x.ndim) if a not in layer_axes[i])
             div = None if divisors is None else divisors[i]
             part = power_sum(x, q, axes, keepdims=True, divisor=div)
             own.append(part if part.dtype == acc else part.astype(acc))
@@ -411,7 +402,7 @@ def _segment_norms(leaves, p, keep_axes, groups, normalize, pieces):
                 ]
             return vector, own
         return vector, [
-            segment_view(vector[offsets[i] : offsets[i + 1]], x, keep_axes[i])
+            segment_view(vector[offsets[i] : offsets[i + 1]], x, layer_axes[i])
             for i, x in enumerate(leaves)
         ]
 
@@ -440,7 +431,7 @@ def _segment_norms(leaves, p, keep_axes, groups, normalize, pieces):
         largest, largest_parts = totals(INF)
         if not pieces:
             largest_parts = [
-                segment_view(largest[offsets[i] : offsets[i + 1]], x, keep_axes[i])
+                segment_view(largest[offsets[i] : offsets[i + 1]], x, layer_axes[i])
                 for i, x in enumerate(leaves)
             ]
         safe = [
@@ -460,12 +451,12 @@ def _segment_norms(leaves, p, keep_axes, groups, normalize, pieces):
     )
 
 
-def segment_count(x: jax.Array, keep: tuple[int, ...]) -> int:
-    """Number of segments leaf ``x`` contributes when keeping axes ``keep``."""
-    return int(math.prod(x.shape[a] for a in keep))
+def segment_count(x: jax.Array, layers: tuple[int, ...]) -> int:
+    """Number of segments leaf ``x`` contributes with layer axes ``layers``."""
+    return int(math.prod(x.shape[a] for a in layers))
 
 
-def segment_view(values: jax.Array, x: jax.Array, keep: tuple[int, ...]) -> jax.Array:
+def segment_view(values: jax.Array, x: jax.Array, layers: tuple[int, ...]) -> jax.Array:
     """Reshapes one leaf's slice of a segment vector to broadcast against it."""
-    shape = [x.shape[a] if a in keep else 1 for a in range(x.ndim)]
+    shape = [x.shape[a] if a in layers else 1 for a in range(x.ndim)]
     return values.reshape(shape)

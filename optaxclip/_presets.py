@@ -75,14 +75,11 @@ def autoclip(
       history: the buffer size (a Python int), or None for 1024.
       include_zeros: keyword-only; record zero norms in the history, as the
         official code does (default False).
-      nonfinite: keyword-only; ``"zero"`` (default) or ``"propagate"``.
-      axis_name: keyword-only; the ``shard_map`` mesh axis the leaves are
-        split across.
-      partition_specs: keyword-only; which leaves are split across
-        ``axis_name`` (a pytree prefix of ``PartitionSpec``).
-      per_tensor_stats: keyword-only; also record each tensor's norm on every
-        step (``stats.tensor_norms``; per-tensor keys in
-        [`metrics`][optaxclip.metrics]).
+      nonfinite: keyword-only; as in
+        [`clip_by_global_norm`][optaxclip.clip_by_global_norm].
+      axis_name: keyword-only; as there.
+      partition_specs: keyword-only; as there.
+      per_tensor_stats: keyword-only; as there.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -156,13 +153,11 @@ def zclip(
       clip_option: ``"adaptive_scaling"`` or ``"mean"``.
       clip_factor: multiplies the adaptive bound.
       skip_update_on_spike: leave the EMAs untouched on a spike.
-      nonfinite: keyword-only; ``"zero"`` (default) or ``"propagate"``.
-      axis_name: keyword-only; the ``shard_map`` mesh axis.
-      partition_specs: keyword-only; which leaves are split across
-        ``axis_name`` (a pytree prefix of ``PartitionSpec``).
-      per_tensor_stats: keyword-only; also record each tensor's norm on every
-        step (``stats.tensor_norms``; per-tensor keys in
-        [`metrics`][optaxclip.metrics]).
+      nonfinite: keyword-only; as in
+        [`clip_by_global_norm`][optaxclip.clip_by_global_norm].
+      axis_name: keyword-only; as there.
+      partition_specs: keyword-only; as there.
+      per_tensor_stats: keyword-only; as there.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -237,14 +232,11 @@ def adagc(
       warmup_steps: number of warm-up steps.
       lambda_abs: the global bound during warm-up.
       eps: added to the norm in the clip coefficients.
-      nonfinite: keyword-only; ``"zero"`` (default) or ``"propagate"``.
-      axis_name: keyword-only; the ``shard_map`` mesh axis.
-      partition_specs: keyword-only; which leaves are split across
-        ``axis_name`` (a pytree prefix of ``PartitionSpec``).
-      stacked_axes: keyword-only; leading stacked-layer axes (see
-        [`clip_by_norm`][optaxclip.clip_by_norm]).
-      per_tensor_stats: keyword-only; accepted for a uniform signature:
-        this method always records one entry per tensor.
+      nonfinite: keyword-only; as in [`clip_by_norm`][optaxclip.clip_by_norm].
+      axis_name: keyword-only; as there.
+      partition_specs: keyword-only; as there.
+      stacked_axes: keyword-only; as there.
+      per_tensor_stats: keyword-only; as there.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``stats`` hold one entry
@@ -310,14 +302,11 @@ def olmo_adaptive_clip(
       max_grad_norm_ratio: the bound relative to the EMA.
       beta: EMA factor (0.95 in OLMo).
       eps: added to the norm in the clip coefficient.
-      nonfinite: keyword-only; ``"zero"`` (default) or ``"propagate"``.
-      axis_name: keyword-only; the ``shard_map`` mesh axis.
-      partition_specs: keyword-only; which leaves are split across
-        ``axis_name`` (a pytree prefix of ``PartitionSpec``).
-      stacked_axes: keyword-only; leading stacked-layer axes (see
-        [`clip_by_norm`][optaxclip.clip_by_norm]).
-      per_tensor_stats: keyword-only; accepted for a uniform signature:
-        this method always records one entry per tensor.
+      nonfinite: keyword-only; as in [`clip_by_norm`][optaxclip.clip_by_norm].
+      axis_name: keyword-only; as there.
+      partition_specs: keyword-only; as there.
+      stacked_axes: keyword-only; as there.
+      per_tensor_stats: keyword-only; as there.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``stats`` hold one entry
@@ -376,13 +365,11 @@ def quantile_clip(
       learning_rate: the step size of the update.
       initial: the first bound.
       geometric: multiplicative (default) or additive update.
-      nonfinite: keyword-only; ``"zero"`` (default) or ``"propagate"``.
-      axis_name: keyword-only; the ``shard_map`` mesh axis.
-      partition_specs: keyword-only; which leaves are split across
-        ``axis_name`` (a pytree prefix of ``PartitionSpec``).
-      per_tensor_stats: keyword-only; also record each tensor's norm on every
-        step (``stats.tensor_norms``; per-tensor keys in
-        [`metrics`][optaxclip.metrics]).
+      nonfinite: keyword-only; as in
+        [`clip_by_global_norm`][optaxclip.clip_by_global_norm].
+      axis_name: keyword-only; as there.
+      partition_specs: keyword-only; as there.
+      per_tensor_stats: keyword-only; as there.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.

@@ -53,7 +53,7 @@ from ._tree import (
     zero_tree,
     zero_unless,
 )
-from .rules import one_minus
+from .rules import bias_correction, one_minus
 
 
 def _finite(norms: jax.Array) -> jax.Array:
@@ -163,15 +163,23 @@ class StepRatioScope(GlobalScope):
 
 @dataclasses.dataclass(frozen=True)
 class MomentClampScope(GlobalScope):
-    """SPAM: each entry clamped to ``sqrt(threshold * v)``, then ``v`` updated.
+    """Each entry clamped relative to the EMA ``v`` of its clipped square.
 
-    Its state: ``nu`` (the EMA of the clipped squared gradient) and
-    ``finite_count`` (finite steps seen, which drive resets and guards).
+    SPAM (``floor=None``): entries with ``g**2 > threshold * v`` become
+    ``sign(g) * sqrt(threshold * v)``, where ``v > 0``, outside the guard
+    steps after the start and each reset of ``v``. AdamWClip (``floor`` a
+    number): each entry is clamped to ``max(threshold * sqrt(v_hat), floor)``,
+    ``v_hat`` bias-corrected over the earlier finite steps, once
+    ``warmup_steps`` have passed. Then ``v <- beta2 v + (1 - beta2) g_c**2``.
+
+    Its state: ``nu`` (``v``) and ``finite_count`` (finite steps seen).
     """
 
     beta2: Any = 0.999
-    reset_interval: Any = 500
-    guard_steps: Any = 20
+    reset_interval: Any = 0
+    guard_steps: Any = 0
+    floor: Any = None
+    warmup_steps: Any = 0
     owner: str = "spam_clip"
     stateless = False
 
@@ -179,25 +187,44 @@ class MomentClampScope(GlobalScope):
         acc = lambda _, x: jnp.zeros_like(x, dtype=acc_dtype(x.dtype))  # noqa: E731
         return {"nu": map_float(acc, params), "finite_count": jnp.zeros((), jnp.int32)}
 
+    def _bound(self, count, threshold, dtype):
+        """``(reset, bound_of(nu))`` of this step."""
+        if self.floor is None:
+            t = count + 1
+            interval = jnp.asarray(self.reset_interval, jnp.int32)
+            guard = jnp.asarray(self.guard_steps, jnp.int32)
+            periodic = interval > 0
+            phase = jnp.where(periodic, t % jnp.maximum(interval, 1), t)
+            active = (t >= guard) & (phase >= guard)
+
+            def spam(nu):
+                bound = safe_root(threshold.astype(nu.dtype) * nu, 2.0)
+                return jnp.where(active & (nu > 0), bound, full_like(bound, INF))
+
+            return periodic & (phase == 0), spam
+        # ``1 - beta2**n`` over the n >= 1 gradients ``nu`` holds (none: nu = 0).
+        correction = bias_correction(self.beta2, jnp.maximum(count, 1), dtype)
+        floor = jnp.where(count >= self.warmup_steps, self.floor, INF).astype(dtype)
+
+        def adam(nu):
+            rms = safe_root(nu / correction.astype(nu.dtype), 2.0)
+            return jnp.maximum(threshold.astype(nu.dtype) * rms, floor)
+
+        return jnp.asarray(False), adam
+
     def apply(self, updates, measured, act):
         nu_tree, count = act.state["nu"], act.state["finite_count"]
         _checks.check_same_tree(self.owner, nu_tree, updates)
         acc = measured.norms.dtype
-        t = count + 1
-        interval = jnp.asarray(self.reset_interval, jnp.int32)
-        guard = jnp.asarray(self.guard_steps, jnp.int32)
-        periodic = interval > 0
-        phase = jnp.where(periodic, t % jnp.maximum(interval, 1), t)
-        reset = periodic & (phase == 0)
-        active = (t >= guard) & (phase >= guard)
+        reset, bound_of = self._bound(count, act.threshold, acc)
         b2, rest = jnp.asarray(self.beta2, acc), one_minus(self.beta2, acc)
         nus, counted = [], []
 
         def clip_leaf(_, g, nu):
             nu = jnp.where(reset, full_like(nu, 0), nu)
             magnitude = jnp.abs(g).astype(nu.dtype)
-            bound = safe_root(act.threshold.astype(nu.dtype) * nu, 2.0)
-            over = active & (nu > 0) & (magnitude > bound)
+            bound = bound_of(nu)
+            over = magnitude > bound
             safe = jnp.where(over, magnitude, full_like(magnitude, 1))
             factor = jnp.where(over, bound / safe, full_like(safe, 1))
             new_mag = jnp.where(over, bound, magnitude)
@@ -233,11 +260,11 @@ class TensorMeasurement(Measurement):
     """One norm per tensor (or stacked layer slice), with each leaf's piece.
 
     Attributes:
-      keep_axes: per leaf, the leading stacked axes kept apart.
+      layer_axes: per leaf, the leading stacked axes kept apart.
       pieces: per leaf, its norms shaped for broadcasting against it.
     """
 
-    keep_axes: tuple[tuple[int, ...], ...] = ()
+    layer_axes: tuple[tuple[int, ...], ...] = ()
     pieces: tuple[jax.Array, ...] = ()
 
 
@@ -253,7 +280,7 @@ class TensorScope(Scope):
     rms: bool = False
     owner: str = "clip_by_norm"
 
-    def _keep_axes(self, tree):
+    def _layer_axes(self, tree):
         leaves = float_leaves(tree)
         out = []
         stacked = _stacked_per_leaf(self.stacked_axes, tree)
@@ -268,18 +295,20 @@ class TensorScope(Scope):
         return leaves, out
 
     def norm_like(self, params):
-        leaves, keep = self._keep_axes(params)
-        n = sum(_norms.segment_count(x, k) for x, k in zip(leaves, keep, strict=True))
+        leaves, layers = self._layer_axes(params)
+        n = sum(_norms.segment_count(x, k) for x, k in zip(leaves, layers, strict=True))
         return jnp.zeros((n,), tree_acc_dtype(params))
 
-    def _total(self, norms, leaves, keep):
+    def _total(self, norms, leaves, layers):
         # The whole tree's measurement, in the scope's own terms: the
         # ``ord``-norm of the tensors' norms, or the RMS of every entry.
         if not leaves:
             return jnp.zeros((), norms.dtype)
         if not self.rms:
             return _norms.norm_of_norms(norms, self.ord)
-        counts = [_norms.segment_count(x, k) for x, k in zip(leaves, keep, strict=True)]
+        counts = [
+            _norms.segment_count(x, k) for x, k in zip(leaves, layers, strict=True)
+        ]
         sizes = np.repeat(
             [x.size // max(c, 1) for x, c in zip(leaves, counts, strict=True)], counts
         )
@@ -288,45 +317,45 @@ class TensorScope(Scope):
 
     def measure(self, updates, params, extra_args):
         del params, extra_args
-        leaves, keep = self._keep_axes(updates)
+        leaves, layers = self._layer_axes(updates)
         reduced = [
             tuple(a for a in range(x.ndim) if a not in k)
-            for x, k in zip(leaves, keep, strict=True)
+            for x, k in zip(leaves, layers, strict=True)
         ]
         groups = _mesh.reduction_groups(
             updates, leaves, self.axis_name, self.partition_specs, reduced
         )
-        segments = _norms.segments(leaves, self.ord, keep, groups, self.rms)
+        segments = _norms.segments(leaves, self.ord, layers, groups, self.rms)
         dtype = tree_acc_dtype(updates)
         pieces = tuple(
             piece if piece.dtype == dtype else piece.astype(dtype)
             for piece in segments.pieces
         )
         norms = segments.norms.astype(dtype)
-        total = self._total(norms, leaves, keep)
+        total = self._total(norms, leaves, layers)
         return TensorMeasurement(
-            norms, _finite(norms), total, None, None, tuple(keep), pieces
+            norms, _finite(norms), total, None, None, tuple(layers), pieces
         )
 
     def apply(self, updates, measured, act):
         threshold, keep = act.threshold, act.keep
-        keep_axes, pieces = measured.keep_axes, measured.pieces
+        layer_axes, pieces = measured.layer_axes, measured.pieces
         factors = None
         if threshold.ndim:
             # A rule's bounds: every leaf's factor is computed in one vector
             # and split off it into a buffer of its own (see `_xla`).
             counts = [
                 _norms.segment_count(x, k)
-                for x, k in zip(float_leaves(updates), keep_axes, strict=True)
+                for x, k in zip(float_leaves(updates), layer_axes, strict=True)
             ]
             factors = _xla.leaf_scales(pieces, threshold, counts)
 
         def scale(i, x):
             if factors is not None:
-                factor = _norms.segment_view(factors[i], x, keep_axes[i])
+                factor = _norms.segment_view(factors[i], x, layer_axes[i])
                 return scale_leaf(x, factor, keep)
             piece = pieces[i]
-            if not keep_axes[i]:
+            if not layer_axes[i]:
                 # One norm for the leaf: a scalar, as the global scope's,
                 # so the division fuses into the pass over the leaf.
                 piece = jnp.reshape(piece, ())
@@ -564,35 +593,35 @@ def normalize_scale(norms: jax.Array, bound: jax.Array) -> jax.Array:
 def normalize(
     updates: Any,
     factor: jax.Array,
-    keep_axes: tuple[tuple[int, ...], ...],
+    layer_axes: tuple[tuple[int, ...], ...],
     keep: jax.Array | None,
 ) -> Any:
     """Multiplies each float leaf by its entries of ``factor`` (one fused pass).
 
     ``factor`` is a scalar (a global decision) or one entry per tensor or
-    layer slice (leaf ``i`` keeping the stacked axes ``keep_axes[i]``); each
+    layer slice (leaf ``i`` with the stacked axes ``layer_axes[i]``); each
     leaf's entries are split off into a buffer of their own (see `_xla`).
     """
     if not factor.ndim:
         return map_float(lambda _, x: scale_leaf(x, factor, keep), updates)
     counts = [
         _norms.segment_count(x, k)
-        for x, k in zip(float_leaves(updates), keep_axes, strict=True)
+        for x, k in zip(float_leaves(updates), layer_axes, strict=True)
     ]
     parts = _xla.split_entries(factor, counts)
     return map_float(
         lambda i, x: scale_leaf(
-            x, _norms.segment_view(parts[i], x, keep_axes[i]), keep
+            x, _norms.segment_view(parts[i], x, layer_axes[i]), keep
         ),
         updates,
     )
 
 
-def _normalized(updates: Any, measured: Any, act: Act, keep_axes: Any) -> Applied:
+def _normalized(updates: Any, measured: Any, act: Act, layer_axes: Any) -> Applied:
     norms, threshold = measured.norms, act.threshold
     factor = normalize_scale(norms, threshold)
     above = jnp.sum(norms > threshold) if norms.ndim else norms > threshold
-    out = normalize(updates, factor, keep_axes, act.keep)
+    out = normalize(updates, factor, layer_axes, act.keep)
     return Applied(out, zero_unless(act.keep, factor), above)
 
 
@@ -609,4 +638,4 @@ class TensorNormalizeScope(TensorScope):
     """Each tensor's (or layer slice's) norm set to its bound (GradientStabilizer)."""
 
     def apply(self, updates, measured, act):
-        return _normalized(updates, measured, act, measured.keep_axes)
+        return _normalized(updates, measured, act, measured.layer_axes)

@@ -5,7 +5,7 @@ Every array a step creates beside the updates is built here with the
 sharding of what it meets (`full_like`, `sharded_like`): on a mesh with
 Explicit axes the sharding is part of an array's type, and a select or an
 elementwise op needs operands of one sharding. The one zeroing select
-(`zero_unless`) and the one keep-the-old-state (`keep_if`) live here too.
+(`zero_unless`) and the one keep-the-old-state (`commit`) live here too.
 """
 
 from __future__ import annotations
@@ -146,8 +146,13 @@ def map_float(fn: Callable[..., jax.Array], tree: Any, *rest: Any) -> Any:
     return jax.tree.unflatten(treedef, out)
 
 
-def keep_if(condition: jax.Array, new: Any, old: Any) -> Any:
-    """``new`` where ``condition`` holds, else ``old`` (leafwise select)."""
+def commit(condition: jax.Array, new: Any, old: Any) -> Any:
+    """``new`` where ``condition`` holds, else ``old``: the one keep-the-old-state.
+
+    A leafwise select over two states of one structure: the rule's state,
+    a scope's moments and a wrapped optimizer's state are all committed
+    through it, so a bad step leaves each exactly as it was.
+    """
     return jax.tree.map(lambda n, o: jnp.where(condition, n, o), new, old)
 
 

@@ -14,10 +14,10 @@ number of leaves:
   every leaf's scaling kernel (and every optimizer kernel fused with it)
   unique; from a buffer of its own, equally shaped leaves share one kernel.
 
-The tests that pin this: ``tests/test_kernels.py`` (kernel counts of the
-compiled step against optax's), ``tests/test_compile_growth.py`` (compile
-time and HLO size flat in the number of leaves, per-tensor rules as the
-fixed clip) and the split tests in ``tests/test_norms.py``.
+The tests that pin this are in ``tests/test_xla.py``: the kernel counts of
+the compiled step against optax's, the distinct kernels and traced size
+flat in the number of leaves (per-tensor rules as the fixed clip), and the
+values and derivatives of `split_entries` and `leaf_scales`.
 """
 
 from __future__ import annotations

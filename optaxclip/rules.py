@@ -344,13 +344,7 @@ class percentile:  # noqa: N801
         # Each entry keeps its own count: on the tensor scope a frozen
         # tensor records nothing while the others go on recording.
         record = jnp.ones(norm.shape, jnp.bool_) if self.include_zeros else norm > 0
-        count = state.count
-        slot = count % size
-        # A one-hot select (not a dynamic slice): each entry has its own slot.
-        slots = jax.lax.broadcasted_iota(jnp.int32, state.buffer.shape, norm.ndim)
-        write = (slots == slot[..., None]) & record[..., None]
-        buffer = jnp.where(write, norm[..., None], state.buffer)
-        count = jnp.where(record, optax.safe_increment(count), count)
+        buffer, count = ring_push(state.buffer, state.count, norm, record)
         n = jnp.maximum(jnp.minimum(count, size), 1)
         ordered = jnp.sort(buffer, axis=-1)
         position = jnp.asarray(self.p, dt) / 100 * (n - 1).astype(dt)
@@ -895,8 +889,7 @@ class mean_std:  # noqa: N801
         window = int(self.window)
         dt = state.buffer.dtype
         value = jnp.asarray(norm).astype(dt)
-        count = state.count
-        n = jnp.minimum(count, window)
+        n = jnp.minimum(state.count, window)
         slots = jax.lax.broadcasted_iota(jnp.int32, state.buffer.shape, value.ndim)
         valid = slots < n[..., None]
         n_f = jnp.maximum(n, 1).astype(dt)
@@ -906,10 +899,7 @@ class mean_std:  # noqa: N801
         active = (n + 1 >= self.history) & (n >= 2)
         bound = mean + jnp.asarray(self.sigma, dt) * _sqrt(var)
         threshold = jnp.where(active, bound, jnp.full_like(bound, jnp.inf))
-        record = value != 0
-        write = (slots == (count % window)[..., None]) & record[..., None]
-        buffer = jnp.where(write, value[..., None], state.buffer)
-        count = jnp.where(record, optax.safe_increment(count), count)
+        buffer, count = ring_push(state.buffer, state.count, value, value != 0)
         return threshold, MeanStdState(buffer, count)
 
 
@@ -986,25 +976,35 @@ def one_minus(value: Any, dtype: Any) -> jax.Array:
     return jnp.asarray(1.0 - float(value), dtype)
 
 
-@jax.custom_jvp
+def ring_push(
+    buffer: jax.Array, count: jax.Array, value: jax.Array, record: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Writes ``value`` into each entry's ring buffer where ``record`` holds.
+
+    The one ring buffer of the windowed rules (`percentile`, `mean_std`):
+    ``buffer`` has a trailing axis of slots, ``count`` (int32, shaped like
+    ``value``) the values each entry has recorded; an entry writes its slot
+    ``count % window`` and advances its count only where ``record`` is True
+    (a frozen tensor records nothing while the others go on). A one-hot
+    select, not a dynamic slice: each entry has its own slot.
+    """
+    slots = jax.lax.broadcasted_iota(jnp.int32, buffer.shape, value.ndim)
+    write = (slots == (count % buffer.shape[-1])[..., None]) & record[..., None]
+    buffer = jnp.where(write, value[..., None], buffer)
+    return buffer, jnp.where(record, optax.safe_increment(count), count)
+
+
 def _sqrt(x: jax.Array) -> jax.Array:
     """``sqrt(x)`` whose derivative at 0 is 0, not inf.
 
     A standard deviation of identical values is ``sqrt(0)``; the plain
     derivative there is infinite, and times a zero tangent NaN, which would
-    reach every derivative of the bound. The measuring module's roots have
-    the same convention (rules import nothing from it).
+    reach every derivative of the bound. The root is taken of a positive
+    stand-in where ``x`` is 0, so the branch that is not taken has a finite
+    derivative too.
     """
-    return jax.lax.sqrt(x)
-
-
-@_sqrt.defjvp
-def _sqrt_jvp(primals, tangents):
-    (x,), (t,) = primals, tangents
-    root = jax.lax.sqrt(x)
     positive = x > 0
-    safe = jnp.where(positive, root, jnp.ones_like(root))
-    return root, jnp.where(positive, t / (2 * safe), jnp.zeros_like(t))
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1)), 0)
 
 
 # ---------------------------------------------------------------------------

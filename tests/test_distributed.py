@@ -81,6 +81,8 @@ PRESETS = {
     "quantile_clip": lambda **kw: oc.quantile_clip(**kw),
     "spam_clip": lambda **kw: oc.spam_clip(**kw),
     "stable_spam_clip": lambda **kw: oc.stable_spam_clip(**kw),
+    # Not clipped on the first step, so the later bounds are far above 0.
+    "adamw_clip": lambda **kw: oc.adamw_clip(warmup_steps=1, **kw),
     # clippy takes the largest ratio across devices: no partition_specs.
     "clippy": lambda partition_specs=None, **kw: oc.clippy(**kw),
     "trust_ratio_clip": lambda **kw: oc.trust_ratio_clip(0.5, **kw),

@@ -1131,3 +1131,222 @@ def test_gradient_stabilizer_float64_equals_the_official_code_to_1e_10():
     for k, key in enumerate(sorted(outs)):
         want = np.stack([e[1][k] for e in expected])
         np.testing.assert_allclose(outs[key], want, rtol=1e-10, atol=0)
+
+
+# ---------------------------------------------------------------------------
+# AdamWClip
+# ---------------------------------------------------------------------------
+
+
+def adamw_clip_reference(steps, k=3.0, beta2=0.999, floor=1e-10, warmup_steps=0):
+    """AdamWClip's clipping (official code), per entry: each entry within
+    ``max(k * sqrt(v / (1 - beta2**n)), floor)``, ``v`` and ``n`` from the
+    earlier (finite) steps, ``v`` updated with the clipped gradient."""
+    v = [np.zeros_like(x) for x in steps[0]]
+    n = 0
+    expected = []
+    for leaves in steps:
+        if not is_finite(leaves):  # documented difference: skipped, not in v
+            expected.append(None)
+            continue
+        out = []
+        for i, g in enumerate(leaves):
+            if n + 1 > warmup_steps:
+                correction = 1.0 / (1.0 - beta2**n) if n > 0 else 1.0
+                bound = np.maximum(np.sqrt(v[i] * correction) * k, floor)
+                g = np.clip(g, -bound, bound)
+            v[i] = v[i] * beta2 + (1 - beta2) * g * g
+            out.append(g)
+        n += 1
+        before, after = gnorm(leaves), gnorm(out)
+        expected.append((k, after / before if before > 0 else 1.0, out))
+    return expected
+
+
+ADAMW_CLIP = [
+    dict(),
+    dict(k=2.0, beta2=0.9, floor=1e-3, warmup_steps=5),
+    dict(k=1.5, beta2=0.99, floor=0.5, warmup_steps=1),
+]
+
+
+def test_adamw_clip_matches_reference():
+    stream = make_stream(30)
+    steps = np_steps(stream)
+    check_preset(
+        oc.adamw_clip,
+        ADAMW_CLIP,
+        lambda kw: adamw_clip_reference(steps, **kw),
+        stream,
+    )
+
+
+def official_adamwclip(params, grads, lr, betas, eps, weight_decay, k, floor, warm):
+    """The official ``AdamWClip.step`` (PyPI 0.1.4), one float64 NumPy array per
+    parameter; returns the parameters after every step."""
+    b1, b2 = betas
+    theta = [p.copy() for p in params]
+    m = [np.zeros_like(p) for p in params]
+    v = [np.zeros_like(p) for p in params]
+    trajectory = []
+    for t, step_grads in enumerate(grads, start=1):
+        lr_correction1 = -lr / (1.0 - b1**t)
+        correction2 = 1.0 / (1.0 - b2**t)
+        correction_clip = 1.0 / (1.0 - b2 ** (t - 1)) if t > 1 else 1.0
+        theta = [p + (-lr * weight_decay) * p for p in theta]
+        step_grads = [g.copy() for g in step_grads]
+        if k is not None and t > warm:  # k None: plain AdamW, as officially
+            for i, g in enumerate(step_grads):
+                bound = np.maximum(np.sqrt(v[i] * correction_clip) * k, floor)
+                step_grads[i] = np.minimum(np.maximum(g, -bound), bound)
+        for i, g in enumerate(step_grads):
+            m[i] = m[i] * b1 + (1 - b1) * g
+            v[i] = v[i] * b2 + (1 - b2) * g * g
+            denom = np.sqrt(v[i] * correction2) + eps
+            theta[i] = theta[i] + lr_correction1 * m[i] / denom
+        trajectory.append([p.copy() for p in theta])
+    return trajectory
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, k=3.0,
+             floor=1e-10, warm=0),
+        dict(lr=3e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1, k=2.0,
+             floor=1e-3, warm=3),
+    ],
+    ids=["official_defaults", "other"],
+)  # fmt: skip
+def test_adamw_clip_before_adamw_is_the_official_optimizer(settings):
+    """20 steps of gradients with spikes: the chain's parameters equal the
+    official optimizer's to 1e-6 (float32), and clipping changed them."""
+    rng = np.random.default_rng(31)
+    shapes = [(3, 4), (5,)]
+    params = [rng.normal(size=s) for s in shapes]
+    grads = [[rng.normal(size=s) * np.exp(rng.normal(0, 0.3)) for s in shapes]]
+    for t in range(1, 20):
+        g = [rng.normal(size=s) * np.exp(rng.normal(0, 0.3)) for s in shapes]
+        if t in (8, 13):
+            g = [x * 50.0 for x in g]  # spikes of the whole gradient
+        if t == 16:
+            g[0].flat[5] *= 1e3  # a spike of one entry
+        grads.append(g)
+    s = settings
+    want = official_adamwclip(
+        params, grads, s["lr"], s["betas"], s["eps"], s["weight_decay"],
+        s["k"], s["floor"], s["warm"],
+    )  # fmt: skip
+    b1, b2 = s["betas"]
+    adamw = optax.adamw(s["lr"], b1, b2, s["eps"], weight_decay=s["weight_decay"])
+    tx = optax.chain(oc.adamw_clip(s["k"], b2, s["floor"], s["warm"]), adamw)
+    f32 = lambda tree: [jnp.asarray(x, jnp.float32) for x in tree]  # noqa: E731
+
+    def body(carry, g):
+        p, state = carry
+        updates, state = tx.update(g, state, p)
+        p = optax.apply_updates(p, updates)
+        return (p, state), (p, oc.stats(state)[0].clipped)
+
+    stacked = [
+        jnp.stack([jnp.asarray(g[i], jnp.float32) for g in grads]) for i in (0, 1)
+    ]
+    with jax.numpy_dtype_promotion("standard"):  # optax.adam's bias correction
+        p0 = f32(params)
+        (_, state), (got, clipped) = jax.jit(lambda c, x: jax.lax.scan(body, c, x))(
+            (p0, tx.init(p0)), stacked
+        )
+    for i in range(2):
+        np.testing.assert_allclose(
+            got[i], np.stack([w[i] for w in want]), rtol=1e-6, atol=1e-6
+        )
+        # the clip's second moment is the optimizer's own
+        np.testing.assert_allclose(state[0].nu[i], state[1][0].nu[i], rtol=1e-6)
+    assert int(state[0].finite_count) == 20
+    clipped = np.asarray(clipped)
+    assert clipped[13] > 0 and clipped[16] > 0
+    # without the clipping the trajectory is another one
+    plain = official_adamwclip(
+        params, grads, s["lr"], s["betas"], s["eps"], s["weight_decay"],
+        None, s["floor"], s["warm"],
+    )  # fmt: skip
+    assert np.max(np.abs(plain[-1][0] - want[-1][0])) > 1e-3
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(k=0.0), "adamw_clip: `k`.*0.0"),
+        (dict(k=-3.0), "adamw_clip: `k`.*-3.0"),
+        (dict(beta2=1.0), "adamw_clip: `beta2`.*1.0"),
+        (dict(beta2=-0.5), "adamw_clip: `beta2`.*-0.5"),
+        (dict(floor=0.0), "adamw_clip: `floor`.*0.0"),
+        (dict(warmup_steps=2.5), "adamw_clip: `warmup_steps`.*2.5"),
+        (dict(warmup_steps=-1), "adamw_clip: `warmup_steps`.*-1"),
+        (dict(nonfinite="skip"), "adamw_clip: `nonfinite`.*skip"),
+        (dict(per_tensor_stats="yes"), "adamw_clip: `per_tensor_stats`.*yes"),
+    ],
+)
+def test_adamw_clip_bad_hyperparameters_raise_value_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        oc.adamw_clip(**kwargs)
+
+
+def test_adamw_clip_nonfinite_step_leaves_the_moment_untouched():
+    tx = oc.adamw_clip(k=2.0, beta2=0.5)
+    g = {"a": jnp.array([1.0, -2.0]), "b": jnp.array([[0.5]])}
+    state = tx.init(g)
+    _, state = tx.update(g, state)
+    bad = {"a": jnp.array([jnp.nan, 1.0]), "b": jnp.array([[jnp.inf]])}
+    out, after = jax.jit(tx.update)(bad, state)
+    for leaf in jax.tree.leaves(out):
+        np.testing.assert_array_equal(leaf, 0.0)
+    for x, y in zip(jax.tree.leaves(after.nu), jax.tree.leaves(state.nu), strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert int(after.finite_count) == 1 and int(after.count) == 2
+    assert int(after.stats.nonfinite_count) == 1
+    # "propagate" passes the NaN on, and still keeps it out of the moment
+    tx = oc.adamw_clip(k=2.0, beta2=0.5, nonfinite="propagate")
+    out, after = tx.update(bad, state)
+    assert bool(jnp.isnan(out["a"][0]))
+    np.testing.assert_array_equal(after.nu["a"], state.nu["a"])
+
+
+def test_adamw_clip_k_as_a_schedule_and_injected():
+    # k = 1 on step 0, 2 on step 1: the second step's bound is k * sqrt(v_hat).
+    k = lambda count: 1.0 + count.astype(jnp.float32)  # noqa: E731
+    tx = oc.adamw_clip(k, beta2=0.5, warmup_steps=1)
+    state = tx.init(jnp.zeros(2))
+    _, state = tx.update(jnp.array([1.0, -2.0]), state)
+    out, state = tx.update(jnp.array([10.0, -10.0]), state)
+    np.testing.assert_allclose(out, [2.0, -4.0], rtol=1e-6)
+    assert float(state.stats.threshold) == 2.0
+    traces = []
+
+    def factory(k, beta2):
+        traces.append(1)
+        return oc.adamw_clip(k, beta2, warmup_steps=1)
+
+    tx = optax.inject_hyperparams(factory)(k=3.0, beta2=0.5)
+    state = tx.init(jnp.zeros(2))
+    step = jax.jit(tx.update)
+    state.hyperparams["k"] = jnp.asarray(3.0)
+    _, state = step(jnp.array([1.0, -2.0]), state)
+    state.hyperparams["k"] = jnp.asarray(1.5)
+    out, state = step(jnp.array([10.0, -10.0]), state)
+    np.testing.assert_allclose(out, [1.5, -3.0], rtol=1e-6)
+    assert len(traces) == 2  # init, and one trace of update for both values
+
+
+def test_adamw_clip_per_tensor_stats_and_nonfinite_paths():
+    params = {"a": jnp.zeros(3), "b": jnp.zeros((2, 2))}
+    tx = oc.adamw_clip(per_tensor_stats=True)
+    state = tx.init(params)
+    assert state.count.dtype == jnp.int32 and state.finite_count.dtype == jnp.int32
+    g = {"a": jnp.array([3.0, 4.0, 0.0]), "b": jnp.array([[1.0, 0.0], [0.0, 0.0]])}
+    _, state = tx.update(g, state)
+    np.testing.assert_allclose(state.stats.tensor_norms, [5.0, 1.0], rtol=1e-6)
+    np.testing.assert_allclose(state.stats.norm, math.sqrt(26.0), rtol=1e-6)
+    bad = {"a": g["a"], "b": g["b"].at[1, 1].set(jnp.nan)}
+    _, state = tx.update(bad, state)
+    assert oc.nonfinite_paths(state, params) == ["b"]

@@ -51,7 +51,8 @@ def drive(rule, norms, totals=None):
         if totals is None:
             threshold, state = rule.update(state, n, t)
         else:
-            threshold, state = rule.update(state, n, t, total=total)
+            observation = rules.Observation(n, total)
+            threshold, state = rules.observe(rule, state, observation, t)
         return state, threshold
 
     steps = jnp.arange(norms.shape[0], dtype=jnp.int32)
