@@ -17,11 +17,13 @@ from ._core import ClipState, Scope, Step, check_nonfinite
 from ._mesh import AxisName
 from ._scopes import (
     ElementScope,
+    GlobalNormalizeScope,
     GlobalScope,
     MomentClampScope,
     RelativeScope,
     ScaleAboveScope,
     StepRatioScope,
+    TensorNormalizeScope,
     TensorScope,
     UnitScope,
 )
@@ -68,6 +70,7 @@ def clip_by_global_norm(
     axis_name: AxisName = None,
     partition_specs: Any = None,
     per_tensor_stats: bool = False,
+    action: str = "rescale",
 ) -> optax.GradientTransformationExtraArgs:
     """Rescales the whole update so its global ``ord``-norm is at most the bound.
 
@@ -97,6 +100,10 @@ def clip_by_global_norm(
       per_tensor_stats: keyword-only; also record each tensor's ``ord``-norm on
         every step (``stats.tensor_norms``, and per-tensor keys in
         [`metrics`][optaxclip.metrics]); costs one small kernel per step.
+      action: keyword-only; ``"rescale"`` (default) scales the update down
+        to the bound when its norm is above it; ``"normalize"`` sets its norm
+        to the bound, up or down (a zero update stays zero, and an infinite
+        bound, a rule with no history yet, leaves it unchanged).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -115,7 +122,9 @@ def clip_by_global_norm(
       Pascanu et al., [On the difficulty of training Recurrent Neural
       Networks](https://arxiv.org/abs/1211.5063), 2013.
     """
-    scope = GlobalScope(
+    _checks.check_choice(action, "action", ("rescale", "normalize"))
+    scope_type = GlobalNormalizeScope if action == "normalize" else GlobalScope
+    scope = scope_type(
         ord=_norms.check_ord(ord),
         axis_name=axis_name,
         partition_specs=partition_specs,
@@ -133,6 +142,7 @@ def clip_by_norm(
     partition_specs: Any = None,
     stacked_axes: Any = None,
     per_tensor_stats: bool = False,
+    action: str = "rescale",
 ) -> optax.GradientTransformationExtraArgs:
     """Rescales each tensor (leaf) separately to an ``ord``-norm of at most the bound.
 
@@ -158,6 +168,10 @@ def clip_by_norm(
         ``optax.inject_hyperparams`` list it in ``static_args``.
       per_tensor_stats: keyword-only; accepted for a uniform signature:
         this scope always records one entry per tensor.
+      action: keyword-only; ``"rescale"`` (default) scales each tensor down
+        to its bound when its norm is above it; ``"normalize"`` sets each
+        tensor's norm to its bound, up or down (a zero tensor stays zero, and
+        an infinite bound, a rule with no history yet, leaves it unchanged).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``stats.norm`` holds one
@@ -173,7 +187,9 @@ def clip_by_norm(
       [0.6 0.8] [0.5] [5.  0.5]
     """
     _checks.static_flag(per_tensor_stats, "per_tensor_stats")
-    scope = TensorScope(
+    _checks.check_choice(action, "action", ("rescale", "normalize"))
+    scope_type = TensorNormalizeScope if action == "normalize" else TensorScope
+    scope = scope_type(
         ord=_norms.check_ord(ord),
         axis_name=axis_name,
         partition_specs=partition_specs,
@@ -633,7 +649,9 @@ def stable_spam_clip(
 
     References:
       Huang et al., [Stable-SPAM: How to Train in 4-Bit More Stably than
-      16-Bit Adam](https://arxiv.org/abs/2502.17055), 2025.
+      16-Bit Adam](https://arxiv.org/abs/2502.17055v2), 2025 (arXiv versions
+      1 and 2; version 3 of that id is the GradientStabilizer paper, see
+      [`gradient_stabilizer`][optaxclip.gradient_stabilizer]).
     """
     with _checks.arguments("stable_spam_clip"):
         rule = rules.BiasCorrectedMax(beta)

@@ -20,6 +20,7 @@ from ._clipping import clip_by_global_norm, clip_by_norm
 __all__ = [
     "adagc",
     "autoclip",
+    "gradient_stabilizer",
     "olmo_adaptive_clip",
     "quantile_clip",
     "zclip",
@@ -389,3 +390,84 @@ def quantile_clip(
     with _checks.arguments("quantile_clip", target="target_quantile"):
         rule = rules.quantile(target_quantile, learning_rate, initial, geometric)
         return clip_by_global_norm(rule, **_options(locals()))
+
+
+# ---------------------------------------------------------------------------
+# GradientStabilizer: the normalize action with the mean-over-RMS rule
+# ---------------------------------------------------------------------------
+
+
+def gradient_stabilizer(
+    beta1: Any = 0.6,
+    beta2: Any = 0.999,
+    eps: Any = 1e-12,
+    *,
+    nonfinite: str = "zero",
+    axis_name: Any = None,
+    partition_specs: Any = None,
+    stacked_axes: Any = None,
+    per_tensor_stats: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+    """GradientStabilizer: each tensor's norm set to a stabilized target.
+
+    ``clip_by_norm(rules.mean_over_rms(beta1, beta2, eps),
+    action="normalize")``. Per tensor, a non-zero norm ``n`` is recorded in
+    EMAs of ``n`` and ``n**2`` first, then the tensor is rescaled to the norm
+    ``m_hat / (sqrt(v_hat) + eps)`` (Adam's bias corrections, each tensor
+    counting its own recorded norms): the direction is kept and the
+    magnitude replaced, so a small gradient is scaled *up*, a spike down to
+    about the usual target, which stays bounded however large the spike.
+    Meant in front of an adaptive optimizer (``optax.adamw``).
+
+    Differences from the official code (TianjinYellow/GradientStabilizer,
+    ``GradientStabilizer._scale_param``): the rescale factor is
+    ``target / n`` where the official code divides by ``max(n, eps)`` (they
+    differ for norms below ``eps`` only); a NaN/Inf norm zeroes the whole
+    step (``nonfinite="zero"``) and leaves every tensor's statistics as they
+    were, where the official code leaves that tensor's gradient as it is
+    (NaN reaches the optimizer) and still updates the other tensors' EMAs.
+    A zero gradient is skipped as officially: it stays zero and is not
+    recorded.
+
+    Args:
+      beta1: EMA factor of the norm (the official ``gamma1``), in ``[0, 1)``.
+      beta2: EMA factor of the squared norm (``gamma2``), in ``[0, 1)``.
+      eps: added to ``sqrt(v_hat)``, ``> 0``.
+      nonfinite: keyword-only; ``"zero"`` (default) or ``"propagate"``.
+      axis_name: keyword-only; the ``shard_map`` / ``pmap`` mesh axis (or
+        axes) the tensors are split across.
+      partition_specs: keyword-only; which leaves are split across
+        ``axis_name`` (a pytree prefix of ``PartitionSpec``).
+      stacked_axes: keyword-only; leading stacked-layer axes, each layer
+        slice a tensor of its own (see [`clip_by_norm`][optaxclip.clip_by_norm]).
+      per_tensor_stats: keyword-only; accepted for a uniform signature:
+        this method always records one entry per tensor.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is a
+      [`ClipState`][optaxclip.ClipState] (``rule_state`` a
+      [`MeanOverRmsState`][optaxclip.rules.MeanOverRmsState]).
+
+    Example:
+      A gradient a hundred times smaller is scaled up, one ten thousand
+      times larger (a spike) down, and a zero gradient stays zero:
+
+      >>> import jax.numpy as jnp
+      >>> import optaxclip as oc
+      >>> tx = oc.gradient_stabilizer()
+      >>> state = tx.init({"w": jnp.zeros(2)})
+      >>> for g in ([3.0, 4.0], [0.03, 0.04], [300.0, 400.0], [0.0, 0.0]):
+      ...     out, state = tx.update({"w": jnp.array(g)}, state)
+      ...     print(f"{float(oc.global_norm(out)):.4f}")
+      1.0000
+      0.5393
+      0.8864
+      0.0000
+
+    References:
+      Huang et al., [GradientStabilizer: Fix the Norm, Not the
+      Gradient](https://arxiv.org/abs/2502.17055v3), ICML 2026.
+    """
+    with _checks.arguments("gradient_stabilizer"):
+        rule = rules.mean_over_rms(beta1, beta2, eps)
+        return clip_by_norm(rule, action="normalize", **_options(locals()))

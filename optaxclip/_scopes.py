@@ -17,6 +17,8 @@ functions in ``optaxclip._clipping`` build one and run the core step
   rescale each (Clippy).
 - `UnitScope`: each tensor's largest unit ratio to the params; rescale each
   unit (AGC).
+- `GlobalNormalizeScope`, `TensorNormalizeScope`: as the global and tensor
+  scopes; set each norm to the bound, up or down (GradientStabilizer).
 """
 
 from __future__ import annotations
@@ -566,3 +568,74 @@ class UnitScope(Scope):
             _xla.stack_barrier(clipped), [1] * len(units), measured.unit_groups, 2.0
         )
         return Applied(out, zero_unless(keep, factor), jnp.sum(total))
+
+
+# ---------------------------------------------------------------------------
+# Normalize: set each measured norm to its bound, up or down
+# ---------------------------------------------------------------------------
+
+
+def normalize_scale(norms: jax.Array, bound: jax.Array) -> jax.Array:
+    """``bound / norms``: the factor that sets each norm to its bound.
+
+    A zero norm gives 1 (a zero tensor stays zero, with no division by zero
+    and a finite derivative), and so does an infinite bound (a rule with no
+    history yet: the update passes unchanged). A NaN norm gives 1 (NaN
+    reaches the output under ``nonfinite="propagate"``), an infinite one 0.
+    Every operand is derived from ``norms``, so it carries its sharding.
+    """
+    bound = jnp.asarray(bound).astype(norms.dtype) + full_like(norms, 0)
+    acts = (norms > 0) & (bound != INF)
+    one = full_like(bound, 1)
+    return jnp.where(acts, bound, one) / jnp.where(acts, norms, one)
+
+
+def normalize(
+    updates: Any,
+    factor: jax.Array,
+    layer_axes: tuple[tuple[int, ...], ...],
+    keep: jax.Array | None,
+) -> Any:
+    """Multiplies each float leaf by its entries of ``factor`` (one fused pass).
+
+    ``factor`` is a scalar (a global decision) or one entry per tensor or
+    layer slice (leaf ``i`` with the stacked axes ``layer_axes[i]``); each
+    leaf's entries are split off into a buffer of their own (see `_xla`).
+    """
+    if not factor.ndim:
+        return map_float(lambda _, x: scale_leaf(x, factor, keep), updates)
+    counts = [
+        _norms.segment_count(x, k)
+        for x, k in zip(float_leaves(updates), layer_axes, strict=True)
+    ]
+    parts = _xla.split_entries(factor, counts)
+    return map_float(
+        lambda i, x: scale_leaf(
+            x, _norms.segment_view(parts[i], x, layer_axes[i]), keep
+        ),
+        updates,
+    )
+
+
+def _normalized(updates: Any, measured: Any, act: Act, layer_axes: Any) -> Applied:
+    norms, threshold = measured.norms, act.threshold
+    factor = normalize_scale(norms, threshold)
+    above = jnp.sum(norms > threshold) if norms.ndim else norms > threshold
+    out = normalize(updates, factor, layer_axes, act.keep)
+    return Applied(out, zero_unless(act.keep, factor), above)
+
+
+@dataclasses.dataclass(frozen=True)
+class GlobalNormalizeScope(GlobalScope):
+    """The whole tree's ``ord``-norm set to the bound (``clipped``: above it)."""
+
+    def apply(self, updates, measured, act):
+        return _normalized(updates, measured, act, ())
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorNormalizeScope(TensorScope):
+    """Each tensor's (or layer slice's) norm set to its bound (GradientStabilizer)."""
+
+    def apply(self, updates, measured, act):
+        return _normalized(updates, measured, act, measured.layer_axes)

@@ -55,6 +55,7 @@ from ._checks import (
 __all__ = [
     "EmaState",
     "MaxEmaState",
+    "MeanOverRmsState",
     "MeanStdState",
     "Observation",
     "Observes",
@@ -66,6 +67,7 @@ __all__ = [
     "ema",
     "observe",
     "fixed",
+    "mean_over_rms",
     "mean_std",
     "percentile",
     "quantile",
@@ -1004,3 +1006,114 @@ def _sqrt(x: jax.Array) -> jax.Array:
     """
     positive = x > 0
     return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1)), 0)
+
+
+# ---------------------------------------------------------------------------
+# GradientStabilizer's target norm
+# ---------------------------------------------------------------------------
+
+
+class MeanOverRmsState(NamedTuple):
+    """State of [`mean_over_rms`][optaxclip.rules.mean_over_rms].
+
+    Attributes:
+      count: int32, shaped like the norms: non-zero norms recorded so far
+        (each entry's own bias-correction step).
+      mean: the EMA of the norm (factor ``beta1``), one entry per norm.
+      mean_square: the EMA of the squared norm (factor ``beta2``).
+    """
+
+    count: jax.Array
+    mean: jax.Array
+    mean_square: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class mean_over_rms:  # noqa: N801
+    """The running mean of the norm over its running RMS (GradientStabilizer).
+
+    Each non-zero norm ``n`` is recorded first, ``m <- beta1 * m + (1 - beta1)
+    * n`` and ``v <- beta2 * v + (1 - beta2) * n**2``, then the bound is
+    ``m_hat / (sqrt(v_hat) + eps)`` with Adam's bias corrections
+    ``m_hat = m / (1 - beta1**k)`` and ``v_hat = v / (1 - beta2**k)``, where
+    ``k`` counts the norms recorded for that entry, this one included. The
+    bound is dimensionless, about 1 for steady norms and smaller for noisy
+    ones (their coefficient of variation), and is meant for the normalize
+    action: [`gradient_stabilizer`][optaxclip.gradient_stabilizer] sets
+    each tensor's norm to it.
+
+    No absorbing zero: a norm of exactly zero is not recorded (its entry's
+    bound is the one its history gives, 0 before any), so a run of zeros,
+    however long, leaves the statistics as they were (recovery within 0
+    steps), as in the official code.
+
+    Args:
+      beta1: the EMA factor of the norm, in ``[0, 1)``.
+      beta2: the EMA factor of the squared norm, in ``[0, 1)``.
+      eps: added to ``sqrt(v_hat)``, ``> 0``.
+
+    Returns:
+      A rule; its state is a [`MeanOverRmsState`][optaxclip.rules.MeanOverRmsState].
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from optaxclip import rules
+      >>> rule = rules.mean_over_rms(beta1=0.5, beta2=0.5)
+      >>> state = rule.init(jnp.zeros(()))
+      >>> for n in [2.0, 0.0, 4.0]:
+      ...     bound, state = rule.update(state, jnp.array(n), 0)
+      ...     print(f"{float(bound):.4f}", int(state.count))
+      1.0000 1
+      1.0000 1
+      0.9623 2
+
+    References:
+      Huang et al., [GradientStabilizer: Fix the Norm, Not the
+      Gradient](https://arxiv.org/abs/2502.17055v3), 2026.
+    """
+
+    beta1: Any = 0.6
+    beta2: Any = 0.999
+    eps: Any = 1e-12
+
+    def __post_init__(self):
+        # beta = 1 would divide by 1 - beta**k = 0 in the bias correction.
+        check_number(self.beta1, "beta1", lo=0.0, hi=1.0, hi_open=True)
+        check_number(self.beta2, "beta2", lo=0.0, hi=1.0, hi_open=True)
+        check_number(self.eps, "eps", lo=0.0, lo_open=True)
+
+    def init(self, norm_like: jax.Array) -> MeanOverRmsState:
+        # Three buffers of their own, so the fresh state can be donated.
+        count = jnp.zeros(jnp.shape(norm_like), jnp.int32)
+        return MeanOverRmsState(
+            count, jnp.zeros_like(norm_like), jnp.zeros_like(norm_like)
+        )
+
+    def update(self, state: MeanOverRmsState, norm, step):
+        del step
+        return mean_over_rms_step(state, norm, self.beta1, self.beta2, self.eps)
+
+
+def mean_over_rms_step(
+    state: MeanOverRmsState, norm: jax.Array, beta1: Any, beta2: Any, eps: Any
+) -> tuple[jax.Array, MeanOverRmsState]:
+    """Records the non-zero entries of ``norm``; returns the bound and state."""
+    dt = norm.dtype
+    seen = norm > 0
+    count = state.count + seen.astype(jnp.int32)
+    mean = jnp.where(
+        seen,
+        jnp.asarray(beta1, dt) * state.mean + one_minus(beta1, dt) * norm,
+        state.mean,
+    )
+    mean_square = jnp.where(
+        seen,
+        jnp.asarray(beta2, dt) * state.mean_square + one_minus(beta2, dt) * norm * norm,
+        state.mean_square,
+    )
+    # Before any record, mean = 0 over a correction of 1: the bound is 0.
+    has = count > 0
+    m_hat = mean / jnp.where(has, bias_correction(beta1, count, dt), 1)
+    v_hat = mean_square / jnp.where(has, bias_correction(beta2, count, dt), 1)
+    bound = m_hat / (_sqrt(v_hat) + jnp.asarray(eps, dt))
+    return bound, MeanOverRmsState(count, mean, mean_square)

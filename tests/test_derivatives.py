@@ -121,6 +121,16 @@ CASES: dict[str, Case] = {
         lambda t: lambda g: oc.per_example_layer_norm_clip(g, t, uniform=False)[0],
         kind="function",
     ),
+    # The normalize action (every non-zero norm set to the bound, a zero
+    # one left at zero), with a number and with GradientStabilizer's rule.
+    "clip_by_norm-normalize": Case(lambda t: oc.clip_by_norm(t, action="normalize")),
+    "clip_by_global_norm-normalize": Case(
+        lambda t: oc.clip_by_global_norm(t, action="normalize")
+    ),
+    "rules.mean_over_rms": Case(
+        lambda t: oc.clip_by_global_norm(rules.mean_over_rms(0.5, 0.9))
+    ),
+    "gradient_stabilizer": Case(lambda t: oc.gradient_stabilizer(0.5, 0.9)),
 }
 
 # Every transform the package exports is in the table.
@@ -130,6 +140,7 @@ _TRANSFORMS = {
     "clippy", "olmo_adaptive_clip", "per_example_global_norm_clip",
     "per_example_layer_norm_clip", "quantile_clip", "skip_nonfinite",
     "skip_spikes", "spam_clip", "stable_spam_clip", "trust_ratio_clip", "zclip",
+    "gradient_stabilizer",
     "adamw_clip",
 }  # fmt: skip
 
@@ -147,7 +158,9 @@ def test_the_table_covers_every_transform_and_rule():
     assert exported == _TRANSFORMS
     covered = {name.split("-")[0] for name in CASES}
     assert _TRANSFORMS <= covered
-    learning = {n for n in rules.__all__ if n[0].islower() and n not in {"as_rule"}}
+    learning = {
+        n for n in rules.__all__ if n[0].islower() and n not in {"as_rule", "observe"}
+    }
     assert {f"rules.{n}" for n in learning - {"fixed"}} <= covered
 
 

@@ -61,6 +61,10 @@ SCOPES = {
     "value": lambda t, **kw: oc.clip_by_value(t, **kw),
     "block_rms": lambda t, **kw: oc.clip_by_block_rms(t, **kw),
     "agc": lambda t, **kw: oc.adaptive_grad_clip(t, **kw),
+    "global_normalize": lambda t, **kw: oc.clip_by_global_norm(
+        t, action="normalize", **kw
+    ),
+    "tensor_normalize": lambda t, **kw: oc.clip_by_norm(t, action="normalize", **kw),
 }
 NUMBER = {scope: ("number", 0.05 if scope == "agc" else 1.0) for scope in SCOPES}
 FIXED_CASES = [(scope, "number") for scope in SCOPES]
@@ -82,6 +86,7 @@ PRESETS = {
     # clippy takes the largest ratio across devices: no partition_specs.
     "clippy": lambda partition_specs=None, **kw: oc.clippy(**kw),
     "trust_ratio_clip": lambda **kw: oc.trust_ratio_clip(0.5, **kw),
+    "gradient_stabilizer": lambda **kw: oc.gradient_stabilizer(**kw),
 }
 GUARDS = {
     "skip_nonfinite": lambda **kw: oc.skip_nonfinite(
@@ -886,3 +891,62 @@ def test_a_nan_in_one_shard_is_seen_by_every_maximum(make, mode):
     assert int(s.nonfinite_count) == 1
     assert all(bool(jnp.all(x == 0)) for x in jax.tree.leaves(out))
     assert oc.nonfinite_paths(state, PARAMS) == ["k"]
+
+
+# ---------------------------------------------------------------------------
+# The normalize action and GradientStabilizer, on their own
+# ---------------------------------------------------------------------------
+
+NORMALIZE_CASES = [
+    ("global_normalize", "number"),
+    ("tensor_normalize", "number"),
+    ("tensor_normalize", "mean_over_rms"),
+    ("preset", "gradient_stabilizer"),
+]
+
+
+@functools.cache
+def normalize_reference():
+    return run_cases(NORMALIZE_CASES, GRADS, PARAMS)
+
+
+def assert_normalize_matches(history, what):
+    for step, ((u_ref, s_ref), (u, s)) in enumerate(
+        zip(normalize_reference(), history, strict=True)
+    ):
+        for case in NORMALIZE_CASES:
+            assert_trees_close(u[case], u_ref[case], f"{what} {case} step {step}")
+            assert_trees_close(s[case], s_ref[case], f"{what} {case} step {step}")
+
+
+@pytest.mark.parametrize("mode", ["explicit", "auto"])
+@pytest.mark.parametrize("layout", ["fsdp", "tensor_parallel"])
+def test_normalize_and_stabilizer_sharded_match_single_device(layout, mode):
+    build, specs = LAYOUTS[layout]
+    mesh = build(mode)
+    shardings = {k: NamedSharding(mesh, s) for k, s in specs.items()}
+
+    def place(tree):
+        return {k: jax.device_put(v, shardings[k]) for k, v in tree.items()}
+
+    history = run_cases(NORMALIZE_CASES, GRADS, PARAMS, place)
+    assert_normalize_matches(history, f"{layout}/{mode}")
+    for updates, states in history:
+        for case, tree in updates.items():
+            for k, leaf in tree.items():
+                assert leaf.sharding.is_equivalent_to(shardings[k], leaf.ndim), case
+            assert_state_on_mesh(states[case], mesh, shardings, f"{case}")
+    # Norms were set both down and up.
+    scales = np.concatenate(
+        [np.ravel(s[c].stats.scale) for _, s in history for c in NORMALIZE_CASES]
+    )
+    assert np.any(scales > 1.0) and np.any(scales < 1.0)
+
+
+@pytest.mark.parametrize("mode", ["explicit", "auto"])
+def test_normalize_and_stabilizer_in_shard_map_match_unsharded(mode):
+    mesh = make_mesh((8,), ("x",), mode)
+    history = shard_map_cases(
+        NORMALIZE_CASES, MIXED_SPECS, mesh, "x", GRADS, partition_specs=MIXED_SPECS
+    )
+    assert_normalize_matches(history, "shard_map")

@@ -818,6 +818,7 @@ RECOVERING_PRESETS = [
     ("adagc", lambda: oc.adagc(), True, 0),
     ("olmo_adaptive_clip", lambda: oc.olmo_adaptive_clip(), True, 0),
     ("quantile_clip", lambda: oc.quantile_clip(), False, 0),
+    ("gradient_stabilizer", lambda: oc.gradient_stabilizer(), True, 0),
 ]
 
 
@@ -888,6 +889,248 @@ def test_per_tensor_presets_forward_stacked_axes(make):
         for i in range(3):
             np.testing.assert_allclose(out1["w"][i], out2[f"l{i}"], rtol=1e-6)
         np.testing.assert_allclose(s1.stats.threshold, s2.stats.threshold, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# The normalize action and GradientStabilizer
+# ---------------------------------------------------------------------------
+
+
+def normalize_reference(rule_step, steps, per_tensor):
+    """Each tensor's (or the whole tree's) norm set to the bound: the factor
+    is ``bound / n``, 1 for a zero norm or an infinite bound."""
+    expected = []
+    for leaves in steps:
+        if not is_finite(leaves):
+            expected.append(None)
+            continue
+        if per_tensor:
+            norms = np.array([math.sqrt(float(np.sum(x * x))) for x in leaves])
+        else:
+            norms = np.array(gnorm(leaves))
+        bounds = np.broadcast_to(np.asarray(rule_step(norms), float), norms.shape)
+        acts = (norms > 0) & np.isfinite(bounds)
+        scales = np.where(acts, bounds / np.where(acts, norms, 1.0), 1.0)
+        outs = [x * (scales[i] if per_tensor else scales) for i, x in enumerate(leaves)]
+        expected.append((bounds, scales, outs))
+    return expected
+
+
+NORMALIZE = [
+    ("tensor, number", lambda: oc.clip_by_norm(3.0, action="normalize"), True,
+     lambda: lambda norms: 3.0),
+    ("global, number", lambda: oc.clip_by_global_norm(6.0, action="normalize"),
+     False, lambda: lambda norm: 6.0),
+    ("tensor, rule",
+     lambda: oc.clip_by_norm(oc.rules.ema(1.5, 0.9), action="normalize"), True,
+     lambda: RefOLMo(1.5, 0.9, eps=0.0)),
+    ("global, rule",
+     lambda: oc.clip_by_global_norm(
+         oc.rules.percentile(50.0, window=64), action="normalize"),
+     False, lambda: RefAutoClip(50.0, 64)),
+]  # fmt: skip
+
+
+def test_normalize_action_matches_reference():
+    stream = make_stream(30)
+    steps = np_steps(stream)
+    results = scan_many([make() for _, make, _, _ in NORMALIZE], stream)
+    for (name, _, per_tensor, rule), (outs, stats) in zip(
+        NORMALIZE, results, strict=True
+    ):
+        check_against(outs, stats, normalize_reference(rule(), steps, per_tensor))
+        # Norms are set both down (counted as clipped) and up.
+        good = np.asarray(stats.nonfinite_count) == np.r_[0, stats.nonfinite_count[:-1]]
+        scale = np.asarray(stats.scale)[good]
+        assert int(jnp.sum(stats.clipped)) > 5 and np.sum(scale > 1.0) > 5, name
+
+
+def test_normalize_keeps_zero_tensors_zero_and_sets_the_others():
+    grads = {"a": jnp.zeros(3), "b": jnp.asarray([0.03, -0.04]), "c": jnp.zeros(())}
+    for tx in (
+        oc.clip_by_norm(2.0, action="normalize"),
+        oc.clip_by_global_norm(2.0, action="normalize"),
+        oc.clip_by_norm(0.0, action="normalize"),
+    ):
+        out, state = jax.jit(tx.update)(grads, tx.init(grads))
+        np.testing.assert_array_equal(out["a"], 0.0)
+        np.testing.assert_array_equal(out["c"], 0.0)
+        assert np.all(np.isfinite(np.asarray(state.stats.scale)))
+        bound = float(np.max(np.asarray(state.stats.threshold)))
+        np.testing.assert_allclose(
+            np.asarray(out["b"]), np.array([0.6, -0.8]) * bound, rtol=1e-6
+        )
+    # All zero at the global scope: zeros, scale 1, nothing divided by zero.
+    tx = oc.clip_by_global_norm(1.0, action="normalize")
+    zeros = jax.tree.map(jnp.zeros_like, grads)
+    out, state = tx.update(zeros, tx.init(zeros))
+    assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(out))
+    assert float(state.stats.scale) == 1.0
+
+
+def official_stabilizer(steps, beta1=0.6, beta2=0.999, eps=1e-12):
+    """GradientStabilizer as the official code (TianjinYellow/GradientStabilizer,
+    ``GradientStabilizer._scale_param``) computes it, per tensor, in float64.
+
+    A tensor whose norm is zero (or not finite) is skipped: its gradient is
+    left as it is and neither its EMAs nor its step count advance. Otherwise
+    the step count advances, the EMAs record the norm, and the gradient is
+    multiplied by ``target / max(n, eps)``, ``target = m_hat / (sqrt(v_hat)
+    + eps)`` with bias corrections ``1 - beta**step``. Returns per step the
+    outputs and each tensor's target (a skipped tensor: the one its state
+    gives, 0 before any step), and the final step counts.
+    """
+    k = len(steps[0])
+    m, v, count = np.zeros(k), np.zeros(k), np.zeros(k, int)
+    expected = []
+    for leaves in steps:
+        outs, targets = [], []
+        for i, g in enumerate(leaves):
+            n = math.sqrt(float(np.sum(g * g)))
+            live = math.isfinite(n) and n > 0
+            if live:
+                count[i] += 1
+                m[i] = beta1 * m[i] + (1 - beta1) * n
+                v[i] = beta2 * v[i] + (1 - beta2) * n * n
+            target = 0.0
+            if count[i]:
+                m_hat = m[i] / (1 - beta1 ** count[i])
+                v_hat = v[i] / (1 - beta2 ** count[i])
+                target = m_hat / (math.sqrt(v_hat) + eps)
+            outs.append(g * (target / max(n, eps)) if live else g)
+            targets.append(target)
+        expected.append((np.array(targets), outs))
+    return expected, count
+
+
+def stabilizer_stream(seed, steps=20):
+    """Three tensors on varied scales; zero tensors at steps 0 (one), 7 (one)
+    and 12 (all), and a spike at step 15."""
+    rng = np.random.default_rng(seed)
+    level = np.exp(rng.normal(0.0, 1.0, size=20))
+    leaves = [
+        rng.normal(size=(20, *s)) * level.reshape(-1, *[1] * len(s)) * scale
+        for s, scale in zip(STREAM_SHAPES, (1.0, 0.01, 30.0), strict=True)
+    ]
+    leaves[0][0] = 0.0
+    leaves[2][7] = 0.0
+    for x in leaves:
+        x[12] = 0.0
+        x[15] *= 1e3
+    return {f"p{i}": jnp.asarray(x[:steps], jnp.float32) for i, x in enumerate(leaves)}
+
+
+STABILIZER = [
+    dict(),
+    dict(beta1=0.9, beta2=0.99),
+    dict(beta1=0.0, beta2=0.5, eps=1e-3),
+]
+
+
+def test_gradient_stabilizer_equals_the_official_code():
+    stream = stabilizer_stream(40)
+    steps = np_steps(stream)
+    txs = [oc.gradient_stabilizer(**kw) for kw in STABILIZER]
+    results = scan_many(txs, stream)
+    for kw, tx, (outs, stats) in zip(STABILIZER, txs, results, strict=True):
+        expected, count = official_stabilizer(steps, **kw)
+        for k, key in enumerate(sorted(outs)):
+            want = np.stack([e[1][k] for e in expected])
+            np.testing.assert_allclose(outs[key], want, rtol=1e-6, atol=0, err_msg=kw)
+        targets = np.stack([e[0] for e in expected])
+        np.testing.assert_allclose(stats.threshold, targets, rtol=1e-6, err_msg=kw)
+        # Zero tensors stay exactly zero and are not counted.
+        np.testing.assert_array_equal(outs["p0"][0], 0.0)
+        np.testing.assert_array_equal(outs["p2"][7], 0.0)
+        state = tx.init(first(stream))
+        for t in range(len(steps)):
+            _, state = tx.update(jax.tree.map(lambda x, t=t: x[t], stream), state)
+        np.testing.assert_array_equal(state.rule_state.count, count)
+        assert list(count) == [18, 19, 18]
+        # The spike (a thousand times the norm) is set to a bounded target.
+        assert np.all(np.asarray(stats.threshold)[15] < 2.0)
+        assert np.all(np.asarray(stats.scale)[15] < 0.2)
+
+
+@pytest.mark.parametrize("nonfinite", ["zero", "propagate"])
+def test_gradient_stabilizer_nonfinite_step_leaves_the_statistics(nonfinite):
+    stream = stabilizer_stream(41, steps=10)
+    bad = jax.tree.map(lambda x: x.at[5].set(x[4]), stream)
+    bad["p1"] = bad["p1"].at[5, 0, 1].set(jnp.nan)
+    kept = jax.tree.map(lambda x: jnp.concatenate([x[:5], x[6:]]), stream)
+    tx = oc.gradient_stabilizer(nonfinite=nonfinite)
+    (outs, stats), (ref_outs, ref_stats) = scan_many([tx], bad) + scan_many([tx], kept)
+    state = tx.init(first(bad))
+    step = jax.jit(tx.update)
+    for t in range(6):
+        before = state
+        _, state = step(jax.tree.map(lambda x, t=t: x[t], bad), state)
+    # The NaN step left every tensor's statistics as they were.
+    for a, b in zip(
+        jax.tree.leaves(state.rule_state),
+        jax.tree.leaves(before.rule_state),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a, b)
+    assert int(state.stats.nonfinite_count) == 1
+    if nonfinite == "zero":
+        assert not any(np.any(np.asarray(x[5])) for x in jax.tree.leaves(outs))
+    else:
+        assert np.isnan(np.asarray(outs["p1"][5, 0, 1]))
+    # The other steps are those of the stream without the bad step.
+    for key in outs:
+        got = np.concatenate([outs[key][:5], outs[key][6:]])
+        np.testing.assert_allclose(got, ref_outs[key], rtol=1e-6)
+
+
+def test_gradient_stabilizer_forwards_stacked_axes():
+    test_per_tensor_presets_forward_stacked_axes(oc.gradient_stabilizer)
+
+
+def test_gradient_stabilizer_under_inject_hyperparams():
+    stream = stabilizer_stream(42, steps=8)
+    injected = optax.inject_hyperparams(oc.gradient_stabilizer)(beta1=0.7, beta2=0.9)
+    (outs, _), (ref, _) = scan_many(
+        [injected, oc.gradient_stabilizer(0.7, 0.9)], stream
+    )
+    for key in outs:
+        np.testing.assert_allclose(outs[key], ref[key], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (
+            lambda: oc.gradient_stabilizer(beta1=1.0),
+            "gradient_stabilizer: `beta1`.*1.0",
+        ),
+        (lambda: oc.gradient_stabilizer(beta2=-0.1), "`beta2`.*-0.1"),
+        (lambda: oc.gradient_stabilizer(eps=0.0), "`eps`.*> 0.*0.0"),
+        (lambda: oc.rules.mean_over_rms(beta2=float("nan")), "`beta2`.*nan"),
+        (lambda: oc.clip_by_norm(1.0, action="clamp"), "`action`.*normalize.*clamp"),
+        (lambda: oc.clip_by_global_norm(1.0, action=None), "`action`.*None"),
+    ],
+)
+def test_gradient_stabilizer_and_action_arguments_raise(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_gradient_stabilizer_float64_equals_the_official_code_to_1e_10():
+    with jax.enable_x64(True):
+        stream = jax.tree.map(
+            lambda x: jnp.asarray(x, jnp.float64), stabilizer_stream(43)
+        )
+        steps = np_steps(stream)
+        outs, stats = run_stream(oc.gradient_stabilizer(0.8, 0.95), stream)
+        assert stats.threshold.dtype == jnp.float64
+    expected, _ = official_stabilizer(steps, 0.8, 0.95)
+    np.testing.assert_allclose(
+        stats.threshold, np.stack([e[0] for e in expected]), rtol=1e-10
+    )
+    for k, key in enumerate(sorted(outs)):
+        want = np.stack([e[1][k] for e in expected])
+        np.testing.assert_allclose(outs[key], want, rtol=1e-10, atol=0)
 
 
 # ---------------------------------------------------------------------------

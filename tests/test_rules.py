@@ -25,6 +25,7 @@ RULES = [
     ),
     ("quantile", lambda: rules.quantile(0.5, 0.2, 1.0)),
     ("quantile_arithmetic", lambda: rules.quantile(0.8, 0.5, 1.0, geometric=False)),
+    ("mean_over_rms", lambda: rules.mean_over_rms(0.9, 0.99)),
 ]
 RULE_IDS = [r[0] for r in RULES]
 
@@ -326,6 +327,7 @@ def _every_rule():
         ("ema_warmup", rules.ema(warmup=3, warmup_max_norm=1.0)),
         ("quantile", rules.quantile()),
         ("quantile_arithmetic", rules.quantile(geometric=False)),
+        ("mean_over_rms", rules.mean_over_rms()),
     ]
 
 
@@ -353,6 +355,9 @@ def _every_transform():
         ("quantile_clip", oc.quantile_clip()),
         ("spam_clip", oc.spam_clip()),
         ("stable_spam_clip", oc.stable_spam_clip()),
+        ("gradient_stabilizer", oc.gradient_stabilizer()),
+        ("norm_normalize", oc.clip_by_norm(1.0, action="normalize")),
+        ("global_norm_normalize", oc.clip_by_global_norm(1.0, action="normalize")),
         ("clippy", oc.clippy()),
         ("skip_nonfinite", oc.skip_nonfinite(optax.adam(1e-3))),
         ("skip_spikes", oc.skip_spikes(optax.adam(1e-3))),
@@ -447,6 +452,7 @@ RECOVERY_RULES = [
     ),
     ("quantile", lambda: rules.quantile(), 0),
     ("quantile_arithmetic", lambda: rules.quantile(0.5, 0.05, 1.0, geometric=False), 0),
+    ("mean_over_rms", lambda: rules.mean_over_rms(), 0),
 ]
 BEFORE, ZERO_RUN, AFTER = 40, 1200, 40  # 1200 zero steps: the quantile underflows
 

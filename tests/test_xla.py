@@ -133,6 +133,9 @@ RULES = [
     ("quantile", lambda: oc.clip_by_norm(rules.quantile())),
     ("adagc", lambda: oc.adagc()),
     ("stacked_ema", lambda: oc.clip_by_norm(rules.ema(), stacked_axes=1)),
+    ("normalize", lambda: oc.clip_by_norm(1.0, action="normalize")),
+    ("gradient_stabilizer", lambda: oc.gradient_stabilizer()),
+    ("stacked_gradient_stabilizer", lambda: oc.gradient_stabilizer(stacked_axes=1)),
 ]
 
 
