@@ -406,7 +406,7 @@ def clip_update_rms(
     stacked_axes: Any = None,
     per_tensor_stats: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
-    """Update clipping: each tensor of the optimizer's update to RMS at most ``threshold``.
+    """Clips each tensor of the optimizer's update to an RMS of at most ``threshold``.
 
     Adafactor's ``clipping_threshold``, placed after the optimizer: each
     tensor ``u`` of the update becomes ``u / max(1, rms(u) / threshold)``
