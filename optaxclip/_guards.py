@@ -408,13 +408,15 @@ def cond_update(inner, apply, updates, inner_state, params, extra_args):
     """``inner.update`` where ``apply`` holds, else zeros and the old state.
 
     A ``jax.lax.cond``, so a skipped step runs none of ``inner``'s work (for
-    Muon, its Newton–Schulz iterations). Every result equals the select of
-    `_apply_or_skip` bit for bit: the applied branch returns ``inner``'s
-    output as it is and its state in the dtype the select would give; the
+    Muon, its Newton–Schulz iterations). The results are those of the
+    select in `_apply_or_skip`: the applied branch returns ``inner``'s
+    output as it is and its state in the dtype the select gives; the
     skipped one zeros of the output's dtypes, carrying the sharding of the
-    incoming updates (the applied output is given that sharding too, a no-op
-    where ``inner`` keeps it, so both branches have one type on a mesh with
-    Explicit axes), and the old state.
+    incoming updates (the applied output is given that sharding too, a
+    no-op where ``inner`` keeps it, so both branches have one type on a
+    mesh with Explicit axes), and the old state. (Where XLA fuses the
+    select into ``inner``'s kernels it may round an entry differently;
+    the cond gives ``inner``'s own rounding.)
     """
 
     def run():
