@@ -22,6 +22,8 @@ REF_CLIP = "ref measure+scale"
 REF_COPY = "ref copy"
 TORCH = "torch foreach"
 MODES = ("plain", "donated")
+# Section 5's rows of a guard around muon, skipping or applying every step.
+GUARD = "optaxclip guard, muon"
 
 
 @dataclass(frozen=True)
@@ -147,7 +149,7 @@ class TrainRow:
     batch: int
     seq_len: int
     method: str  # the table's label
-    library: str  # "optaxclip", "optax" or "none" (the step without a clip)
+    library: str  # "optaxclip", "optax", "none" (the step without a clip) or GUARD
     seconds: float  # median seconds per step
     rounds: int
     round_seconds: list[float]  # each round's seconds, in the order of the rounds

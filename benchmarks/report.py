@@ -24,6 +24,7 @@ if not __package__:  # run as a script: make the benchmarks package importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.records import (  # noqa: E402
+    GUARD,
     OPTAX,
     OPTAXCLIP,
     PER_TENSOR_STATS,
@@ -58,7 +59,8 @@ def render(
     clip = [r for r in rows if isinstance(r, ClipRow)]
     step = [r for r in rows if isinstance(r, StepRow)]
     comp = [r for r in rows if isinstance(r, CompileRow)]
-    train = [r for r in rows if isinstance(r, TrainRow)]
+    train = [r for r in rows if isinstance(r, TrainRow) and r.library != GUARD]
+    skips = [r for r in rows if isinstance(r, TrainRow) and r.library == GUARD]
     out = ["# Performance", ""]
     out += [
         "This page is generated from one benchmark run by `benchmarks/report.py`;",
@@ -78,6 +80,8 @@ def render(
         out += ["", *step_table(step)]
     if train:
         out += ["", *train_table(train)]
+    if skips:
+        out += ["", *skip_table(skips)]
     if comp:
         out += ["", *compile_table(comp)]
     return "\n".join(out).rstrip() + "\n"
@@ -817,3 +821,31 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def skip_table(rows: Sequence[TrainRow]) -> list[str]:
+    """Section 5, a guard around muon: lazy against select, skipped against
+    applied steps, each step's time over the unguarded muon step's in the
+    same round (the median over the rounds)."""
+    out = [
+        "## Skipping a Muon step: lazy against select (section 5)",
+        "",
+        "The same train step with `optax.contrib.muon(1e-3)` in place of adamw, "
+        "unguarded and inside `oc.skip_spikes` with a bound that applies every "
+        "step (`rule=inf`) or skips every step (`rule=0.0`), in the default "
+        "select mode (the inner update always runs) and with `lazy=True` (a "
+        "`lax.cond`: a skipped step runs no muon work), timed side by side in "
+        "interleaved rounds. *Time* is the median step; *x muon* the median "
+        "over the rounds of the step's time over the unguarded step's.",
+        "",
+        "| model | step | time (ms) | x muon |",
+        "|---|---|---|---|",
+    ]
+    base = {r.model: r for r in rows if r.method.startswith("muon")}
+    for r in rows:
+        b = base.get(r.model)
+        pairs = zip(r.round_seconds, b.round_seconds, strict=True) if b else ()
+        ratios = [t / u for t, u in pairs]
+        cell = f"{statistics.median(ratios):.2f}" if ratios else NA
+        out.append(_line([r.model, r.method, f"{r.seconds * 1e3:.2f}", cell]))
+    return out

@@ -25,7 +25,7 @@ import optax
 
 import optaxclip as oc
 from benchmarks import harness
-from benchmarks.records import Config, TrainRow
+from benchmarks.records import GUARD, Config, TrainRow
 
 
 class Model(NamedTuple):
@@ -194,9 +194,16 @@ def tokens_for(model: Model, seed: int = 0) -> jax.Array:
 # ---------------------------------------------------------------------------
 
 
-def measure(name: str, model: Model, rounds: int, seed: int = 0) -> list[TrainRow]:
-    """Times every candidate's step on ``model`` in the same rounds."""
-    cands = candidates()
+def measure(
+    name: str,
+    model: Model,
+    rounds: int,
+    seed: int = 0,
+    cands: list[Candidate] | None = None,
+) -> list[TrainRow]:
+    """Times every candidate's step on ``model`` in the same rounds (the
+    section's `candidates`, or ``cands``)."""
+    cands = candidates() if cands is None else cands
     params = harness.block(init_params(model))
     tokens = tokens_for(model)
     held: dict[str, tuple[Any, Any]] = {}
@@ -261,3 +268,40 @@ def run(cfg: Config, on_rows: Callable[[list[TrainRow]], None]) -> None:
                 f"{100 * cost:+.1f}% of the step ({r.rounds} rounds)",
                 flush=True,
             )
+        skips = measure(
+            name, MODELS[name], cfg.train_rounds, cfg.seed, skip_candidates()
+        )
+        on_rows(skips)
+        for r in skips[1:]:
+            ratio = np.median(np.asarray(r.round_seconds) / skips[0].round_seconds)
+            print(f"  {name}: {r.method}: {ratio:.2f} x the unguarded muon step",
+                  flush=True)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------
+# Skipping a Muon step: lazy (lax.cond) against select
+# ---------------------------------------------------------------------------
+
+MUON = "muon, no guard"
+
+
+def skip_candidates() -> list[Candidate]:
+    """The same train step with ``optax.contrib.muon`` in a guard that applies
+    every step (``rule=inf``) or skips every step (``rule=0.0``), in the
+    select mode and with ``lazy=True``, after the unguarded muon step. Their
+    rows carry ``library=GUARD`` and have a table of their own."""
+
+    def guarded(bound: float, lazy: bool) -> Candidate:
+        what = "applied" if bound else "skipped"
+        label = f"oc.skip_spikes(muon, rule={bound}, lazy={lazy}): every step {what}"
+
+        def make(adamw: Any) -> Any:
+            del adamw  # muon in its place
+            return oc.skip_spikes(optax.contrib.muon(1e-3), rule=bound, lazy=lazy)
+
+        return Candidate(label, GUARD, make)
+
+    return [
+        Candidate(MUON, GUARD, lambda _: optax.contrib.muon(1e-3)),
+        *(guarded(b, lazy) for b in (float("inf"), 0.0) for lazy in (False, True)),
+    ]

@@ -35,6 +35,7 @@ from ._per_example import per_example_global_norm_clip as per_example_global_nor
 from ._per_example import per_example_layer_norm_clip as per_example_layer_norm_clip
 from ._presets import adagc as adagc
 from ._presets import autoclip as autoclip
+from ._presets import clip_update_rms as clip_update_rms
 from ._presets import gradient_stabilizer as gradient_stabilizer
 from ._presets import olmo_adaptive_clip as olmo_adaptive_clip
 from ._presets import quantile_clip as quantile_clip
@@ -68,6 +69,7 @@ __all__ = [
     "clip_by_norm",
     "clip_by_value",
     "clip_per_example",
+    "clip_update_rms",
     "clippy",
     "global_norm",
     "gradient_stabilizer",

@@ -17,7 +17,7 @@ import optax
 from . import _checks, _mesh, _norms, _numerics, rules
 from ._core import Applied, Measurement, Scope, Step
 from ._stats import StatsField
-from ._tree import commit, zero_unless
+from ._tree import commit, full_like, sharded_like, zero_unless
 
 __all__ = ["SkipNonfiniteState", "SkipSpikesState", "skip_nonfinite", "skip_spikes"]
 
@@ -58,6 +58,7 @@ def skip_nonfinite(
     axis_name: _mesh.AxisName = None,
     partition_specs: Any = None,
     per_tensor_stats: bool = False,
+    lazy: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Skips every step whose updates hold a NaN or Inf, like ``optax.apply_if_finite``.
 
@@ -83,6 +84,11 @@ def skip_nonfinite(
         every step (``stats.tensor_norms``; per-tensor keys in
         [`metrics`][optaxclip.metrics]). Which tensors were non-finite is
         recorded either way ([`nonfinite_paths`][optaxclip.nonfinite_paths]).
+      lazy: keyword-only; skip through ``jax.lax.cond``, so a skipped step
+        does not run ``inner`` at all (default False: ``inner`` always runs
+        and its results are selected). Both give the same updates, state and
+        stats on every step, to float rounding; see "Skipping lazily: select
+        or cond" on the methods page for which is faster.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -105,6 +111,8 @@ def skip_nonfinite(
     if max_consecutive is not None:
         with _checks.arguments("skip_nonfinite"):
             _checks.check_number(max_consecutive, "max_consecutive", lo=0, integer=True)
+    with _checks.arguments("skip_nonfinite"):
+        lazy = _checks.static_flag(lazy, "lazy")
     scope = SkipScope(
         optax.with_extra_args_support(inner),
         None,
@@ -113,6 +121,7 @@ def skip_nonfinite(
         partition_specs,
         "skip_nonfinite",
         _checks.static_flag(per_tensor_stats, "per_tensor_stats"),
+        lazy,
     )
     return Step(scope, rules.fixed(float("inf")), True, SkipNonfiniteState).transform()
 
@@ -165,6 +174,7 @@ def skip_spikes(
     axis_name: _mesh.AxisName = None,
     partition_specs: Any = None,
     per_tensor_stats: bool = False,
+    lazy: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Skips steps whose gradient norm (or loss) spikes above its recent history.
 
@@ -214,6 +224,11 @@ def skip_spikes(
         every step (``stats.tensor_norms``; per-tensor keys in
         [`metrics`][optaxclip.metrics]). Which tensors were non-finite is
         recorded either way ([`nonfinite_paths`][optaxclip.nonfinite_paths]).
+      lazy: keyword-only; skip through ``jax.lax.cond``, so a skipped step
+        does not run ``inner`` at all (default False: ``inner`` always runs
+        and its results are selected). Both give the same updates, state and
+        stats on every step, to float rounding; see "Skipping lazily: select
+        or cond" on the methods page for which is faster.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -249,6 +264,8 @@ def skip_spikes(
                 "`rule=rules.mean_std(window, sigma)`."
             )
         rule = rules.as_rule(rule, "rule")
+    with _checks.arguments("skip_spikes"):
+        lazy = _checks.static_flag(lazy, "lazy")
     scope = SkipScope(
         optax.with_extra_args_support(inner),
         rule,
@@ -257,6 +274,7 @@ def skip_spikes(
         partition_specs,
         "skip_spikes",
         _checks.static_flag(per_tensor_stats, "per_tensor_stats"),
+        lazy,
     )
     return Step(scope, rule, True, SkipSpikesState).transform()
 
@@ -282,7 +300,8 @@ class SkipScope(Scope):
     unless more than ``max_consecutive`` non-finite steps came in a row.
     Its state: the wrapped optimizer's (``inner_state``), ``skipped``, and
     ``consecutive`` (`skip_nonfinite`) or the loss rule's ``loss_state`` and
-    ``value_threshold`` (`skip_spikes`).
+    ``value_threshold`` (`skip_spikes`). With ``lazy``, a skipped step does
+    not run ``inner`` (`cond_update`).
     """
 
     inner: optax.GradientTransformationExtraArgs
@@ -292,6 +311,7 @@ class SkipScope(Scope):
     partition_specs: Any
     owner: str
     per_tensor_stats: bool = False
+    lazy: bool = False
     leafwise = True
     stateless = False
 
@@ -353,19 +373,76 @@ class SkipScope(Scope):
                 limit = jnp.asarray(self.max_consecutive, jnp.int32)
                 apply = apply | (consecutive > limit)
         out, counters["inner_state"] = _apply_or_skip(
-            self.inner, apply, updates, state["inner_state"], act.params, act.extra_args
+            self.inner,
+            apply,
+            updates,
+            state["inner_state"],
+            act.params,
+            act.extra_args,
+            self.lazy,
         )
         counters["skipped"] = state["skipped"] + (~apply).astype(jnp.int32)
         scale = apply.astype(measured.norms.dtype)
         return Applied(out, scale, ~apply, moments, counters)
 
 
-def _apply_or_skip(inner, apply, updates, inner_state, params, extra_args):
-    # The inner update always runs and its results are selected, as in
-    # optax.apply_if_finite: a select fuses into the inner update's own
+def _apply_or_skip(inner, apply, updates, inner_state, params, extra_args, lazy):
+    # By default the inner update always runs and its results are selected,
+    # as in optax.apply_if_finite: a select fuses into the inner update's own
     # kernels, while a lax.cond over the whole tree stops that fusion and,
-    # on accelerators, waits for the predicate on the host every step. A
-    # skipped step's NaN results never leave the select.
+    # on GPU, waits for the predicate on the host every step. A skipped
+    # step's NaN results never leave the select. ``lazy`` takes the cond.
+    if lazy:
+        return cond_update(inner, apply, updates, inner_state, params, extra_args)
     out, new_state = inner.update(updates, inner_state, params, **extra_args)
     out = jax.tree.map(lambda x: zero_unless(apply, jnp.asarray(x)), out)
     return out, commit(apply, new_state, inner_state)
+
+
+# ---------------------------------------------------------------------------
+# Lazy skipping: the inner update under a lax.cond
+# ---------------------------------------------------------------------------
+
+
+def cond_update(inner, apply, updates, inner_state, params, extra_args):
+    """``inner.update`` where ``apply`` holds, else zeros and the old state.
+
+    A ``jax.lax.cond``, so a skipped step runs none of ``inner``'s work (for
+    Muon, its Newton–Schulz iterations). The results are those of the
+    select in `_apply_or_skip`: the applied branch returns ``inner``'s
+    output as it is and its state in the dtype the select gives; the
+    skipped one zeros of the output's dtypes, carrying the sharding of the
+    incoming updates (the applied output is given that sharding too, a
+    no-op where ``inner`` keeps it, so both branches have one type on a
+    mesh with Explicit axes), and the old state. (Where XLA fuses the
+    select into ``inner``'s kernels it may round an entry differently;
+    the cond gives ``inner``'s own rounding.)
+    """
+
+    def run():
+        return inner.update(updates, inner_state, params, **extra_args)
+
+    out_shapes, state_shapes = jax.eval_shape(run)
+    kinds = jax.tree.map(jnp.result_type, state_shapes, inner_state)
+
+    def applied():
+        out, new_state = run()
+        out = jax.tree.map(_like_update, out, updates)
+        return out, jax.tree.map(lambda x, t: x.astype(t), new_state, kinds)
+
+    def skipped():
+        zeros = jax.tree.map(_zeros_like_update, out_shapes, updates)
+        return zeros, jax.tree.map(lambda x, t: x.astype(t), inner_state, kinds)
+
+    return jax.lax.cond(apply, applied, skipped)
+
+
+def _like_update(x: jax.Array, u: Any) -> jax.Array:
+    same = jnp.shape(u) == jnp.shape(x)
+    return sharded_like(u, x) if same else x
+
+
+def _zeros_like_update(shape: Any, u: Any) -> jax.Array:
+    if jnp.shape(u) == shape.shape:
+        return full_like(u, 0, shape.dtype)
+    return jnp.zeros(shape.shape, shape.dtype)

@@ -15,11 +15,12 @@ from typing import Any
 import optax
 
 from . import _checks, rules
-from ._clipping import clip_by_global_norm, clip_by_norm
+from ._clipping import clip_by_block_rms, clip_by_global_norm, clip_by_norm
 
 __all__ = [
     "adagc",
     "autoclip",
+    "clip_update_rms",
     "gradient_stabilizer",
     "olmo_adaptive_clip",
     "quantile_clip",
@@ -471,3 +472,74 @@ def gradient_stabilizer(
     with _checks.arguments("gradient_stabilizer"):
         rule = rules.mean_over_rms(beta1, beta2, eps)
         return clip_by_norm(rule, action="normalize", **_options(locals()))
+
+
+# ---------------------------------------------------------------------------
+# Update-RMS clipping (Adafactor's clipping_threshold)
+# ---------------------------------------------------------------------------
+
+
+def clip_update_rms(
+    threshold: Any = 1.0,
+    *,
+    nonfinite: str = "zero",
+    axis_name: Any = None,
+    partition_specs: Any = None,
+    stacked_axes: Any = None,
+    per_tensor_stats: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+    """Clips each tensor of the optimizer's update to an RMS of at most ``threshold``.
+
+    Adafactor's ``clipping_threshold``, placed after the optimizer: each
+    tensor ``u`` of the update becomes ``u / max(1, rms(u) / threshold)``
+    with ``rms(u) = sqrt(mean(|u|**2))`` over the whole tensor.
+    ``optax.chain(optax.scale_by_factored_rms(), oc.clip_update_rms(1.0),
+    ...)`` in place of the clip inside ``optax.adafactor(clipping_threshold=1.0)``
+    gives its updates. It is
+    [`clip_by_block_rms`][optaxclip.clip_by_block_rms] under the name of
+    the method (errors name ``clip_update_rms``), with the same options.
+
+    Differences from the official code: none in the formula. It equals
+    ``optax.adafactor``'s clip (``optax.clip_by_block_rms``), t5x's
+    Adafactor (``t5x/adafactor.py``: the RMS over a tensor's axes other
+    than its scanned ones, here ``stacked_axes``), praxis'
+    ``ShardedAdafactor`` and ``clip_update`` of its Adam (``update_capping``;
+    ``praxis/optimizers.py``, which also turn an infinite RMS into NaN) and
+    Levanter's ``update_rms_clipping`` (``levanter/optim/util.py``,
+    ``scan_aware_clip_by_block_rms``, after Adam and weight decay). A
+    tensor with a NaN or Inf entry gives zeros here and is counted
+    (``nonfinite="propagate"`` passes it on as those codes do).
+
+    Args:
+      threshold: the largest RMS of each tensor of the update: a number,
+        scalar array, ``optax.Schedule`` or rule (one bound per tensor).
+        Adafactor's default is 1.
+      nonfinite: keyword-only; ``"zero"`` (default) or ``"propagate"``.
+      axis_name: keyword-only; mesh axis the tensors are split across
+        inside ``shard_map`` / ``pmap``.
+      partition_specs: keyword-only; which leaves are split across it.
+      stacked_axes: keyword-only; leading stacked-layer axes, each layer
+        clipped as its own tensor (see [`clip_by_norm`][optaxclip.clip_by_norm]).
+      per_tensor_stats: keyword-only; accepted for a uniform signature:
+        this clip always records one entry per tensor.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; ``stats.norm`` holds each
+      tensor's RMS.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> import optaxclip as oc
+      >>> tx = optax.chain(optax.scale_by_sign(), oc.clip_update_rms(0.5))
+      >>> grads = {"w": jnp.array([3.0, -4.0])}
+      >>> updates, state = tx.update(grads, tx.init(grads))
+      >>> print(updates["w"], oc.stats(state)[0].norm)
+      [ 0.5 -0.5] [1.]
+
+    References:
+      Shazeer and Stern, [Adafactor: Adaptive Learning Rates with Sublinear
+      Memory Cost](https://arxiv.org/abs/1804.04235), 2018 (update clipping,
+      section 6).
+    """
+    with _checks.arguments("clip_update_rms"):
+        return clip_by_block_rms(threshold, **_options(locals()))

@@ -152,7 +152,7 @@ def _np_cost(row, base):
 
 def test_quick_run_has_every_train_step_row_and_its_table(quick):
     stdout, data = quick
-    rows = _rows(data, TrainRow)
+    rows = [r for r in _rows(data, TrainRow) if r.library != records.GUARD]
     labels = [c.label for c in train_step.candidates()]
     assert [(r.model, r.method) for r in rows] == [
         (name, label) for name in QUICK.train_models for label in labels
@@ -811,3 +811,47 @@ def test_overhead_refuses_bad_flags_naming_them(flag, value, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert flag in err and value in err
+
+
+def test_quick_run_has_the_muon_skip_rows_and_their_table(quick):
+    """Section 5's guard around muon: the unguarded step, then every step
+    applied and every step skipped, select and lazy, timed in one run."""
+    _, data = quick
+    rows = [r for r in _rows(data, TrainRow) if r.library == records.GUARD]
+    labels = [c.label for c in train_step.skip_candidates()]
+    assert [(r.model, r.method) for r in rows] == [
+        (name, label) for name in QUICK.train_models for label in labels
+    ]
+    page = report.render(data)
+    assert "## Skipping a Muon step: lazy against select (section 5)" in page
+    for name in QUICK.train_models:
+        got = [r for r in rows if r.model == name]
+        base = got[0]
+        assert base.method == train_step.MUON
+        for r in got:
+            assert r.rounds == QUICK.train_rounds == len(r.round_seconds)
+            assert all(t > 0 for t in r.round_seconds)
+            cells = _cells(page, f"| {name} | {r.method} |")
+            assert cells[2] == f"{r.seconds * 1e3:.2f}"
+            ratio = np.median(np.asarray(r.round_seconds) / base.round_seconds)
+            assert cells[3] == f"{ratio:.2f}"
+    # The guard rows are not in the clip table.
+    assert not _table_lines(page, f"| {QUICK.train_models[0]} | {train_step.MUON} | ")[
+        1:
+    ]
+
+
+def test_skip_candidates_apply_or_skip_every_step():
+    model = train_step.MODELS["tiny"]
+    params = train_step.init_params(model)
+    tokens = train_step.tokens_for(model)
+    for c in train_step.skip_candidates()[1:]:
+        tx = c.optimizer(optax.adamw(1e-3))
+        step = train_step.make_step(tx, model.heads)
+        own = jax.tree.map(jnp.copy, params)
+        with jax.numpy_dtype_promotion("standard"):  # optax's muon
+            new, state, _ = step(own, tx.init(own), tokens)
+        skipped = "skipped" in c.label
+        assert int(state.skipped) == int(skipped), c.label
+        moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), new, params)
+        assert any(jax.tree.leaves(moved)) != skipped, c.label

@@ -107,6 +107,11 @@ CASES: dict[str, Case] = {
     "skip_spikes": Case(lambda t: oc.skip_spikes(_sgd(), window=4, min_history=3)),
     # A bound of 10: the smooth point is applied, not skipped.
     "skip_spikes-rule": Case(lambda t: oc.skip_spikes(_sgd(), rule=10 * t)),
+    "skip_nonfinite-lazy": Case(lambda t: oc.skip_nonfinite(_sgd(), lazy=True)),
+    "skip_spikes-rule-lazy": Case(
+        lambda t: oc.skip_spikes(_sgd(), rule=10 * t, lazy=True)
+    ),
+    "clip_update_rms": Case(lambda t: oc.clip_update_rms(t)),
     # Per-example clipping.
     "clip_per_example": Case(lambda t: oc.clip_per_example(t), kind="example"),
     "per_example_global_norm_clip": Case(
@@ -137,7 +142,7 @@ CASES: dict[str, Case] = {
 _TRANSFORMS = {
     "adagc", "adaptive_grad_clip", "autoclip", "clip", "clip_by_block_rms",
     "clip_by_global_norm", "clip_by_norm", "clip_by_value", "clip_per_example",
-    "clippy", "olmo_adaptive_clip", "per_example_global_norm_clip",
+    "clip_update_rms", "clippy", "olmo_adaptive_clip", "per_example_global_norm_clip",
     "per_example_layer_norm_clip", "quantile_clip", "skip_nonfinite",
     "skip_spikes", "spam_clip", "stable_spam_clip", "trust_ratio_clip", "zclip",
     "gradient_stabilizer",

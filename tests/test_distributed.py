@@ -78,6 +78,7 @@ PRESETS = {
     "zclip": lambda **kw: oc.zclip(warmup_steps=2, **kw),
     "adagc": lambda **kw: oc.adagc(warmup_steps=2, **kw),
     "olmo_adaptive_clip": lambda **kw: oc.olmo_adaptive_clip(**kw),
+    "clip_update_rms": lambda **kw: oc.clip_update_rms(1.0, **kw),
     "quantile_clip": lambda **kw: oc.quantile_clip(**kw),
     "spam_clip": lambda **kw: oc.spam_clip(**kw),
     "stable_spam_clip": lambda **kw: oc.stable_spam_clip(**kw),
@@ -94,6 +95,12 @@ GUARDS = {
     ),
     "skip_spikes": lambda **kw: oc.skip_spikes(
         optax.sgd(1e-2, momentum=0.9), window=4, min_history=3, **kw
+    ),
+    "skip_nonfinite_lazy": lambda **kw: oc.skip_nonfinite(
+        optax.sgd(1e-2, momentum=0.9), lazy=True, **kw
+    ),
+    "skip_spikes_lazy": lambda **kw: oc.skip_spikes(
+        optax.sgd(1e-2, momentum=0.9), window=4, min_history=3, lazy=True, **kw
     ),
 }
 PRESET_CASES = [("preset", name) for name in PRESETS]
@@ -950,3 +957,48 @@ def test_normalize_and_stabilizer_in_shard_map_match_unsharded(mode):
         NORMALIZE_CASES, MIXED_SPECS, mesh, "x", GRADS, partition_specs=MIXED_SPECS
     )
     assert_normalize_matches(history, "shard_map")
+
+
+# ---------------------------------------------------------------------------
+# Lazy guards: the skipped branch's zeros on a mesh
+# ---------------------------------------------------------------------------
+
+
+def _stream_with_skips() -> list:
+    grads = [make_tree(40 + i) for i in range(6)]
+    grads[3] = jax.tree.map(lambda x: 1e4 * x, grads[3])  # a spike
+    grads[4]["w"] = grads[4]["w"].at[2, 3].set(jnp.nan)  # a non-finite step
+    return grads
+
+
+@pytest.mark.parametrize("layout", ["fsdp", "tensor_parallel"])
+@pytest.mark.parametrize("mode", ["explicit", "auto", "context"])
+def test_lazy_guards_sharded_match_one_device_and_select(layout, mode):
+    """Skipped steps under ``lax.cond``: zeros carrying the updates' sharding
+    on meshes from ``jax.make_mesh`` with Explicit and with Auto axes; the
+    results equal one device and the select mode."""
+    build, specs = LAYOUTS[layout]
+    mesh = build(mode)
+    shardings = {k: NamedSharding(mesh, s) for k, s in specs.items()}
+
+    def place(tree):
+        return {k: jax.device_put(v, shardings[k]) for k, v in tree.items()}
+
+    grads = _stream_with_skips()
+    cases = [("guard", "skip_spikes_lazy"), ("guard", "skip_nonfinite_lazy")]
+    cases += [("guard", "skip_spikes")]
+    expected = run_cases(cases, grads, PARAMS)
+    with mesh_context(mesh, mode):
+        actual = run_cases(cases, grads, PARAMS, place)
+    for step, ((u_ref, s_ref), (u, s)) in enumerate(zip(expected, actual, strict=True)):
+        for case in cases:
+            what = f"{layout}/{mode} {case} step {step}"
+            assert_trees_close(u[case], u_ref[case], what)
+            assert_trees_close(s[case], s_ref[case], what)
+            for k, leaf in u[case].items():
+                assert leaf.sharding.is_equivalent_to(shardings[k], leaf.ndim), what
+        lazy, select = s[cases[0]], s[cases[2]]
+        assert_trees_close(lazy, select, f"lazy against select, step {step}")
+    skipped = [int(s[cases[0]].skipped) for _, s in actual]
+    assert skipped[-1] == 2 and skipped[2] == 0, skipped
+    assert int(actual[-1][1][cases[1]].skipped) == 1

@@ -874,3 +874,39 @@ def test_a_norm_whose_square_underflows_reads_as_zero_when_normalizing(
     np.testing.assert_array_equal(np.asarray(s.norm), 0.0)
     np.testing.assert_array_equal(np.asarray(s.scale), 1.0)
     assert int(s.nonfinite_count) == 0 and int(s.clipped) == 0
+
+
+# ---------------------------------------------------------------------------
+# Update-RMS clipping and the lazy guards
+# ---------------------------------------------------------------------------
+
+_RMS_LAZY = [
+    Transform("clip_update_rms", lambda: oc.clip_update_rms(1.0), ref_rms(1.0),
+              (m_max_rms, 1.0)),
+    Transform("skip_nonfinite_lazy", _guarded(oc.skip_nonfinite, lazy=True), ref_sgd,
+              None, kind="guard"),
+    Transform("skip_spikes_lazy", _guarded(oc.skip_spikes, window=4, lazy=True),
+              ref_sgd, None, kind="guard"),
+]  # fmt: skip
+TRANSFORM.update({t.name: t for t in _RMS_LAZY})
+
+
+@pytest.mark.parametrize(
+    "transform,case,mode",
+    [
+        pytest.param(t.name, c.name, mode, id=f"{t.name}-{c.name}-{mode}")
+        for t in _RMS_LAZY
+        for c in CASES
+        if c.name != "bfloat16_large"
+        for mode in _modes(t.name, c.name) + (("eager",) if c.name == "nan" else ())
+    ],
+)
+def test_edge_case_update_rms_and_lazy_guards(transform, case, mode):
+    check(TRANSFORM[transform], CASE[case], mode)
+
+
+@pytest.mark.parametrize("transform", [t.name for t in _RMS_LAZY])
+def test_update_rms_and_lazy_guards_norm_beyond_2_64(transform):
+    test_a_tensor_2_norm_beyond_2_64_counts_as_nonfinite(
+        transform, "bfloat16_large", "jit"
+    )
