@@ -35,6 +35,7 @@ from ._scopes import clip as clip
 from ._scopes import clip_by_block_rms as clip_by_block_rms
 from ._scopes import clip_by_global_norm as clip_by_global_norm
 from ._scopes import clip_by_norm as clip_by_norm
+from ._scopes import clip_by_spectral_norm as clip_by_spectral_norm
 from ._scopes import clip_by_value as clip_by_value
 from ._stats import ClipStats as ClipStats
 from ._stats import stats as stats
@@ -61,6 +62,7 @@ __all__ = [
     "clip_by_block_rms",
     "clip_by_global_norm",
     "clip_by_norm",
+    "clip_by_spectral_norm",
     "clip_by_value",
     "clip_per_example",
     "clippy",

@@ -1039,3 +1039,111 @@ def _cross_device_vector(vector, counts, groups, p):
         out = piece if out is None else _join(out, piece, p)
     assert out is not None  # groups are not all empty here
     return out
+
+
+# ---------------------------------------------------------------------------
+# Spectral: singular values of batches of matrices (pure functions)
+# ---------------------------------------------------------------------------
+# Each takes a batch ``(B, m, n)`` in the accumulation dtype. Every matrix is
+# first divided by its largest absolute entry ``f`` (`unit_matrices`), so no
+# square overflows or underflows (a bfloat16 matrix of 1e30 entries is
+# clipped, not zeroed) and the work is invariant to the gradient's scale.
+
+NEWTON_SCHULZ_STEPS = 10  # SPECTRA's default (``--spectral_ns_steps``)
+POWER_STEPS = 8
+
+
+def _adjoint(m: jax.Array) -> jax.Array:
+    return jnp.swapaxes(m, -1, -2).conj()
+
+
+def unit_matrices(m: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(f, m / f)``: each matrix's largest ``|entry|`` and the matrix over it.
+
+    A zero matrix has ``f = 0`` and stays zero; a non-finite one has a NaN or
+    infinite ``f`` and becomes zero (so no decomposition sees a NaN).
+    """
+    f = jnp.max(jnp.abs(m), axis=(-2, -1), initial=0.0)
+    ok = jnp.isfinite(f) & (f > 0)
+    y = m / jnp.where(ok, f, 1).astype(m.dtype)[..., None, None]
+    return f, jnp.where(ok[..., None, None], y, 0)
+
+
+def svd_parts(m: jax.Array) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    """Each matrix's top singular value (exact, from one batched SVD), and the
+    parts `svd_clamp` needs."""
+    f, y = unit_matrices(m)
+    u, s, vh = jnp.linalg.svd(y, full_matrices=False)
+    top = f * s[..., 0] if s.shape[-1] else jnp.zeros_like(f)
+    return top, (m, f, u, s, vh)
+
+
+def svd_clamp(
+    parts: tuple[jax.Array, ...], bound: jax.Array, top: jax.Array
+) -> jax.Array:
+    """``U diag(min(s, bound)) V^H`` per matrix (``parts`` from `svd_parts`).
+
+    A matrix whose top singular value is at most its bound comes back
+    exactly (a select, not a reconstruction); a zero bound gives zeros.
+    """
+    m, f, u, s, vh = parts
+    b = bound / jnp.where(f > 0, f, 1)
+    kept = (u * jnp.minimum(s, b[..., None]).astype(u.dtype)[..., None, :]) @ vh
+    clamped = f.astype(m.dtype)[..., None, None] * kept
+    return jnp.where((top <= bound)[..., None, None], m, clamped)
+
+
+def gram_parts(
+    m: jax.Array, steps: int = POWER_STEPS
+) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    """Each matrix's top singular value estimated by ``steps`` power iterations
+    on ``Y Y^H`` (from below), and the parts `soft_clip` needs.
+
+    The start is the column of ``Y Y^H`` of the largest diagonal entry (the
+    row of ``Y`` of largest norm): deterministic, and never orthogonal to
+    the top singular vector unless that row is.
+    """
+    wide = m.shape[-2] <= m.shape[-1]
+    f, y = unit_matrices(m if wide else _adjoint(m))
+    gram = y @ _adjoint(y)
+    diag = jnp.real(jnp.diagonal(gram, axis1=-2, axis2=-1))
+    v = jnp.take_along_axis(gram, jnp.argmax(diag, -1)[..., None, None], -1)
+    for _ in range(steps):
+        v = gram @ (v / jnp.maximum(jnp.linalg.norm(v, axis=-2, keepdims=True), 1e-30))
+    v = v / jnp.maximum(jnp.linalg.norm(v, axis=-2, keepdims=True), 1e-30)
+    rayleigh = jnp.real(jnp.sum(v.conj() * (gram @ v), axis=(-2, -1)))
+    top = f * jnp.sqrt(jnp.maximum(rayleigh, 0))
+    return top, (f, y, gram, not wide)
+
+
+def soft_clip(
+    parts: tuple[jax.Array, ...], bound: jax.Array, steps: int = NEWTON_SCHULZ_STEPS
+) -> jax.Array:
+    """SPECTRA's soft clip ``(I + X X^H / c^2)^{-1/2} X``: ``s -> s / sqrt(1 + s^2/c^2)``.
+
+    The inverse square root is ``steps`` coupled Newton–Schulz iterations on
+    ``A / alpha``, with ``alpha = 1 + min(Gershgorin, Frobenius bound of
+    X X^H) / c^2``, as the official ``clip_sigvals``; here written on
+    ``Y = X / f``, with the identity and ``Y Y^H`` weighted so that neither
+    ``(f / c)^2`` nor its inverse overflows (equal in exact arithmetic).
+    The matrix product runs on the wide orientation (``Y Y^H`` of the
+    smaller side), as the official code.
+    """
+    f, y, gram, tall = parts
+    bound = bound.astype(f.dtype)
+    q = jnp.where(f > 0, f / bound, 0) ** 2  # (f / c)^2: 0 for a zero matrix
+    w = jnp.where(q > 1, 1 / q, 1)[..., None, None]  # min(1, (c / f)^2)
+    v = jnp.minimum(q, 1)[..., None, None]
+    absolute = jnp.abs(gram)
+    gershgorin = jnp.max(jnp.sum(absolute, -1), -1)
+    frobenius = jnp.sqrt(jnp.sum(absolute * absolute, (-2, -1)))
+    den = w + v * jnp.minimum(gershgorin, frobenius)[..., None, None]
+    den = jnp.where(den > 0, den, 1)
+    eye = jnp.eye(gram.shape[-1], dtype=gram.dtype)
+    a = (w * eye + v * gram) / den.astype(gram.dtype)
+    z = jnp.broadcast_to(eye, a.shape)
+    for _ in range(steps):
+        t = 0.5 * (3.0 * eye - z @ a)
+        a, z = a @ t, t @ z
+    out = (f[..., None, None] * jnp.sqrt(w / den)).astype(y.dtype) * (z @ y)
+    return _adjoint(out) if tall else out
