@@ -1109,11 +1109,16 @@ def gram_parts(
     diag = jnp.real(jnp.diagonal(gram, axis1=-2, axis2=-1))
     v = jnp.take_along_axis(gram, jnp.argmax(diag, -1)[..., None, None], -1)
     for _ in range(steps):
-        v = gram @ (v / jnp.maximum(jnp.linalg.norm(v, axis=-2, keepdims=True), 1e-30))
-    v = v / jnp.maximum(jnp.linalg.norm(v, axis=-2, keepdims=True), 1e-30)
+        v = gram @ _unit_vector(v)
+    v = _unit_vector(v)
     rayleigh = jnp.real(jnp.sum(v.conj() * (gram @ v), axis=(-2, -1)))
-    top = f * jnp.sqrt(jnp.maximum(rayleigh, 0))
+    top = f * safe_root(jnp.maximum(rayleigh, 0), 2.0)
     return top, (f, y, gram, not wide)
+
+
+def _unit_vector(v: jax.Array) -> jax.Array:
+    length = safe_root(jnp.sum(jnp.real(v * v.conj()), axis=-2, keepdims=True), 2.0)
+    return v / jnp.where(length > 0, length, 1).astype(v.dtype)
 
 
 def soft_clip(
@@ -1131,19 +1136,22 @@ def soft_clip(
     """
     f, y, gram, tall = parts
     bound = bound.astype(f.dtype)
-    q = jnp.where(f > 0, f / bound, 0) ** 2  # (f / c)^2: 0 for a zero matrix
-    w = jnp.where(q > 1, 1 / q, 1)[..., None, None]  # min(1, (c / f)^2)
-    v = jnp.minimum(q, 1)[..., None, None]
+    # The identity weighted by w = min(1, (c/f)^2), Y Y^H by v = min(1, (f/c)^2),
+    # each from a ratio at most 1 (finite derivatives at f = 0 and c = 0).
+    over = bound < f
+    root_w = jnp.where(over, bound / jnp.where(f > 0, f, 1), 1)
+    root_v = jnp.where(over, 1, f / jnp.where(over | (bound <= 0), 1, bound))
+    w, v = (root_w * root_w)[..., None, None], (root_v * root_v)[..., None, None]
     absolute = jnp.abs(gram)
     gershgorin = jnp.max(jnp.sum(absolute, -1), -1)
-    frobenius = jnp.sqrt(jnp.sum(absolute * absolute, (-2, -1)))
+    frobenius = safe_root(jnp.sum(absolute * absolute, (-2, -1)), 2.0)
     den = w + v * jnp.minimum(gershgorin, frobenius)[..., None, None]
-    den = jnp.where(den > 0, den, 1)
-    eye = jnp.eye(gram.shape[-1], dtype=gram.dtype)
+    eye = jnp.broadcast_to(jnp.eye(gram.shape[-1], dtype=gram.dtype), gram.shape)
     a = (w * eye + v * gram) / den.astype(gram.dtype)
-    z = jnp.broadcast_to(eye, a.shape)
+    z = eye
     for _ in range(steps):
         t = 0.5 * (3.0 * eye - z @ a)
         a, z = a @ t, t @ z
-    out = (f[..., None, None] * jnp.sqrt(w / den)).astype(y.dtype) * (z @ y)
+    factor = (f * root_w)[..., None, None] * jax.lax.rsqrt(den)
+    out = factor.astype(y.dtype) * (z @ y)
     return _adjoint(out) if tall else out
