@@ -1113,7 +1113,7 @@ def gram_parts(
     v = _unit_vector(v)
     rayleigh = jnp.real(jnp.sum(v.conj() * (gram @ v), axis=(-2, -1)))
     top = f * safe_root(jnp.maximum(rayleigh, 0), 2.0)
-    return top, (f, y, gram, not wide)
+    return top, (m, f, y, gram, not wide)
 
 
 def _unit_vector(v: jax.Array) -> jax.Array:
@@ -1134,7 +1134,7 @@ def soft_clip(
     The matrix product runs on the wide orientation (``Y Y^H`` of the
     smaller side), as the official code.
     """
-    f, y, gram, tall = parts
+    m, f, y, gram, tall = parts
     bound = bound.astype(f.dtype)
     # The identity weighted by w = min(1, (c/f)^2), Y Y^H by v = min(1, (f/c)^2),
     # each from a ratio at most 1 (finite derivatives at f = 0 and c = 0).
@@ -1154,4 +1154,5 @@ def soft_clip(
         a, z = a @ t, t @ z
     factor = (f * root_w)[..., None, None] * jax.lax.rsqrt(den)
     out = factor.astype(y.dtype) * (z @ y)
-    return _adjoint(out) if tall else out
+    # An infinite bound (a rule with no history yet) passes ``m`` exactly.
+    return jnp.where(jnp.isinf(bound)[..., None, None], m, _adjoint(out) if tall else out)

@@ -953,8 +953,11 @@ class SpectralScope:
             norms = jnp.zeros((0,), acc)
         ok = jnp.all(jnp.stack(finite)) if finite else jnp.asarray(True)
         everywhere = _norms.axis_names(self.axis_name)
-        if everywhere:  # a NaN on one device zeroes the step on all of them
+        if everywhere:
+            # A NaN on one device zeroes the step on all of them; the norms of
+            # gathered matrices are equal everywhere (a pmax says so).
             ok = jax.lax.pmin(ok.astype(jnp.int32), everywhere).astype(bool)
+            norms = jax.lax.pmax(norms, everywhere)
         ok = ok & _finite(norms)
         return SpectralMeasurement(
             norms, ok, norms, jnp.max(norms, initial=0.0),

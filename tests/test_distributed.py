@@ -52,6 +52,8 @@ def rule_cases() -> dict:
 
 RULES = rule_cases()
 
+SPECTRAL_STACK = {"w": 0, "b": 0, "k": 1, "s": 0}
+
 # (scope, threshold) pairs: every scope with a number, and every rule at the
 # per-tensor scope (vector state) and the global scope (scalar state).
 SCOPES = {
@@ -61,6 +63,10 @@ SCOPES = {
     "value": lambda t, **kw: oc.clip_by_value(t, **kw),
     "block_rms": lambda t, **kw: oc.clip_by_block_rms(t, **kw),
     "agc": lambda t, **kw: oc.adaptive_grad_clip(t, **kw),
+    # "w" and each layer of "k" are matrices; "b" and "s" pass unchanged.
+    "spectral": lambda t, **kw: oc.clip_by_spectral_norm(
+        t, stacked_axes=SPECTRAL_STACK, **kw
+    ),
 }
 NUMBER = {scope: ("number", 0.05 if scope == "agc" else 1.0) for scope in SCOPES}
 FIXED_CASES = [(scope, "number") for scope in SCOPES]
@@ -884,3 +890,89 @@ def test_a_nan_in_one_shard_is_seen_by_every_maximum(make, mode):
     assert int(s.nonfinite_count) == 1
     assert all(bool(jnp.all(x == 0)) for x in jax.tree.leaves(out))
     assert oc.nonfinite_paths(state, PARAMS) == ["k"]
+
+
+# ---------------------------------------------------------------------------
+# Soft spectral clipping: sharded equals one device, to matmul rounding
+# ---------------------------------------------------------------------------
+
+# Under Auto axes XLA may split the Newton-Schulz products, which reorders
+# their sums: equal to one device within float32 rounding of the products.
+SOFT_RTOL, SOFT_ATOL = 1e-5, 1e-6
+
+
+def _soft_spectral(**kw):
+    return oc.clip_by_spectral_norm(
+        1.0, mode="soft", stacked_axes=SPECTRAL_STACK, **kw
+    )
+
+
+def _run_soft(tx, place=lambda t: t, step_fn=None):
+    step = step_fn or jax.jit(tx.update)
+    state, history = jax.tree.map(place, tx.init(PARAMS)), []
+    for grads in GRADS:
+        updates, state = step(place(grads), state)
+        history.append((updates, state))
+    return history
+
+
+def _assert_soft_close(history, expected, what):
+    for (u, s), (u_ref, s_ref) in zip(history, expected, strict=True):
+        for a, e in zip(jax.tree.leaves((u, s)), jax.tree.leaves((u_ref, s_ref))):
+            np.testing.assert_allclose(
+                np.asarray(a), np.asarray(e), SOFT_RTOL, SOFT_ATOL, err_msg=what
+            )
+
+
+@pytest.mark.parametrize("layout,mode", NAMED_CASES)
+def test_soft_spectral_clip_sharded_matches_single_device(layout, mode):
+    expected = _run_soft(_soft_spectral())
+    build, specs = LAYOUTS[layout]
+    mesh = build(mode)
+    shardings = {k: NamedSharding(mesh, s) for k, s in specs.items()}
+
+    def place(tree):
+        if isinstance(tree, dict) and set(tree) == set(shardings):
+            return {k: jax.device_put(v, shardings[k]) for k, v in tree.items()}
+        return tree
+
+    with mesh_context(mesh, mode):
+        history = _run_soft(_soft_spectral(), place)
+    _assert_soft_close(history, expected, f"{layout}/{mode}")
+    for updates, _ in history:
+        for k, leaf in updates.items():
+            assert leaf.sharding.is_equivalent_to(shardings[k], leaf.ndim), k
+    clipped = [int(s.stats.clipped) for _, s in history]
+    assert max(clipped) > 0 and min(clipped) == 0
+
+
+@pytest.mark.parametrize("mode", ["explicit", "auto"])
+def test_soft_spectral_clip_in_shard_map_matches_single_device(mode):
+    """Split matrices are gathered for their clip, then split again."""
+    expected = _run_soft(_soft_spectral())
+    mesh = make_mesh((8,), ("x",), mode)
+    tx = _soft_spectral(axis_name="x", partition_specs=MIXED_SPECS)
+    state_specs = jax.tree.map(lambda _: P(), tx.init(PARAMS))
+    step = jax.jit(
+        jax.shard_map(
+            tx.update,
+            mesh=mesh,
+            in_specs=(MIXED_SPECS, state_specs),
+            out_specs=(MIXED_SPECS, state_specs),
+        )
+    )
+
+    def place(tree):
+        if isinstance(tree, dict) and set(tree) == set(MIXED_SPECS):
+            return {
+                k: jax.device_put(v, NamedSharding(mesh, MIXED_SPECS[k]))
+                for k, v in tree.items()
+            }
+        return jax.device_put(tree, NamedSharding(mesh, P()))
+
+    _assert_soft_close(_run_soft(tx, place, step), expected, f"shard_map/{mode}")
+
+
+def test_spectral_axis_name_needs_partition_specs():
+    with pytest.raises(ValueError, match="axis_name.*partition_specs"):
+        oc.clip_by_spectral_norm(1.0, axis_name="x")
