@@ -1050,7 +1050,7 @@ def _cross_device_vector(vector, counts, groups, p):
 # clipped, not zeroed) and the work is invariant to the gradient's scale.
 
 NEWTON_SCHULZ_STEPS = 10  # SPECTRA's default (``--spectral_ns_steps``)
-POWER_STEPS = 8
+POWER_SQUARINGS = 6  # power iteration of 2**6 steps
 
 
 def _adjoint(m: jax.Array) -> jax.Array:
@@ -1094,23 +1094,29 @@ def svd_clamp(
 
 
 def gram_parts(
-    m: jax.Array, steps: int = POWER_STEPS
-) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-    """Each matrix's top singular value estimated by ``steps`` power iterations
-    on ``Y Y^H`` (from below), and the parts `soft_clip` needs.
+    m: jax.Array, squarings: int = POWER_SQUARINGS
+) -> tuple[jax.Array, tuple[Any, ...]]:
+    """Each matrix's top singular value by power iteration, and the parts
+    `soft_clip` needs.
 
-    The start is the column of ``Y Y^H`` of the largest diagonal entry (the
-    row of ``Y`` of largest norm): deterministic, and never orthogonal to
-    the top singular vector unless that row is.
+    The power ``(Y Y^H)^(2^squarings)`` (64 by default) is formed by repeated
+    squaring, rescaled each time, and applied to the column of ``Y Y^H`` of
+    the largest diagonal entry (the row of ``Y`` of largest norm): a
+    deterministic start, never orthogonal to the top singular vector unless
+    that row is. The estimate is the Rayleigh quotient: from below.
     """
     wide = m.shape[-2] <= m.shape[-1]
     f, y = unit_matrices(m if wide else _adjoint(m))
     gram = y @ _adjoint(y)
     diag = jnp.real(jnp.diagonal(gram, axis1=-2, axis2=-1))
-    v = jnp.take_along_axis(gram, jnp.argmax(diag, -1)[..., None, None], -1)
-    for _ in range(steps):
-        v = gram @ _unit_vector(v)
-    v = _unit_vector(v)
+    power = gram
+    for _ in range(squarings):
+        power = power @ power
+        largest = jnp.max(jnp.abs(power), axis=(-2, -1), keepdims=True)
+        power = power / jnp.where(largest > 0, largest, 1).astype(power.dtype)
+    v = _unit_vector(
+        jnp.take_along_axis(power, jnp.argmax(diag, -1)[..., None, None], -1)
+    )
     rayleigh = jnp.real(jnp.sum(v.conj() * (gram @ v), axis=(-2, -1)))
     top = f * safe_root(jnp.maximum(rayleigh, 0), 2.0)
     return top, (m, f, y, gram, not wide)
@@ -1124,7 +1130,9 @@ def _unit_vector(v: jax.Array) -> jax.Array:
 def soft_clip(
     parts: tuple[jax.Array, ...], bound: jax.Array, steps: int = NEWTON_SCHULZ_STEPS
 ) -> jax.Array:
-    """SPECTRA's soft clip ``(I + X X^H / c^2)^{-1/2} X``: ``s -> s / sqrt(1 + s^2/c^2)``.
+    """SPECTRA's soft clip ``(I + X X^H / c^2)^{-1/2} X`` of each matrix.
+
+    Each singular value ``s`` becomes ``s / sqrt(1 + s^2 / c^2)``.
 
     The inverse square root is ``steps`` coupled Newton–Schulz iterations on
     ``A / alpha``, with ``alpha = 1 + min(Gershgorin, Frobenius bound of
@@ -1155,4 +1163,6 @@ def soft_clip(
     factor = (f * root_w)[..., None, None] * jax.lax.rsqrt(den)
     out = factor.astype(y.dtype) * (z @ y)
     # An infinite bound (a rule with no history yet) passes ``m`` exactly.
-    return jnp.where(jnp.isinf(bound)[..., None, None], m, _adjoint(out) if tall else out)
+    return jnp.where(
+        jnp.isinf(bound)[..., None, None], m, _adjoint(out) if tall else out
+    )

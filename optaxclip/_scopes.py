@@ -777,7 +777,7 @@ def clip_by_spectral_norm(
         value ``s`` to ``s / sqrt(1 + s^2 / c^2)`` (within a factor
         ``1/sqrt(2)`` of ``min(s, c)``, the worst at ``s = c``), computed
         by 10 Newton–Schulz iterations with no SVD; its top singular value
-        is estimated by 8 power iterations (from below).
+        is estimated by a power iteration of 64 steps (from below).
       stacked_axes: keyword-only; leading stacked-layer axes (an int or a
         pytree prefix of ints), see [`clip_by_norm`][optaxclip.clip_by_norm].
       nonfinite: keyword-only; ``"zero"`` (default) zeroes the whole update
@@ -842,11 +842,14 @@ class SpectralMeasurement(Measurement):
     """Each matrix's top singular value, with its group's decomposition.
 
     Attributes:
-      groups: per shape, ``(leaf indices, entry indices, parts)``.
+      groups: per matrix shape, ``(members, entries, parts)``: each member
+        leaf's ``(index, leaf, matrix count)``, the entries of its matrices in
+        ``norms``, and the batched decomposition's parts.
       gathers: per float leaf, the ``(mesh axes, dim)`` it was gathered over.
+      soft: SPECTRA's soft clip rather than the exact clamp.
     """
 
-    groups: tuple[tuple[tuple[int, ...], np.ndarray, tuple[Any, ...]], ...] = ()
+    groups: tuple[tuple[Any, np.ndarray, tuple[Any, ...]], ...] = ()
     gathers: tuple[tuple[tuple[tuple[str, ...], int], ...], ...] = ()
     soft: bool = False
 
@@ -859,11 +862,10 @@ class SpectralMeasurement(Measurement):
                 batch = _norms.soft_clip(parts, bound)
             else:
                 batch = _norms.svd_clamp(parts, bound, self.norms[entries])
-            start = 0
-            for i, x, count in members:
-                piece = batch[start : start + count].reshape(x.shape)
-                out[i] = _scatter(piece.astype(x.dtype), self.gathers[i])
-                start += count
+            pieces = _split_batch(batch, [c for _, _, c in members])
+            for (i, x, _), piece in zip(members, pieces, strict=True):
+                piece = piece.reshape(x.shape).astype(x.dtype)
+                out[i] = _scatter(piece, self.gathers[i])
 
         def scale(i, x):
             return zero_unless(keep, _norms.sharded_like(x, out.get(i, x)))
@@ -871,6 +873,19 @@ class SpectralMeasurement(Measurement):
         norms = self.norms
         clipped = jnp.sum(norms > threshold)
         return map_float(scale, updates), safe_scale(norms, threshold, keep), clipped
+
+
+def _split_batch(batch, counts):
+    # One buffer per leaf from a few multi-output kernels (`split_entries`):
+    # read as slices, each leaf's piece would be a kernel of its own.
+    size = math.prod(batch.shape[1:])
+    counts = [c * size for c in counts]
+    if not jnp.iscomplexobj(batch):
+        return _norms.split_entries(batch.reshape(-1), counts)
+    parts = (
+        _norms.split_entries(p.reshape(-1), counts) for p in (batch.real, batch.imag)
+    )
+    return [jax.lax.complex(a, b) for a, b in zip(*parts, strict=True)]
 
 
 def _gather(x, gathers):
@@ -939,7 +954,10 @@ class SpectralScope:
         for (shape, dtype), members in shapes.items():
             dt = _norms.compute_dtype(dtype)
             batch = jnp.concatenate(
-                [_norms.replicated(x).reshape(-1, *shape).astype(dt) for _, x, _, _ in members]
+                [
+                    _norms.replicated(x).reshape(-1, *shape).astype(dt)
+                    for _, x, _, _ in members
+                ]
             )
             top, parts = parts_of(batch)
             entries = np.concatenate([np.arange(o, o + c) for _, _, c, o in members])
@@ -960,6 +978,11 @@ class SpectralScope:
             norms = jax.lax.pmax(norms, everywhere)
         ok = ok & _finite(norms)
         return SpectralMeasurement(
-            norms, ok, norms, jnp.max(norms, initial=0.0),
-            tuple(groups), tuple(gathers), self.mode == "soft",
+            norms,
+            ok,
+            norms,
+            jnp.max(norms, initial=0.0),
+            tuple(groups),
+            tuple(gathers),
+            self.mode == "soft",
         )

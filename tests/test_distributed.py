@@ -902,9 +902,7 @@ SOFT_RTOL, SOFT_ATOL = 1e-5, 1e-6
 
 
 def _soft_spectral(**kw):
-    return oc.clip_by_spectral_norm(
-        1.0, mode="soft", stacked_axes=SPECTRAL_STACK, **kw
-    )
+    return oc.clip_by_spectral_norm(1.0, mode="soft", stacked_axes=SPECTRAL_STACK, **kw)
 
 
 def _run_soft(tx, place=lambda t: t, step_fn=None):
@@ -918,7 +916,10 @@ def _run_soft(tx, place=lambda t: t, step_fn=None):
 
 def _assert_soft_close(history, expected, what):
     for (u, s), (u_ref, s_ref) in zip(history, expected, strict=True):
-        for a, e in zip(jax.tree.leaves((u, s)), jax.tree.leaves((u_ref, s_ref))):
+        pairs = zip(
+            jax.tree.leaves((u, s)), jax.tree.leaves((u_ref, s_ref)), strict=True
+        )
+        for a, e in pairs:
             np.testing.assert_allclose(
                 np.asarray(a), np.asarray(e), SOFT_RTOL, SOFT_ATOL, err_msg=what
             )
