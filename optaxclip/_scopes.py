@@ -767,9 +767,9 @@ def clip_by_spectral_norm(
     Args:
       max_norm: the bound on each matrix's top singular value: a number,
         scalar array, ``optax.Schedule`` or rule; a rule observes the vector
-        of top singular values (one per matrix) and returns one bound per
-        matrix (``rules.ema(...)`` or ``rules.percentile(...)`` as in
-        arXiv:2605.11838).
+        of entries (see Returns) and returns one bound per entry, so each
+        matrix learns its own (``rules.ema(...)`` or ``rules.percentile(...)``
+        as in arXiv:2605.11838).
       mode: keyword-only. ``"exact"`` (default): a batched SVD in the
         accumulation dtype, singular values above the bound set to it, and
         the top singular value measured exactly. ``"soft"``: SPECTRA's soft
@@ -790,8 +790,10 @@ def clip_by_spectral_norm(
         scope always records one entry per matrix.
 
     Returns:
-      An ``optax.GradientTransformationExtraArgs``; ``stats.norm`` holds each
-      matrix's top singular value, ``stats.scale`` ``bound / norm`` where it
+      An ``optax.GradientTransformationExtraArgs``; ``stats.norm`` holds one
+      entry per tensor (or stacked slice), laid out as ``clip_by_norm``'s:
+      a matrix's top singular value, 0 for a leaf that is not a matrix
+      (never clipped); ``stats.scale`` is ``bound / norm`` where a matrix
       is clipped (1 elsewhere) and ``stats.clipped`` the number of matrices
       clipped.
 
@@ -803,7 +805,7 @@ def clip_by_spectral_norm(
       >>> clipped, state = tx.update(grads, tx.init(grads))
       >>> print(clipped["w"], clipped["b"], state.stats.norm, state.stats.clipped)
       [[1.  0. ]
-       [0.  0.5]] [1. 1.] [3.] 1
+       [0.  0.5]] [1. 1.] [0. 3.] 1
 
     References:
       Jiang, Semenov and Stich, [Enhancing LLM Training via Spectral
@@ -904,7 +906,9 @@ def _scatter(x, gathers):
 
 @dataclasses.dataclass(frozen=True)
 class SpectralScope:
-    """Each matrix (2-D leaf or stacked slice): its top singular value."""
+    """Each matrix (2-D leaf or stacked slice): its top singular value; each
+    other leaf (or stacked slice) holds an entry of 0, as ``clip_by_norm``'s
+    entries are laid out."""
 
     mode: str
     stacked_axes: Any
@@ -912,27 +916,31 @@ class SpectralScope:
     partition_specs: Any
     owner: str = "clip_by_spectral_norm"
 
-    def _matrices(self, tree):
-        # Per float leaf: its stacked axes if it is a non-empty matrix, else None.
+    def _entries(self, tree):
+        # Per float leaf: its stacked axes, its number of entries (one per
+        # stacked slice, as `clip_by_norm`), and whether it is a matrix.
         leaves = _norms.float_leaves(tree)
         ks = [int(k or 0) for k in _stacked_per_leaf(self.stacked_axes, tree)]
-        return leaves, [
-            k if np.ndim(x) - k == 2 and np.size(x) else None
+        for x, k in zip(leaves, ks, strict=True):
+            if k > np.ndim(x):
+                raise ValueError(
+                    f"`stacked_axes`={k} exceeds the rank of a leaf of shape "
+                    f"{np.shape(x)}."
+                )
+        counts = [math.prod(np.shape(x)[:k]) for x, k in zip(leaves, ks, strict=True)]
+        matrix = [
+            np.ndim(x) - k == 2 and bool(np.size(x))
             for x, k in zip(leaves, ks, strict=True)
         ]
+        return leaves, ks, counts, matrix
 
     def norm_like(self, params):
-        leaves, ks = self._matrices(params)
-        n = sum(
-            math.prod(np.shape(x)[:k])
-            for x, k in zip(leaves, ks, strict=True)
-            if k is not None
-        )
-        return jnp.zeros((n,), _norms.tree_acc_dtype(params))
+        _, _, counts, _ = self._entries(params)
+        return jnp.zeros((sum(counts),), _norms.tree_acc_dtype(params))
 
     def measure(self, updates, params, extra_args):
         del params, extra_args
-        leaves, ks = self._matrices(updates)
+        leaves, ks, counts, matrix = self._entries(updates)
         split = _norms.leaf_mesh_axes(updates, self.axis_name, self.partition_specs)
         gathers = []
         for names, dims in split:
@@ -941,16 +949,16 @@ class SpectralScope:
                 by_dim.setdefault(d, []).append(n)
             gathers.append(tuple((tuple(v), d) for d, v in by_dim.items()))
         finite = [jnp.all(jnp.isfinite(x)) for x in leaves]
-        shapes, offset = {}, 0
+        shapes, offsets = {}, np.cumsum([0, *counts])
         for i, (x, k) in enumerate(zip(leaves, ks, strict=True)):
-            if k is not None:
+            if matrix[i]:
                 x = _gather(x, gathers[i])
                 count = math.prod(x.shape[:k])
                 key = (x.shape[-2:], x.dtype)
-                shapes.setdefault(key, []).append((i, x, count, offset))
-                offset += count
+                shapes.setdefault(key, []).append((i, x, count, offsets[i]))
         groups, tops, order = [], [], []
         parts_of = _norms.gram_parts if self.mode == "soft" else _norms.svd_parts
+        acc = _norms.tree_acc_dtype(updates)
         for (shape, dtype), members in shapes.items():
             dt = _norms.compute_dtype(dtype)
             batch = jnp.concatenate(
@@ -962,13 +970,17 @@ class SpectralScope:
             top, parts = parts_of(batch)
             entries = np.concatenate([np.arange(o, o + c) for _, _, c, o in members])
             groups.append((tuple((i, x, c) for i, x, c, _ in members), entries, parts))
-            tops.append(top)
+            tops.append(top.astype(acc))
             order.append(entries)
-        acc = _norms.tree_acc_dtype(updates)
-        if tops:
-            norms = jnp.concatenate(tops).astype(acc)[np.argsort(np.concatenate(order))]
-        else:
-            norms = jnp.zeros((0,), acc)
+        # Leaves that are not matrices hold 0 (never clipped).
+        filled = np.concatenate([*order, np.zeros((0,), int)])
+        rest = np.setdiff1d(np.arange(offsets[-1]), filled)
+        source = np.empty(offsets[-1], int)
+        source[filled], source[rest] = (
+            np.arange(filled.size),
+            filled.size + np.arange(rest.size),
+        )
+        norms = jnp.concatenate([*tops, jnp.zeros((rest.size,), acc)])[source]
         ok = jnp.all(jnp.stack(finite)) if finite else jnp.asarray(True)
         everywhere = _norms.axis_names(self.axis_name)
         if everywhere:

@@ -82,6 +82,22 @@ def top_singular_values(tree: dict) -> np.ndarray:
     return np.array([np.linalg.svd(m, compute_uv=False)[0] for m in matrices(tree)])
 
 
+def entries(tree: dict) -> tuple[np.ndarray, np.ndarray]:
+    """``stats.norm`` as expected: one entry per float leaf or stacked slice
+    (as ``clip_by_norm``), a matrix's top singular value or 0; and which
+    entries are matrices."""
+    norms, is_matrix = [], []
+    for k in sorted(tree):
+        if k in ("tall", "wide", "layers"):
+            tops = top_singular_values({k: tree[k]})
+            norms.extend(tops)
+            is_matrix.extend([True] * len(tops))
+        elif k in ("bias", "scale"):
+            norms.append(0.0)
+            is_matrix.append(False)
+    return np.array(norms), np.array(is_matrix)
+
+
 def run(tx, tree, jit: bool = True):
     update = jax.jit(tx.update) if jit else tx.update
     return update(tree, tx.init(tree))
@@ -121,9 +137,12 @@ def test_exact_equals_numpy_svd_clamp(jit):
     assert np.all(tops > bound)
     np.testing.assert_allclose(top_singular_values(out), bound, rtol=1e-5)
     s = state.stats
-    np.testing.assert_allclose(np.asarray(s.norm), tops, rtol=1e-5)
+    norms, is_matrix = entries(tree)
+    assert s.norm.shape == (7,) and int(np.sum(is_matrix)) == 5
+    np.testing.assert_allclose(np.asarray(s.norm), norms, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(s.threshold), bound)
-    np.testing.assert_allclose(np.asarray(s.scale), bound / tops, rtol=1e-5)
+    scale = np.where(is_matrix, bound / np.where(is_matrix, norms, 1), 1)
+    np.testing.assert_allclose(np.asarray(s.scale), scale, rtol=1e-5)
     assert int(s.clipped) == len(tops) == 5
 
 
@@ -137,7 +156,7 @@ def test_exact_leaves_matrices_under_the_bound_untouched():
             np.testing.assert_array_equal(a, np.asarray(x, np.float32))
         else:
             np.testing.assert_allclose(a, np_clamp(x, bound), rtol=1e-5, atol=1e-6)
-    scale = np.asarray(state.stats.scale)
+    scale = np.asarray(state.stats.scale)[entries(tree)[1]]
     np.testing.assert_allclose(scale, np.minimum(1, bound / tops), rtol=1e-5)
     assert int(state.stats.clipped) == int(np.sum(tops > bound)) == 2
 
@@ -252,7 +271,8 @@ def test_soft_top_singular_value_is_a_power_iteration_estimate():
     tree = make_tree(6)
     tx = oc.clip_by_spectral_norm(1.0, mode="soft", stacked_axes=STACK)
     _, state = run(tx, tree)
-    estimate, tops = np.asarray(state.stats.norm), top_singular_values(tree)
+    estimate = np.asarray(state.stats.norm)[entries(tree)[1]]
+    tops = top_singular_values(tree)
     assert np.all(estimate <= tops * (1 + 1e-5))  # from below
     np.testing.assert_allclose(estimate, tops, rtol=1e-4)
     assert int(state.stats.clipped) == int(np.sum(estimate > 1.0))
@@ -269,23 +289,25 @@ def test_soft_top_singular_value_is_a_power_iteration_estimate():
     ids=["ema", "percentile"],
 )
 def test_rules_observe_each_matrix_top_singular_value(rule):
-    """The rule sees the vector of top singular values (one per matrix) and
-    returns one bound per matrix, which that matrix is clamped to."""
+    """The rule sees the vector of entries (a matrix's top singular value, 0
+    for the bias and the scalar) and returns one bound per entry, which that
+    matrix is clamped to."""
     tx = oc.clip_by_spectral_norm(rule, stacked_axes=STACK)
     step = jax.jit(tx.update)
     trees = [make_tree(10 + i, scale) for i, scale in enumerate([1.0, 3.0, 0.5, 2.0])]
     state = tx.init(trees[0])
-    rule_state = rule.init(jnp.zeros((5,), jnp.float32))
+    rule_state = rule.init(jnp.zeros((7,), jnp.float32))
     for count, tree in enumerate(trees):
         out, state = step(tree, state)
-        tops = top_singular_values(tree)
+        norms, is_matrix = entries(tree)
         bounds, rule_state = rule.update(
-            rule_state, jnp.asarray(tops, jnp.float32), jnp.asarray(count, jnp.int32)
+            rule_state, jnp.asarray(norms, jnp.float32), jnp.asarray(count, jnp.int32)
         )
         bounds = np.asarray(bounds)
-        assert bounds.shape == (5,)
+        assert bounds.shape == (7,)
         np.testing.assert_allclose(np.asarray(state.stats.threshold), bounds, rtol=1e-5)
-        expected = [np_clamp(m, b) for m, b in zip(matrices(tree), bounds, strict=True)]
+        pairs = zip(matrices(tree), bounds[is_matrix], strict=True)
+        expected = [np_clamp(m, b) for m, b in pairs]
         assert_matrices_close(outputs(out), expected, 1e-5, f"step {count}")
     assert int(state.stats.count) == len(trees)
 
@@ -313,7 +335,7 @@ def test_stacked_layers_are_clipped_as_separate_matrices():
     # Without stacked axes a 3-D leaf is not a matrix: it passes unchanged.
     out, state = run(oc.clip_by_spectral_norm(1.0), tree)
     np.testing.assert_array_equal(np.asarray(out["layers"]), np.asarray(tree["layers"]))
-    assert state.stats.norm.shape == (2,)
+    assert state.stats.norm.shape == (5,)  # one per float leaf
 
 
 def test_update_without_init_state_and_inject_hyperparams():
