@@ -6,6 +6,22 @@ adapts to the run).
 """
 
 from . import rules as rules
+from ._clipping import AdamWClipState as AdamWClipState
+from ._clipping import ClippyState as ClippyState
+from ._clipping import SpamClipState as SpamClipState
+from ._clipping import StableSpamClipState as StableSpamClipState
+from ._clipping import adamw_clip as adamw_clip
+from ._clipping import adaptive_grad_clip as adaptive_grad_clip
+from ._clipping import clip as clip
+from ._clipping import clip_by_block_rms as clip_by_block_rms
+from ._clipping import clip_by_global_norm as clip_by_global_norm
+from ._clipping import clip_by_norm as clip_by_norm
+from ._clipping import clip_by_spectral_norm as clip_by_spectral_norm
+from ._clipping import clip_by_value as clip_by_value
+from ._clipping import clippy as clippy
+from ._clipping import spam_clip as spam_clip
+from ._clipping import stable_spam_clip as stable_spam_clip
+from ._clipping import trust_ratio_clip as trust_ratio_clip
 from ._core import ClipState as ClipState
 from ._guards import SkipNonfiniteState as SkipNonfiniteState
 from ._guards import SkipSpikesState as SkipSpikesState
@@ -18,25 +34,11 @@ from ._norms import unitwise_norm as unitwise_norm
 from ._per_example import clip_per_example as clip_per_example
 from ._per_example import per_example_global_norm_clip as per_example_global_norm_clip
 from ._per_example import per_example_layer_norm_clip as per_example_layer_norm_clip
-from ._presets import ClippyState as ClippyState
-from ._presets import SpamClipState as SpamClipState
-from ._presets import StableSpamClipState as StableSpamClipState
 from ._presets import adagc as adagc
 from ._presets import autoclip as autoclip
-from ._presets import clippy as clippy
 from ._presets import olmo_adaptive_clip as olmo_adaptive_clip
 from ._presets import quantile_clip as quantile_clip
-from ._presets import spam_clip as spam_clip
-from ._presets import stable_spam_clip as stable_spam_clip
-from ._presets import trust_ratio_clip as trust_ratio_clip
 from ._presets import zclip as zclip
-from ._scopes import adaptive_grad_clip as adaptive_grad_clip
-from ._scopes import clip as clip
-from ._scopes import clip_by_block_rms as clip_by_block_rms
-from ._scopes import clip_by_global_norm as clip_by_global_norm
-from ._scopes import clip_by_norm as clip_by_norm
-from ._scopes import clip_by_spectral_norm as clip_by_spectral_norm
-from ._scopes import clip_by_value as clip_by_value
 from ._stats import ClipStats as ClipStats
 from ._stats import stats as stats
 from .diagnostics import ThresholdReport as ThresholdReport
@@ -47,6 +49,7 @@ from .diagnostics import suggest_threshold as suggest_threshold
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdamWClipState",
     "ClipState",
     "ClipStats",
     "ClippyState",
@@ -56,6 +59,7 @@ __all__ = [
     "StableSpamClipState",
     "ThresholdReport",
     "adagc",
+    "adamw_clip",
     "adaptive_grad_clip",
     "autoclip",
     "clip",

@@ -13,7 +13,7 @@ construction. What is checked:
   acts as 0, for instance).
 
 Messages name the argument the user passed. A preset builds its rule inside
-`arguments`, so an error raised by the rule's own checks names the
+`arguments`, which raises an error of the rule's own checks again under the
 preset's argument (``zclip(z_thresh=-1)`` reports ``z_thresh``, not the
 rule's field ``z``).
 """
@@ -21,9 +21,8 @@ rule's field ``z``).
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -31,38 +30,86 @@ import jax.core
 import jax.numpy as jnp
 import numpy as np
 
-# (owner, {internal name: user's name}) of the innermost `arguments` block.
-_CONTEXT: contextvars.ContextVar[tuple[str | None, dict[str, str]]] = (
-    contextvars.ContextVar("optaxclip_arguments", default=(None, {}))
-)
+
+class ArgumentError(ValueError):
+    """A bad argument: ``"owner: `name` text"``.
+
+    Attributes:
+      name: the argument, as the function that raised it calls it.
+      text: what is wrong with it, and the fix.
+      owner: the public function the user called, once known.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        text: str,
+        owner: str | None = None,
+        hint: Callable[[str | None, str], str] | None = None,
+    ):
+        self.name, self.text, self.owner, self.hint = name, text, owner, hint
+        more = hint(owner, name) if hint else ""
+        super().__init__(f"{owner + ': ' if owner else ''}`{name}` {text}{more}")
+
+
+class ArgumentTypeError(ArgumentError, TypeError):
+    """An `ArgumentError` of the wrong type (a class for an instance, ...)."""
 
 
 @contextlib.contextmanager
 def arguments(owner: str, **names: str) -> Iterator[None]:
-    """Within the block, errors name ``owner`` and its arguments.
+    """Errors raised in the block name ``owner`` and the user's arguments.
+
+    A preset builds its rule, and validates its own arguments through the
+    rule's checks, inside this block: an `ArgumentError` raised there is
+    raised again naming the argument the user passed (``zclip(z_thresh=-1)``
+    reports ``z_thresh``, not the rule's field ``z``) and the function the
+    user called. The innermost block names the owner.
 
     Args:
       owner: the public function the user called (e.g. ``"zclip"``).
       **names: maps a name used by the checks inside the block (a rule's
         field) to the argument the user passed, e.g. ``z="z_thresh"``.
     """
-    token = _CONTEXT.set((owner, names))
     try:
         yield
-    finally:
-        _CONTEXT.reset(token)
+    except ArgumentError as e:
+        name, owner = names.get(e.name, e.name), e.owner or owner
+        raise type(e)(name, e.text, owner, e.hint) from None
 
 
-def user_name(name: str) -> str:
-    """The user's name for ``name`` in the current `arguments` block."""
-    return _CONTEXT.get()[1].get(name, name)
+def fail(
+    name: str,
+    text: str,
+    error: type[Exception] = ValueError,
+    hint: Callable[[str | None, str], str] | None = None,
+) -> Exception:
+    """The `ArgumentError` for argument ``name`` (a TypeError if ``error`` is).
+
+    ``hint(owner, name)`` completes the message once the function the user
+    called and the argument's name there are known.
+    """
+    if issubclass(error, TypeError):
+        return ArgumentTypeError(name, text, hint=hint)
+    return ArgumentError(name, text, hint=hint)
 
 
-def fail(name: str, text: str, error: type[Exception] = ValueError) -> Exception:
-    """An exception ``"owner: `name` text"``, with ``name`` as the user wrote it."""
-    owner = _CONTEXT.get()[0]
-    prefix = f"{owner}: " if owner else ""
-    return error(f"{prefix}`{user_name(name)}` {text}")
+def check_fits(owner: str, found: tuple[int, ...], expected: tuple[int, ...]) -> None:
+    """The one tree/state match check: the step measured what ``init`` did.
+
+    ``found`` is the shape of this step's measured norms, ``expected`` the
+    shape the state records. A scope whose decision is global measures a
+    scalar whatever the tree: its state fits any tree.
+    """
+    if tuple(found) != tuple(expected):
+        n_found = found[0] if found else 1
+        held = expected[0] if expected else 1
+        raise ValueError(
+            f"{owner}: the updates do not match the tree this transform was "
+            f"initialized with: it measured {n_found} norm(s) (shape "
+            f"{tuple(found)}) but its state holds {held} (shape {tuple(expected)})."
+            " Call `init` with params of the same structure as the updates."
+        )
 
 
 def is_traced(value: Any) -> bool:
@@ -252,13 +299,15 @@ def check_size(
     if allow_none and value is None:
         return
     if isinstance(value, jax.Array):
-        factory = _CONTEXT.get()[0] or owner or "factory"
         raise fail(
             name,
             f"sets the shape of the state, so it must be a Python int >= {lo}; got "
-            f"{show(value)}. Under optax.inject_hyperparams, list it in "
-            f"`static_args`: optax.inject_hyperparams({factory}, "
-            f"static_args=({user_name(name)!r},)).",
+            f"{show(value)}.",
+            hint=lambda factory, user: (
+                " Under optax.inject_hyperparams, list it in `static_args`: "
+                f"optax.inject_hyperparams({factory or owner or 'factory'}, "
+                f"static_args=({user!r},))."
+            ),
         )
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < lo:
         none = " or None" if allow_none else ""

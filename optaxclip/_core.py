@@ -1,44 +1,48 @@
-"""The one step every optaxclip transform runs, and the state it keeps.
+"""The one step every optaxclip transform runs, over the `Scope` protocol.
 
-A transform is a declaration: a scope (what is measured), a rule (the
-bound) and an action (what happens above it). `Step` runs them in order:
+A transform is a declaration: a scope (what is measured, and what its
+action does above the bound) and a rule (the bound). `Step` runs them in
+order, written once:
 
 1. ``scope.measure`` reads the updates once and returns a `Measurement`;
-2. the rule turns the observation into a threshold;
-3. the rule's new state is kept only on a finite step;
-4. ``action.apply`` rescales, clamps or skips, in one fused pass;
+2. the rule turns the `rules.Observation` into a threshold;
+3. on a non-finite step the old state is kept (`_tree.commit`, the one
+   keep-the-old-state), for the rule's state and the scope's moments;
+4. ``scope.apply`` acts (rescale, clamp, normalize, skip) in one fused pass;
 5. `write_record` stores the step's stats (``optaxclip._stats``).
 
-The primitives every action shares live here too, one of each: the safe
-scale factor, the sharding-preserving zeroing select and keeping the old
-state.
+The core knows the state's fields by name: ``rule_state`` (where the
+transform has a rule with a state), the record's four fields, and the
+fields the scope keeps (`Scope.init`), which it updates from `Applied`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-from typing import Any, Generic, NamedTuple, Protocol, TypeVar
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from . import _checks, _norms
+from . import _checks
 from ._stats import (
-    ClipStats,
-    Record,
+    RECORD_FIELDS,
+    StatsField,
     empty_record,
-    read_record,
     record_of,
     record_shape,
     write_record,
 )
-from .rules import Rule, fixed, scheduled
+from ._tree import commit, float_leaves
+from .rules import Observation, Rule, observe
 
 __all__ = ["ClipState"]
 
 _NONFINITE = ("zero", "propagate")
+# The fields the core writes; a state's other fields are its scope's own.
+_CORE_FIELDS = ("rule_state", *RECORD_FIELDS)
 
 
 class ClipState(NamedTuple):
@@ -66,15 +70,7 @@ class ClipState(NamedTuple):
     counts: jax.Array
     tensor_norms: jax.Array | tuple[()]
 
-    @property
-    def stats(self) -> ClipStats:
-        """The latest step's [`ClipStats`][optaxclip.ClipStats]."""
-        return read_record(record_of(self))
-
-
-# ---------------------------------------------------------------------------
-# Primitives shared by every action
-# ---------------------------------------------------------------------------
+    stats = StatsField()
 
 
 def check_nonfinite(nonfinite: str) -> bool:
@@ -83,144 +79,8 @@ def check_nonfinite(nonfinite: str) -> bool:
     return nonfinite == "zero"
 
 
-def safe_scale(
-    norms: jax.Array, threshold: jax.Array, keep: jax.Array | None = None
-) -> jax.Array:
-    """``min(1, threshold / norms)`` with no division by zero.
-
-    A norm at or under the threshold gives exactly 1 (a zero norm with a
-    zero threshold too), an infinite norm 0, and a NaN norm a NaN scale, as
-    in optax, so ``nonfinite="propagate"`` reproduces optax; with ``keep``
-    (the step's finiteness) the scale is 0 where it is False.
-    """
-    return _norms.piece_scale(norms, threshold, False, keep)
-
-
-def rescale(
-    x: jax.Array, norm: jax.Array, bound: jax.Array, keep: jax.Array | None
-) -> jax.Array:
-    """``x * min(1, bound / norm)``, written per entry as optax does.
-
-    ``where(norm <= bound, x, x / norm * bound)`` in the accumulation dtype,
-    cast back to ``x.dtype``: the scalar factor is never a kernel of its
-    own (the division fuses into the pass over ``x``), so a one-leaf step is
-    as few kernels as optax's. With ``keep``, entries are zeroed where it is
-    False.
-    """
-    dtype = _norms.compute_dtype(x.dtype)
-    a = x if x.dtype == dtype else jax.lax.convert_element_type(x, dtype)
-    n = norm.astype(dtype) if norm.dtype != dtype else norm
-    b = bound.astype(dtype) if bound.dtype != dtype else bound
-    out = _clipped(a, n, b)
-    out = out if out.dtype == x.dtype else jax.lax.convert_element_type(out, x.dtype)
-    return zero_unless(keep, out)
-
-
-@jax.custom_jvp
-def _clipped(a: jax.Array, n: jax.Array, b: jax.Array) -> jax.Array:
-    # ``where(n <= b, a, a / n * b)``, the ops of optax's clip, so the
-    # compiled step is unchanged (the division fuses into the pass over
-    # ``a``). Its own derivative, because the branch that is not taken is
-    # still differentiated and its derivative multiplied by zero: at
-    # ``n = 0`` (a zero gradient) ``a / n`` is NaN, and at ``b = inf`` (a
-    # rule that has recorded nothing yet) ``a * b / n**2`` is; either makes
-    # the product NaN.
-    return jnp.where(n <= b, a, a / n * b)
-
-
-@_clipped.defjvp
-def _clipped_jvp(primals, tangents):
-    (a, n, b), (ta, tn, tb) = primals, tangents
-    over = ~(n <= b)
-    # Every coefficient is computed from operands the branch would see
-    # where it is taken, and from harmless stand-ins where it is not, so
-    # each one is finite wherever ``a`` is.
-    inv = 1 / jnp.where(over, n, _norms.full_like(n, 1))
-    ratio = jnp.where(over, b, _norms.full_like(b, 0)) * inv
-    clipped = ta * ratio + a * inv * (tb - ratio * tn)
-    return _clipped(a, n, b), jnp.where(over, clipped, ta)
-
-
-def scale_leaf(x: jax.Array, scale: jax.Array, keep: jax.Array | None) -> jax.Array:
-    """``x * scale`` computed in the accumulation dtype, cast back to ``x.dtype``.
-
-    With ``keep`` given, entries are zeroed where it is False (a select, so a
-    NaN entry becomes 0 rather than NaN * 0).
-    """
-    dtype = _norms.compute_dtype(x.dtype)
-    a = x if x.dtype == dtype else jax.lax.convert_element_type(x, dtype)
-    out = a * (scale if scale.dtype == dtype else scale.astype(dtype))
-    out = out if out.dtype == x.dtype else jax.lax.convert_element_type(out, x.dtype)
-    return zero_unless(keep, out)
-
-
-def zero_unless(keep: jax.Array | None, x: jax.Array) -> jax.Array:
-    """``x`` where ``keep`` holds, else zeros (None: ``x``).
-
-    ``keep`` is a scalar or broadcasts against ``x`` (one flag per example,
-    say). A select, so a NaN entry becomes 0 rather than NaN * 0. The zeros
-    and a broadcast flag carry ``x``'s sharding (`_norms.sharded_like`): on
-    meshes with Explicit axes a select needs operands of one sharding.
-    """
-    if keep is None:
-        return x
-    if jnp.ndim(keep):
-        keep = _norms.sharded_like(x, jnp.broadcast_to(keep, x.shape))
-    return jax.lax.select(keep, x, _norms.full_like(x, 0))
-
-
-def zero_tree(keep: jax.Array | None, tree: Any) -> Any:
-    """`zero_unless` on every float leaf of ``tree``."""
-    if keep is None:
-        return tree
-    return map_float(lambda _, x: zero_unless(keep, x), tree)
-
-
-def keep_if(condition: jax.Array, new: Any, old: Any) -> Any:
-    """``new`` where ``condition`` holds, else ``old`` (leafwise select)."""
-    return jax.tree.map(lambda n, o: jnp.where(condition, n, o), new, old)
-
-
-def map_float(fn: Callable[..., jax.Array], tree: Any, *rest: Any) -> Any:
-    """Applies ``fn(i, leaf, *rest_leaves)`` to the float leaves, in order.
-
-    Integer leaves are returned untouched; ``None`` and ``MaskedNode`` stay.
-    """
-    leaves, treedef = jax.tree.flatten(tree)
-    rest_leaves = [treedef.flatten_up_to(r) for r in rest]
-    out, i = [], 0
-    for j, x in enumerate(leaves):
-        if _norms.is_float(x):
-            out.append(fn(i, x, *(r[j] for r in rest_leaves)))
-            i += 1
-        else:
-            out.append(x)
-    return jax.tree.unflatten(treedef, out)
-
-
-def check_match(owner: str, measured: Measurement, record: Record) -> None:
-    """Raises if this step measured a different number of entries than ``init``.
-
-    A scope whose decision is global measures a scalar whatever the tree:
-    its state fits any tree (its per-tensor flags and norms follow the tree
-    of the latest update).
-    """
-    norms = measured.norms
-    expected = record_shape(record)
-    if tuple(norms.shape) != expected:
-        found = norms.shape[0] if norms.ndim else 1
-        held = expected[0] if expected else 1
-        raise ValueError(
-            f"{owner}: the updates do not match the tree this transform was "
-            f"initialized with: it measured {found} norm(s) (shape "
-            f"{tuple(norms.shape)}) but its state holds {held} (shape "
-            f"{expected}). Call `init` with params of the same structure as "
-            "the updates."
-        )
-
-
 # ---------------------------------------------------------------------------
-# The step
+# The Scope protocol
 # ---------------------------------------------------------------------------
 
 
@@ -232,64 +92,31 @@ class Measurement:
       norms: the recorded norms: a scalar, or one entry per tensor.
       finite: scalar bool, whether the step may reach the rule's
         statistics (every measured value finite).
-      observed: what the rule sees: ``norms``, or samples of it with extra
-        leading axes (per-example norms), which rules reduce as their
-        statistic defines.
       total: the whole tree's measurement as one scalar, in the scope's
         own terms (the global norm for the global and tensor scopes, the
-        largest entry or unit ratio for the element and unit scopes), for
-        rules that bound the whole tree (``rules.ema(warmup_max_norm=...)``).
-
-    A scope whose decision is global also measures each tensor's own norm
-    (``leaf_norms``, a vector), for the record's per-tensor norms and
-    non-finite flags.
+        largest entry or unit ratio for the element and unit scopes).
+      samples: per-example norms of which ``norms`` is the mean (the
+        per-example scope), else None.
+      leaf_norms: each tensor's own norm, for a scope whose decision is
+        global (the record's per-tensor norms and non-finite flags), else
+        None.
     """
 
     norms: jax.Array
     finite: jax.Array
-    observed: jax.Array
     total: jax.Array
+    samples: jax.Array | None = None
+    leaf_norms: jax.Array | None = None
 
 
-M = TypeVar("M", bound=Measurement)
-M_contra = TypeVar("M_contra", bound=Measurement, contravariant=True)
-M_co = TypeVar("M_co", bound=Measurement, covariant=True)
-
-
-class Scope(Protocol[M_co]):
-    """What is measured: the interface of every scope."""
-
-    @property
-    def owner(self) -> str:
-        """The public function's name, for error messages."""
-        ...
-
-    def norm_like(self, params: Any) -> jax.Array:
-        """A zero array shaped like the norms measured on ``params``."""
-        ...
-
-    def measure(self, updates: Any, params: Any, extra_args: dict[str, Any]) -> M_co:
-        """Reads the updates once."""
-        ...
-
-
-class Applied(NamedTuple):
-    """What an action did: the updates out, and what the record needs."""
-
-    updates: Any
-    scale: jax.Array
-    clipped: jax.Array
-    state: Any = ()
-
-
-class Context(NamedTuple):
-    """What an action is given besides the updates and the measurement.
+class Act(NamedTuple):
+    """What a scope's action is given besides the updates and the measurement.
 
     Attributes:
       threshold: the bound, a scalar or one entry per measured norm.
       keep: the zeroing flag of ``nonfinite="zero"`` (the step's
         finiteness), or None under ``"propagate"``.
-      state: the action's own state.
+      state: the scope's own state fields (a mapping; see `Scope.init`).
       params: the ``params`` passed to ``update``.
       extra_args: the extra arguments passed to ``update``.
       count: the int32 step count.
@@ -297,50 +124,72 @@ class Context(NamedTuple):
 
     threshold: jax.Array
     keep: jax.Array | None
-    state: Any
+    state: Mapping[str, Any]
     params: Any
     extra_args: dict[str, Any]
     count: jax.Array
 
 
-class Action(Protocol[M_contra]):
-    """What happens above the threshold: rescale, clamp or skip.
+class Applied(NamedTuple):
+    """What an action did.
 
-    ``stateless`` actions keep no state of their own (``init`` returns
-    ``()``), so with a fixed threshold ``update(g, None)`` works.
+    Attributes:
+      updates: the updates out.
+      scale: the factor applied, shaped like the measured norms.
+      clipped: the number of units clipped.
+      moments: new values of the scope's state fields that a non-finite step
+        must not touch (a second moment): the core keeps the old ones then.
+      counters: new values of the scope's state fields written as given
+        (skip counters, the wrapped optimizer's state after its own select).
     """
 
-    @property
-    def stateless(self) -> bool:
-        """Whether the action keeps no state of its own."""
-        ...
-
-    def init(self, params: Any) -> Any:
-        """The action's own state (``()`` if it keeps none)."""
-        ...
-
-    def apply(self, updates: Any, measured: M_contra, ctx: Context) -> Applied:
-        """Acts on the updates."""
-        ...
+    updates: Any
+    scale: jax.Array
+    clipped: jax.Array
+    moments: Mapping[str, Any] | None = None
+    counters: Mapping[str, Any] | None = None
 
 
-class Parts(NamedTuple):
-    """The three parts of every state: rule, action and stats record."""
+class Scope:
+    """What is measured, and what happens above the bound: the scope's action.
 
-    rule_state: Any
-    action_state: Any
-    record: Record
+    A scope is a frozen dataclass that overrides `norm_like`, `measure` and
+    `apply` (and `init` if it keeps state of its own). Class attributes:
+
+    - ``owner``: the public function's name, for error messages;
+    - ``leafwise``: the decision is global but the record keeps one flag
+      (and, with ``per_tensor_stats``, one norm) per tensor;
+    - ``per_tensor_stats``: record each tensor's norm;
+    - ``stateless``: keeps no state of its own, so with a fixed threshold
+      ``update(g, None)`` works.
+    """
+
+    owner: str = "clip"
+    leafwise: bool = False
+    per_tensor_stats: bool = False
+    stateless: bool = True
+
+    def norm_like(self, params: Any) -> jax.Array:
+        """A zero array shaped like the norms measured on ``params``."""
+        raise NotImplementedError
+
+    def init(self, params: Any) -> dict[str, Any]:
+        """The scope's own state fields, by name (none by default)."""
+        del params
+        return {}
+
+    def measure(
+        self, updates: Any, params: Any, extra_args: dict[str, Any]
+    ) -> Measurement:
+        """Reads the updates once."""
+        raise NotImplementedError
+
+    def apply(self, updates: Any, measured: Any, act: Act) -> Applied:
+        """Acts on the updates: rescale, clamp, normalize or skip."""
+        raise NotImplementedError
 
 
-def _clip_state(parts: Parts) -> ClipState:
-    return ClipState(parts.rule_state, *parts.record)
-
-
-def _clip_parts(state: ClipState) -> Parts:
-    return Parts(state.rule_state, (), record_of(state))
-
-
-def record_sizes(scope: Any, params: Any) -> tuple[int, int | None]:
+def record_sizes(scope: Scope, params: Any) -> tuple[int, int | None]:
     """How many non-finite flags and per-tensor norms ``scope`` records.
 
     A scope whose decision is global (``leafwise``) flags each tensor that
@@ -348,130 +197,121 @@ def record_sizes(scope: Any, params: Any) -> tuple[int, int | None]:
     norm (None: not recorded); per-tensor scopes need neither (their norms
     are per tensor).
     """
-    if not getattr(scope, "leafwise", False):
+    if not scope.leafwise:
         return 0, None
-    n = len(_norms.float_leaves(params))
-    return n, n if records_tensors(scope) else None
+    n = len(float_leaves(params))
+    return n, n if scope.per_tensor_stats else None
 
 
-def records_tensors(scope: Any) -> bool:
-    """Whether ``scope`` records each tensor's norm (``per_tensor_stats``)."""
-    return bool(getattr(scope, "per_tensor_stats", False))
+# ---------------------------------------------------------------------------
+# The step
+# ---------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
-class Step(Generic[M]):
-    """One transform: a scope, a rule and an action, run as one step.
+class Step:
+    """One transform: a scope and a rule, run as one step.
 
     Attributes:
-      scope: measures the updates.
+      scope: measures the updates and acts on them.
       rule: turns the observation into the threshold.
-      action: rescales, clamps or skips.
       zero_nonfinite: the ``nonfinite="zero"`` policy (else propagate).
-      make_state: builds the transform's public state class from the
-        `Parts` (`ClipState` by default).
-      parts_of: reads the `Parts` back from that state.
-      state_type: that state class (a state of another class is refused).
+      state_type: the transform's state class, a NamedTuple whose fields
+        are the record's, ``rule_state`` (if the rule keeps state) and the
+        scope's own (`Scope.init`).
     """
 
-    scope: Scope[M]
+    scope: Scope
     rule: Rule
-    action: Action[M]
     zero_nonfinite: bool = True
-    make_state: Callable[[Parts], Any] = _clip_state
-    parts_of: Callable[[Any], Parts] = _clip_parts
     state_type: type = ClipState
 
     def init(self, params: Any) -> Any:
         norm_like = self.scope.norm_like(params)
-        return self.make_state(
-            Parts(
-                self.rule.init(norm_like),
-                self.action.init(params),
-                empty_record(norm_like, *record_sizes(self.scope, params)),
-            )
-        )
+        record = empty_record(norm_like, *record_sizes(self.scope, params))
+        fields = {
+            "rule_state": self.rule.init(norm_like),
+            **self.scope.init(params),
+            **record._asdict(),
+        }
+        return self.state_type(**{f: fields[f] for f in self.state_type._fields})
 
     def update(
         self, updates: Any, state: Any, params: Any = None, **extra_args: Any
     ) -> tuple[Any, Any]:
+        scope = self.scope
         if state is None or isinstance(state, optax.EmptyState):
-            state = fresh_state(
-                self.rule, state, lambda: self.init(updates), self.action.stateless
-            )
+            state = self.fresh_state(state, updates)
         if not isinstance(state, self.state_type):
             raise TypeError(
-                f"{self.scope.owner}: expected its state "
+                f"{scope.owner}: expected its state "
                 f"({self.state_type.__name__}); got {type(state).__name__}. "
                 "Was `init` called on this transform?"
             )
-        parts = self.parts_of(state)
-        measured = self.scope.measure(updates, params, extra_args)
-        check_match(self.scope.owner, measured, parts.record)
-        count = parts.record.count
-        threshold, rule_state = observe(self.rule, parts.rule_state, measured, count)
+        record = record_of(state)
+        measured = scope.measure(updates, params, extra_args)
+        _checks.check_fits(scope.owner, measured.norms.shape, record_shape(record))
+        old_rule_state = getattr(state, "rule_state", ())
+        observation = Observation(measured.norms, measured.total, measured.samples)
+        threshold, rule_state = observe(
+            self.rule, old_rule_state, observation, record.count
+        )
         # A negative threshold (only from a traced hyperparameter, which
         # construction cannot check) acts as 0. A scalar threshold stays a
         # scalar, so equally shaped leaves share their kernels.
         threshold = jnp.maximum(jnp.asarray(threshold, measured.norms.dtype), 0)
-        rule_state = keep_if(measured.finite, rule_state, parts.rule_state)
-        keep = measured.finite if self.zero_nonfinite else None
-        ctx = Context(threshold, keep, parts.action_state, params, extra_args, count)
-        applied = self.action.apply(updates, measured, ctx)
-        leaf = getattr(measured, "leaf_norms", None)
-        record = write_record(
-            parts.record,
+        finite = measured.finite
+        own = {f: getattr(state, f) for f in state._fields if f not in _CORE_FIELDS}
+        keep = finite if self.zero_nonfinite else None
+        act = Act(threshold, keep, own, params, extra_args, record.count)
+        applied = scope.apply(updates, measured, act)
+        leaf = measured.leaf_norms
+        new_record = write_record(
+            record,
             measured.norms,
             threshold,
             applied.scale,
             applied.clipped,
-            measured.finite,
+            finite,
             None if leaf is None else ~jnp.isfinite(leaf),
-            leaf if leaf is not None and records_tensors(self.scope) else None,
+            leaf if scope.per_tensor_stats else None,
         )
-        return applied.updates, self.make_state(
-            Parts(rule_state, applied.state, record)
-        )
+        fields: dict[str, Any] = dict(new_record._asdict())
+        if "rule_state" in self.state_type._fields:
+            fields["rule_state"] = commit(finite, rule_state, old_rule_state)
+        for name, value in (applied.moments or {}).items():
+            fields[name] = commit(finite, value, own[name])
+        fields.update(applied.counters or {})
+        return applied.updates, state._replace(**fields)
 
-    def transform(self) -> optax.GradientTransformationExtraArgs:
-        return optax.GradientTransformationExtraArgs(self.init, self.update)
+    def fresh_state(self, given: Any, updates: Any) -> Any:
+        """The state to use when ``update`` is given ``None`` / ``EmptyState()``.
 
-
-def observe(
-    rule: Rule, state: Any, measured: Measurement, count: jax.Array
-) -> tuple[jax.Array, Any]:
-    """Asks ``rule`` for the threshold, passing what it observes explicitly."""
-    if getattr(rule, "needs_total", False):
-        # AdaGC's warm-up bounds the whole tree's norm.
-        update = rule.update
-        return update(state, measured.observed, count, total=measured.total)  # pyright: ignore[reportCallIssue]
-    return rule.update(state, measured.observed, count)
-
-
-def fresh_state(
-    rule: Rule, given: Any, init: Callable[[], Any], stateless: bool = True
-) -> Any:
-    """The state to use when ``update`` is given ``None`` / ``EmptyState()``.
-
-    optax's stateless transforms accept ``tx.update(g, None)``; so does a
-    transform whose threshold has no history (a number or a schedule, which
-    is then read at step 0) and whose action keeps none: its state is
-    created fresh. A rule that learns from the run, or an action with a
-    state (a wrapped optimizer, a second moment), refuses: that history
-    would restart every step.
-    """
-    if not stateless:
-        raise ValueError(
-            f"`update` got state {given!r}, but this transform keeps a state "
-            "across steps (a wrapped optimizer's, or a moment estimate), which "
+        optax's stateless transforms accept ``tx.update(g, None)``; so does a
+        transform whose threshold has no history (a number or a schedule,
+        which is then read at step 0: its rule's state is empty) and whose
+        scope keeps none: its state is created fresh. A rule that learns
+        from the run, or a scope with a state (a wrapped optimizer, a second
+        moment), refuses: that history would restart every step.
+        """
+        hint = (
             "would restart on every step. Call `state = tx.init(params)` once "
             "and pass the state that each `update` returns to the next one."
         )
-    if isinstance(rule, fixed | scheduled):
-        return init()
-    raise ValueError(
-        f"`update` got state {given!r}, but this transform's threshold rule "
-        f"({type(rule).__name__}) learns from the norms of earlier steps, which "
-        "would restart on every step. Call `state = tx.init(params)` once and "
-        "pass the state that each `update` returns to the next one."
-    )
+        if not self.scope.stateless:
+            raise ValueError(
+                f"`update` got state {given!r}, but this transform keeps a "
+                "state across steps (a wrapped optimizer's, or a moment "
+                f"estimate), which {hint}"
+            )
+        state = self.init(updates)
+        if jax.tree.leaves(getattr(state, "rule_state", ())):
+            raise ValueError(
+                f"`update` got state {given!r}, but this transform's threshold "
+                f"rule ({type(self.rule).__name__}) learns from the norms of "
+                f"earlier steps, which {hint}"
+            )
+        return state
+
+    def transform(self) -> optax.GradientTransformationExtraArgs:
+        return optax.GradientTransformationExtraArgs(self.init, self.update)

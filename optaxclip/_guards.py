@@ -14,17 +14,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from . import _checks, _norms, rules
-from ._core import (
-    Applied,
-    Context,
-    Measurement,
-    Parts,
-    Step,
-    keep_if,
-    zero_unless,
-)
-from ._stats import ClipStats, read_record, record_of
+from . import _checks, _mesh, _norms, _numerics, rules
+from ._core import Applied, Measurement, Scope, Step
+from ._stats import StatsField
+from ._tree import commit, zero_unless
 
 __all__ = ["SkipNonfiniteState", "SkipSpikesState", "skip_nonfinite", "skip_spikes"]
 
@@ -55,17 +48,14 @@ class SkipNonfiniteState(NamedTuple):
     counts: jax.Array
     tensor_norms: jax.Array | tuple[()]
 
-    @property
-    def stats(self) -> ClipStats:
-        """The latest step's [`ClipStats`][optaxclip.ClipStats]."""
-        return read_record(record_of(self))
+    stats = StatsField()
 
 
 def skip_nonfinite(
     inner: optax.GradientTransformation,
     max_consecutive: int | None = None,
     *,
-    axis_name: _norms.AxisName = None,
+    axis_name: _mesh.AxisName = None,
     partition_specs: Any = None,
     per_tensor_stats: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
@@ -115,26 +105,16 @@ def skip_nonfinite(
     if max_consecutive is not None:
         with _checks.arguments("skip_nonfinite"):
             _checks.check_number(max_consecutive, "max_consecutive", lo=0, integer=True)
-    pts = _checks.static_flag(per_tensor_stats, "per_tensor_stats")
-    scope = GuardScope(axis_name, partition_specs, "skip_nonfinite", pts)
-    action = Skip(optax.with_extra_args_support(inner), None, max_consecutive)
-
-    def make(parts: Parts) -> SkipNonfiniteState:
-        inner_state, _, consecutive, skipped, _ = parts.action_state
-        return SkipNonfiniteState(inner_state, consecutive, skipped, *parts.record)
-
-    def parts_of(state: SkipNonfiniteState) -> Parts:
-        unused = jnp.zeros((), jnp.float32)  # skip_nonfinite checks no loss
-        action_state = SkipParts(
-            state.inner_state, (), state.consecutive, state.skipped, unused
-        )
-        return Parts((), action_state, record_of(state))
-
-    step = Step(
-        scope, rules.fixed(float("inf")), action, True, make, parts_of,
-        SkipNonfiniteState,
-    )  # fmt: skip
-    return step.transform()
+    scope = SkipScope(
+        optax.with_extra_args_support(inner),
+        None,
+        max_consecutive,
+        axis_name,
+        partition_specs,
+        "skip_nonfinite",
+        _checks.static_flag(per_tensor_stats, "per_tensor_stats"),
+    )
+    return Step(scope, rules.fixed(float("inf")), True, SkipNonfiniteState).transform()
 
 
 class SkipSpikesState(NamedTuple):
@@ -172,10 +152,7 @@ class SkipSpikesState(NamedTuple):
     counts: jax.Array
     tensor_norms: jax.Array | tuple[()]
 
-    @property
-    def stats(self) -> ClipStats:
-        """The latest step's [`ClipStats`][optaxclip.ClipStats]."""
-        return read_record(record_of(self))
+    stats = StatsField()
 
 
 def skip_spikes(
@@ -185,7 +162,7 @@ def skip_spikes(
     *,
     min_history: int | None = None,
     rule: rules.Threshold | None = None,
-    axis_name: _norms.AxisName = None,
+    axis_name: _mesh.AxisName = None,
     partition_specs: Any = None,
     per_tensor_stats: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
@@ -272,34 +249,16 @@ def skip_spikes(
                 "`rule=rules.mean_std(window, sigma)`."
             )
         rule = rules.as_rule(rule, "rule")
-    pts = _checks.static_flag(per_tensor_stats, "per_tensor_stats")
-    scope = GuardScope(axis_name, partition_specs, "skip_spikes", pts)
-    action = Skip(optax.with_extra_args_support(inner), rule, None)
-
-    def make(parts: Parts) -> SkipSpikesState:
-        inner_state, loss_state, _, skipped, value_threshold = parts.action_state
-        return SkipSpikesState(
-            inner_state,
-            parts.rule_state,
-            loss_state,
-            skipped,
-            value_threshold,
-            *parts.record,
-        )
-
-    def parts_of(state: SkipSpikesState) -> Parts:
-        unused = jnp.zeros((), jnp.int32)  # skip_spikes has no max_consecutive
-        action_state = SkipParts(
-            state.inner_state,
-            state.loss_state,
-            unused,
-            state.skipped,
-            state.value_threshold,
-        )
-        return Parts(state.rule_state, action_state, record_of(state))
-
-    step = Step(scope, rule, action, True, make, parts_of, SkipSpikesState)
-    return step.transform()
+    scope = SkipScope(
+        optax.with_extra_args_support(inner),
+        rule,
+        None,
+        axis_name,
+        partition_specs,
+        "skip_spikes",
+        _checks.static_flag(per_tensor_stats, "per_tensor_stats"),
+    )
+    return Step(scope, rule, True, SkipSpikesState).transform()
 
 
 def _is_default_sigma(sigma: Any) -> bool:
@@ -310,22 +269,48 @@ def _is_default_sigma(sigma: Any) -> bool:
 class GuardMeasurement(Measurement):
     """The global 2-norm of the updates, each tensor's, and the loss if passed."""
 
-    leaf_norms: jax.Array | None = None
     loss: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
-class GuardScope:
-    """The whole tree's 2-norm; a step is finite when it and the loss are."""
+class SkipScope(Scope):
+    """The whole tree's 2-norm; the action applies the wrapped optimizer or
+    skips the step entirely.
 
-    axis_name: _norms.AxisName
+    A step is skipped when it is not finite or its norm (or loss, checked
+    by ``loss_rule`` against its own history) is above the threshold,
+    unless more than ``max_consecutive`` non-finite steps came in a row.
+    Its state: the wrapped optimizer's (``inner_state``), ``skipped``, and
+    ``consecutive`` (`skip_nonfinite`) or the loss rule's ``loss_state`` and
+    ``value_threshold`` (`skip_spikes`).
+    """
+
+    inner: optax.GradientTransformationExtraArgs
+    loss_rule: rules.Rule | None
+    max_consecutive: int | None
+    axis_name: _mesh.AxisName
     partition_specs: Any
     owner: str
     per_tensor_stats: bool = False
     leafwise = True
+    stateless = False
 
     def norm_like(self, params: Any) -> jax.Array:
-        return jnp.zeros((), _norms.tree_acc_dtype(params))
+        return jnp.zeros((), _numerics.tree_acc_dtype(params))
+
+    def init(self, params: Any) -> dict[str, Any]:
+        # Every field its own buffer, so the state can be donated after init.
+        acc = _numerics.tree_acc_dtype(params)
+        fields = {
+            "inner_state": self.inner.init(params),
+            "skipped": jnp.zeros((), jnp.int32),
+        }
+        if self.loss_rule is None:
+            fields["consecutive"] = jnp.zeros((), jnp.int32)
+        else:
+            fields["loss_state"] = self.loss_rule.init(jnp.zeros((), acc))
+            fields["value_threshold"] = jnp.full((), jnp.inf, acc)
+        return fields
 
     def measure(self, updates, params, extra_args) -> GuardMeasurement:
         del params
@@ -340,76 +325,39 @@ class GuardScope:
         if value is not None:
             loss = jnp.asarray(value).astype(norm.dtype)
             finite = finite & jnp.isfinite(loss)
-        return GuardMeasurement(norm, finite, norm, norm, per_leaf, loss)
+        return GuardMeasurement(norm, finite, norm, None, per_leaf, loss)
 
-
-class SkipParts(NamedTuple):
-    """The skip action's state: the inner optimizer's, and its counters."""
-
-    inner_state: Any
-    loss_state: Any
-    consecutive: Any
-    skipped: Any
-    value_threshold: Any
-
-
-@dataclasses.dataclass(frozen=True)
-class Skip:
-    """Action: apply the wrapped optimizer, or skip the step entirely.
-
-    A step is skipped when it is not finite or its norm (or loss, checked
-    by ``loss_rule`` against its own history) is above the threshold,
-    unless more than ``max_consecutive`` non-finite steps came in a row.
-    """
-
-    inner: optax.GradientTransformationExtraArgs
-    loss_rule: rules.Rule | None
-    max_consecutive: int | None
-    stateless = False
-
-    def init(self, params: Any) -> SkipParts:
-        loss_state = ()
+    def apply(self, updates: Any, measured: GuardMeasurement, act) -> Applied:
+        finite, state = measured.finite, act.state
+        spike = measured.norms > act.threshold
+        moments, counters = {}, {}
         if self.loss_rule is not None:
-            loss_state = self.loss_rule.init(
-                jnp.zeros((), _norms.tree_acc_dtype(params))
+            bound = jnp.full_like(state["value_threshold"], jnp.inf)
+            if measured.loss is not None:
+                bound, moments["loss_state"] = self.loss_rule.update(
+                    state["loss_state"], measured.loss, act.count
+                )
+                spike = spike | (measured.loss > bound)
+            counters["value_threshold"] = jnp.asarray(bound).astype(
+                state["value_threshold"].dtype
             )
-        # Every field its own buffer, so the state can be donated after init.
-        return SkipParts(
-            self.inner.init(params),
-            loss_state,
-            jnp.zeros((), jnp.int32),
-            jnp.zeros((), jnp.int32),
-            jnp.full((), jnp.inf, _norms.tree_acc_dtype(params)),
-        )
-
-    def apply(self, updates: Any, measured: GuardMeasurement, ctx: Context) -> Applied:
-        finite = measured.finite
-        spike = measured.norms > ctx.threshold
-        state: SkipParts = ctx.state
-        loss_state = state.loss_state
-        value_threshold = jnp.full_like(state.value_threshold, jnp.inf)
-        if self.loss_rule is not None and measured.loss is not None:
-            bound, new = self.loss_rule.update(loss_state, measured.loss, ctx.count)
-            spike = spike | (measured.loss > bound)
-            loss_state = keep_if(finite, new, loss_state)
-            value_threshold = jnp.asarray(bound).astype(value_threshold.dtype)
         apply = finite & ~spike
-        consecutive = jnp.where(
-            finite,
-            jnp.zeros_like(state.consecutive),
-            optax.safe_increment(state.consecutive),
+        if "consecutive" in state:
+            consecutive = jnp.where(
+                finite,
+                jnp.zeros_like(state["consecutive"]),
+                optax.safe_increment(state["consecutive"]),
+            )
+            counters["consecutive"] = consecutive
+            if self.max_consecutive is not None:
+                limit = jnp.asarray(self.max_consecutive, jnp.int32)
+                apply = apply | (consecutive > limit)
+        out, counters["inner_state"] = _apply_or_skip(
+            self.inner, apply, updates, state["inner_state"], act.params, act.extra_args
         )
-        if self.max_consecutive is not None:
-            apply = apply | (consecutive > jnp.asarray(self.max_consecutive, jnp.int32))
-        out, inner_state = _apply_or_skip(
-            self.inner, apply, updates, state.inner_state, ctx.params, ctx.extra_args
-        )
-        skipped = state.skipped + (~apply).astype(jnp.int32)
+        counters["skipped"] = state["skipped"] + (~apply).astype(jnp.int32)
         scale = apply.astype(measured.norms.dtype)
-        new_state = SkipParts(
-            inner_state, loss_state, consecutive, skipped, value_threshold
-        )
-        return Applied(out, scale, ~apply, new_state)
+        return Applied(out, scale, ~apply, moments, counters)
 
 
 def _apply_or_skip(inner, apply, updates, inner_state, params, extra_args):
@@ -420,4 +368,4 @@ def _apply_or_skip(inner, apply, updates, inner_state, params, extra_args):
     # skipped step's NaN results never leave the select.
     out, new_state = inner.update(updates, inner_state, params, **extra_args)
     out = jax.tree.map(lambda x: zero_unless(apply, jnp.asarray(x)), out)
-    return out, keep_if(apply, new_state, inner_state)
+    return out, commit(apply, new_state, inner_state)

@@ -9,9 +9,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from . import _checks, _norms
-from ._core import Measurement, Step, check_nonfinite, safe_scale, zero_unless
-from ._scopes import Rescale
+from . import _checks, _numerics, _tree, _xla
+from ._core import Applied, Measurement, Scope, Step, check_nonfinite
+from ._numerics import safe_scale
+from ._tree import zero_unless
 from .rules import as_rule
 
 __all__ = [
@@ -94,27 +95,40 @@ def clip_per_example(
     """
     zero = check_nonfinite(nonfinite)
     rule = as_rule(l2_norm_clip, "l2_norm_clip")
-    return Step(_ExampleScope(), rule, Rescale(), zero).transform()
+    return Step(ExampleScope(), rule, zero).transform()
 
 
 @dataclasses.dataclass(frozen=True)
-class ExampleMeasurement(Measurement):
-    """Per-example norms: the record holds their mean, the rule sees them all.
+class ExampleScope(Scope):
+    """Each example's global norm; the action scales each example's gradient
+    and sums them over the batch. The record holds the mean of the finite
+    examples' norms; the rule observes every example (``samples``)."""
 
-    Attributes:
-      examples: the norm of each example (float32, float64 under x64).
-      example_finite: whether each example's norm is finite.
-    """
+    owner: str = "clip_per_example"
 
-    examples: jax.Array = dataclasses.field(default_factory=lambda: jnp.zeros(0))
-    example_finite: jax.Array = dataclasses.field(
-        default_factory=lambda: jnp.zeros(0, bool)
-    )
+    def norm_like(self, params):
+        return jnp.zeros((), _numerics.tree_acc_dtype(params))
 
-    def rescale(self, updates, threshold, keep):
-        norms = self.examples
-        finite = self.example_finite
-        bound = threshold.astype(norms.dtype)
+    def measure(self, updates, params, extra_args):
+        del params, extra_args
+        if jax.tree.leaves(updates):
+            check_batch(updates, self.owner)
+        dtype = _numerics.tree_acc_dtype(updates)
+        leaves = _tree.float_leaves(updates)
+        if not leaves:
+            zero = jnp.zeros((), dtype)
+            return Measurement(zero, jnp.asarray(True), zero, jnp.zeros((0,), dtype))
+        norms = example_norms(leaves)
+        finite = jnp.isfinite(norms)
+        n_finite = jnp.maximum(jnp.sum(finite, dtype=jnp.int32), 1)
+        mean = jnp.sum(jnp.where(finite, norms, 0.0)) / n_finite.astype(norms.dtype)
+        mean = mean.astype(dtype)
+        return Measurement(mean, jnp.all(finite), mean, norms.astype(dtype))
+
+    def apply(self, updates, measured, act):
+        norms, keep = measured.samples, act.keep
+        finite = jnp.isfinite(norms)
+        bound = act.threshold.astype(norms.dtype)
         multipliers = clip_multipliers(norms, bound)
         if keep is not None:
             # The policy is per example: a non-finite example contributes
@@ -122,50 +136,19 @@ class ExampleMeasurement(Measurement):
             multipliers = zero_unless(finite, multipliers)
 
         def clip_sum(g):
-            if not _norms.is_float(g):
+            if not _tree.is_float(g):
                 return g
             if keep is not None:
                 g = zero_unless(finite.reshape((-1,) + (1,) * (g.ndim - 1)), g)
             return batch_sum(multipliers, g)
 
         summed = jax.tree.map(clip_sum, updates)
-        dtype = self.norms.dtype
+        dtype = measured.norms.dtype
         scale = (
             jnp.mean(multipliers).astype(dtype) if norms.size else jnp.ones((), dtype)
         )
         clipped = jnp.sum(finite & (norms > bound), dtype=jnp.int32)
-        return summed, scale, clipped
-
-
-@dataclasses.dataclass(frozen=True)
-class _ExampleScope:
-    owner: str = "clip_per_example"
-
-    def norm_like(self, params):
-        return jnp.zeros((), _norms.tree_acc_dtype(params))
-
-    def measure(self, updates, params, extra_args):
-        del params, extra_args
-        if jax.tree.leaves(updates):
-            check_batch(updates, "clip_per_example")
-        dtype = _norms.tree_acc_dtype(updates)
-        leaves = _norms.float_leaves(updates)
-        if not leaves:
-            none = jnp.zeros((0,), dtype)
-            zero = jnp.zeros((), dtype)
-            return ExampleMeasurement(
-                zero, jnp.asarray(True), none, zero, none, none > 0
-            )
-        norms = example_norms(leaves)
-        finite = jnp.isfinite(norms)
-        n_finite = jnp.sum(finite, dtype=jnp.int32)
-        mean = jnp.sum(jnp.where(finite, norms, 0.0)) / jnp.maximum(n_finite, 1).astype(
-            norms.dtype
-        )
-        mean = mean.astype(dtype)
-        return ExampleMeasurement(
-            mean, jnp.all(finite), norms.astype(dtype), mean, norms, finite
-        )
+        return Applied(summed, scale, clipped)
 
 
 def per_example_global_norm_clip(
@@ -297,32 +280,32 @@ def example_norms(leaves: list[jax.Array], p: float = 2.0) -> jax.Array:
     are measured as float32.
     """
     arrays = [jnp.asarray(g) for g in leaves]
-    arrays = [g if _norms.is_float(g) else g.astype(jnp.float32) for g in arrays]
-    acc = jnp.result_type(*[_norms.acc_dtype(g.dtype) for g in arrays])
+    arrays = [g if _tree.is_float(g) else g.astype(jnp.float32) for g in arrays]
+    acc = jnp.result_type(*[_numerics.acc_dtype(g.dtype) for g in arrays])
     sums = []
     for g in arrays:
-        part = _norms.power_sum(g, p, tuple(range(1, g.ndim)))
+        part = _numerics.power_sum(g, p, tuple(range(1, g.ndim)))
         sums.append(part if part.dtype == acc else part.astype(acc))
     if len(sums) > 1:
-        total = jnp.sum(_norms.stack_barrier(_norms.one_sharding(sums)), axis=0)
+        total = jnp.sum(_xla.stack_barrier(_tree.one_sharding(sums)), axis=0)
     else:
         total = sums[0]
-    return _norms.safe_root(total, p)
+    return _numerics.safe_root(total, p)
 
 
 def clip_multipliers(norms: jax.Array, bound: jax.typing.ArrayLike) -> jax.Array:
     """``min(1, bound / norm)`` per example (`safe_scale`), and 1 for a NaN
     norm: such an example passes unscaled, as optax does."""
     scale = safe_scale(norms, jnp.asarray(bound, norms.dtype))
-    return jnp.where(jnp.isnan(norms), _norms.full_like(scale, 1), scale)
+    return jnp.where(jnp.isnan(norms), _tree.full_like(scale, 1), scale)
 
 
 def batch_sum(multipliers: jax.Array, g: jax.Array) -> jax.Array:
     """``sum_b multipliers[b] * g[b]`` in float32 or better."""
     g = jnp.asarray(g)
-    dtype = g.dtype if _norms.is_float(g) else jnp.float32
+    dtype = g.dtype if _tree.is_float(g) else jnp.float32
     # Complex leaves keep their imaginary part: summed in complex64 or better.
-    acc = _norms.compute_dtype(dtype)
+    acc = _numerics.compute_dtype(dtype)
     g = g.astype(acc)
     # A broadcast product summed over the batch axis rather than a dot: on a
     # mesh with Explicit axes a contraction over a split batch axis has no

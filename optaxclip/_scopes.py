@@ -1,410 +1,134 @@
-"""The clipping scopes: element, tensor, unit and global.
+"""Every clipping scope, each with its action.
 
-Every public function here declares one transform from three choices: a
-scope (what is measured), a threshold rule (the bound) and an action
-(rescale or clamp), run by the core step (`optaxclip._core.Step`).
+A scope measures the updates (`Scope.measure`) and acts on them above the
+bound (`Scope.apply`): rescale, clamp, or an action of its own. The public
+functions in ``optaxclip._clipping`` build one and run the core step
+(`optaxclip._core.Step`) over it. Measurements are data only.
+
+- `GlobalScope`: the whole tree's ``ord``-norm; rescale.
+- `ElementScope`: the largest absolute entry; clamp each entry.
+- `StepRatioScope`: the update's norm over the params'; rescale (trust ratio).
+- `MomentClampScope`: the global 2-norm; clamp each entry to its second
+  moment (SPAM).
+- `TensorScope`: each tensor's (or layer slice's) norm or RMS; rescale each.
+- `ScaleAboveScope`: each tensor's largest entry; scale the entries above
+  the bound (Stable-SPAM).
+- `RelativeScope`: each tensor's largest move relative to its weights;
+  rescale each (Clippy).
+- `UnitScope`: each tensor's largest unit ratio to the params; rescale each
+  unit (AGC).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Protocol
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from . import _checks, _norms
-from ._core import (
-    Applied,
-    Context,
-    Measurement,
-    Scope,
-    Step,
-    check_nonfinite,
-    map_float,
+from . import _checks, _mesh, _norms, _numerics, _tree, _xla
+from ._core import Act, Applied, Measurement, Scope
+from ._numerics import (
+    INF,
+    acc_dtype,
+    nan_to_inf,
+    power_sum,
     rescale,
+    safe_root,
     safe_scale,
     scale_leaf,
+    tree_acc_dtype,
+)
+from ._tree import (
+    float_leaves,
+    full_like,
+    leafwise,
+    map_float,
+    matching_float_leaves,
+    zero_tree,
     zero_unless,
 )
-from .rules import Threshold, as_rule
-
-__all__ = [
-    "adaptive_grad_clip",
-    "clip",
-    "clip_by_block_rms",
-    "clip_by_global_norm",
-    "clip_by_norm",
-    "clip_by_spectral_norm",
-    "clip_by_value",
-]
+from .rules import bias_correction, one_minus
 
 
-# ---------------------------------------------------------------------------
-# Public scope functions
-# ---------------------------------------------------------------------------
+def _finite(norms: jax.Array) -> jax.Array:
+    return jnp.all(jnp.isfinite(norms))
 
 
-def clip_by_global_norm(
-    max_norm: Threshold,
-    ord: int | float | str = 2,  # noqa: A002
-    *,
-    nonfinite: str = "zero",
-    axis_name: _norms.AxisName = None,
-    partition_specs: Any = None,
-    per_tensor_stats: bool = False,
-) -> optax.GradientTransformationExtraArgs:
-    """Rescales the whole update so its global ``ord``-norm is at most the bound.
-
-    With a number and finite input the result equals
-    ``optax.clip_by_global_norm(max_norm)``: ``g * min(1, max_norm / |g|)``.
-    Unlike optax, the norm is accumulated in float32 or better (a float16 tree
-    whose squared norm overflows float16 is clipped, not zeroed), a zero
-    gradient or a zero bound never divides by zero, the pre-clip norm is kept
-    in the state, and non-finite steps follow ``nonfinite``.
-
-    Args:
-      max_norm: the bound: a number, a scalar array, an ``optax.Schedule`` of
-        the step count, or a rule from [`optaxclip.rules`][optaxclip.rules] (e.g.
-        ``rules.zscore()`` for ZClip, ``rules.percentile(10)`` for AutoClip).
-      ord: the norm: ``1``, ``2``, ``inf`` or any ``p > 0``, like
-        ``torch.nn.utils.clip_grad_norm_(norm_type=p)``.
-      nonfinite: keyword-only. ``"zero"`` (default): if the norm is NaN or
-        infinite, output zeros for that step, count it, and leave the rule's
-        statistics untouched. ``"propagate"``: output what optax would (NaN
-        propagates); the rule's statistics are still protected.
-      axis_name: keyword-only; the ``shard_map`` / ``pmap`` mesh axis (or
-        axes) the leaves are split across, so the norm is the norm of the
-        whole tree. Not needed under ``jit`` with sharded arrays.
-      partition_specs: keyword-only; a pytree prefix of
-        ``jax.sharding.PartitionSpec`` saying which leaves are split across
-        ``axis_name`` (replicated leaves are then counted once).
-      per_tensor_stats: keyword-only; also record each tensor's ``ord``-norm on
-        every step (``stats.tensor_norms``, and per-tensor keys in
-        [`metrics`][optaxclip.metrics]); costs one small kernel per step.
-
-    Returns:
-      An ``optax.GradientTransformationExtraArgs`` whose state is a
-      [`ClipState`][optaxclip.ClipState].
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> import optaxclip as oc
-      >>> tx = oc.clip_by_global_norm(1.0)
-      >>> grads = {"a": jnp.array([3.0]), "b": jnp.array([4.0])}
-      >>> clipped, state = tx.update(grads, tx.init(grads))
-      >>> print(clipped["a"], clipped["b"], state.stats.norm)
-      [0.6] [0.8] 5.0
-
-    References:
-      Pascanu et al., [On the difficulty of training Recurrent Neural
-      Networks](https://arxiv.org/abs/1211.5063), 2013.
-    """
-    scope = GlobalScope(
-        ord=_norms.check_ord(ord),
-        axis_name=axis_name,
-        partition_specs=partition_specs,
-        per_tensor_stats=_checks.static_flag(per_tensor_stats, "per_tensor_stats"),
-    )
-    return scope_transform(scope, max_norm, "max_norm", nonfinite, Rescale())
+def _scalar_like(params: Any) -> jax.Array:
+    return jnp.zeros((), tree_acc_dtype(params))
 
 
-def clip_by_norm(
-    max_norm: Threshold,
-    ord: int | float | str = 2,  # noqa: A002
-    *,
-    nonfinite: str = "zero",
-    axis_name: _norms.AxisName = None,
-    partition_specs: Any = None,
-    stacked_axes: Any = None,
-    per_tensor_stats: bool = False,
-) -> optax.GradientTransformationExtraArgs:
-    """Rescales each tensor (leaf) separately to an ``ord``-norm of at most the bound.
-
-    Like ``tf.clip_by_norm`` applied to every leaf:
-    ``g_i * min(1, max_norm / |g_i|)``. A rule threshold learns one bound per
-    tensor (e.g. ``clip_by_norm(rules.ema(ratio=1.05))`` is AdaGC-style
-    per-tensor adaptive clipping).
-
-    Args:
-      max_norm: a number, scalar array, ``optax.Schedule`` or rule; rules see
-        the vector of per-tensor norms and return one bound per tensor.
-      ord: ``1``, ``2``, ``inf`` or any ``p > 0``.
-      nonfinite: keyword-only; ``"zero"`` (default) zeroes the whole update
-        when any tensor's norm is non-finite, ``"propagate"`` lets NaN through.
-      axis_name: keyword-only; mesh axis (or axes) the tensors are split across
-        inside ``shard_map`` / ``pmap``.
-      partition_specs: keyword-only; a pytree prefix of ``PartitionSpec``
-        saying which leaves are split across ``axis_name``.
-      stacked_axes: keyword-only; the number of leading axes that index stacked
-        layers (``nnx.scan`` / ``lax.scan`` models), as an int for every leaf
-        or a pytree prefix of ints; each layer slice is then clipped as its
-        own tensor. Default None (no stacked axes). Under
-        ``optax.inject_hyperparams`` list it in ``static_args``.
-      per_tensor_stats: keyword-only; accepted for a uniform signature:
-        this scope always records one entry per tensor.
-
-    Returns:
-      An ``optax.GradientTransformationExtraArgs``; ``stats.norm`` holds one
-      norm per tensor (or per layer slice).
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> import optaxclip as oc
-      >>> tx = oc.clip_by_norm(1.0)
-      >>> grads = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([0.5])}
-      >>> clipped, state = tx.update(grads, tx.init(grads))
-      >>> print(clipped["a"], clipped["b"], state.stats.norm)
-      [0.6 0.8] [0.5] [5.  0.5]
-    """
-    _checks.static_flag(per_tensor_stats, "per_tensor_stats")
-    scope = TensorScope(
-        ord=_norms.check_ord(ord),
-        axis_name=axis_name,
-        partition_specs=partition_specs,
-        stacked_axes=_checks.check_stacked(stacked_axes),
-        normalize=False,
-    )
-    return scope_transform(scope, max_norm, "max_norm", nonfinite, Rescale())
+def _rescale_all(updates: Any, norm: jax.Array, act: Act) -> Applied:
+    """Every leaf by one factor ``min(1, bound / norm)`` (a global decision)."""
+    threshold, keep = act.threshold, act.keep
+    out = map_float(lambda _, x: rescale(x, norm, threshold, keep), updates)
+    return Applied(out, safe_scale(norm, threshold, keep), norm > threshold)
 
 
-def clip_by_block_rms(
-    threshold: Threshold,
-    *,
-    nonfinite: str = "zero",
-    axis_name: _norms.AxisName = None,
-    partition_specs: Any = None,
-    stacked_axes: Any = None,
-    per_tensor_stats: bool = False,
-) -> optax.GradientTransformationExtraArgs:
-    """Rescales each tensor so its root-mean-square entry is at most the bound.
-
-    Equals ``optax.clip_by_block_rms(threshold)`` on finite input:
-    ``g_i / max(1, rms(g_i) / threshold)``.
-
-    Args:
-      threshold: a number, scalar array, ``optax.Schedule`` or rule (one bound
-        per tensor).
-      nonfinite: keyword-only; ``"zero"`` (default) or ``"propagate"``.
-      axis_name: keyword-only; mesh axis the tensors are split across.
-      partition_specs: keyword-only; which leaves are split across it.
-      stacked_axes: keyword-only; leading stacked-layer axes (see
-        [`clip_by_norm`][optaxclip.clip_by_norm]).
-      per_tensor_stats: keyword-only; accepted for a uniform signature:
-        this scope always records one entry per tensor.
-
-    Returns:
-      An ``optax.GradientTransformationExtraArgs``; ``stats.norm`` holds the
-      per-tensor RMS.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> import optaxclip as oc
-      >>> tx = oc.clip_by_block_rms(1.0)
-      >>> grads = {"w": jnp.array([2.0, -2.0, 2.0, -2.0])}
-      >>> clipped, state = tx.update(grads, tx.init(grads))
-      >>> print(clipped["w"], state.stats.norm)
-      [ 1. -1.  1. -1.] [2.]
-    """
-    _checks.static_flag(per_tensor_stats, "per_tensor_stats")
-    scope = TensorScope(
-        ord=2.0,
-        axis_name=axis_name,
-        partition_specs=partition_specs,
-        stacked_axes=_checks.check_stacked(stacked_axes),
-        normalize=True,
-        owner="clip_by_block_rms",
-    )
-    return scope_transform(scope, threshold, "threshold", nonfinite, Rescale())
+def _scale_each(updates: Any, factor: jax.Array, keep: jax.Array | None) -> Any:
+    """Leaf ``i`` times ``factor[i]``, each factor a buffer of its own (not a
+    slice), so equally shaped leaves share compiled kernels."""
+    factors = _xla.split_entries(factor, [1] * factor.shape[0])
+    return map_float(lambda i, x: scale_leaf(x, factors[i].reshape(()), keep), updates)
 
 
-def clip_by_value(
-    max_delta: Threshold,
-    *,
-    nonfinite: str = "zero",
-    axis_name: _norms.AxisName = None,
-    partition_specs: Any = None,
-    per_tensor_stats: bool = False,
-) -> optax.GradientTransformationExtraArgs:
-    """Clamps every entry to ``[-max_delta, max_delta]``.
-
-    Equals ``optax.clip(max_delta)`` on finite input. The largest absolute
-    entry is measured for the stats (and for rules: ``clip_by_value(rule)``
-    learns the bound from the history of largest entries). Complex entries
-    keep their phase and have their modulus clamped.
-
-    Args:
-      max_delta: a number, scalar array, ``optax.Schedule`` or rule.
-      nonfinite: keyword-only; ``"zero"`` (default) or ``"propagate"``.
-      axis_name: keyword-only; mesh axis the leaves are split across (only the
-        recorded largest entry and rules depend on it).
-      partition_specs: keyword-only; which leaves are split across it.
-      per_tensor_stats: keyword-only; also record each tensor's largest
-        absolute entry on every step (``stats.tensor_norms``, and per-tensor keys in
-        [`metrics`][optaxclip.metrics]); costs one small kernel per step.
-
-    Returns:
-      An ``optax.GradientTransformationExtraArgs``.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> import optaxclip as oc
-      >>> tx = oc.clip_by_value(1.0)
-      >>> clipped, state = tx.update(jnp.array([-3.0, 0.5, 2.0]), tx.init(None))
-      >>> print(clipped, state.stats.norm, state.stats.clipped)
-      [-1.   0.5  1. ] 3.0 1
-    """
-    scope = ElementScope(
-        axis_name=axis_name,
-        partition_specs=partition_specs,
-        per_tensor_stats=_checks.static_flag(per_tensor_stats, "per_tensor_stats"),
-    )
-    return scope_transform(scope, max_delta, "max_delta", nonfinite, Clamp())
-
-
-clip = clip_by_value
-"""Alias of [`clip_by_value`][optaxclip.clip_by_value], under optax's name ``clip``.
-
-``oc.clip(max_delta)`` is ``oc.clip_by_value(max_delta)``: the same arguments,
-state and result, so ``optax.clip(1.0)`` ports by changing the module only.
-"""
-
-
-def adaptive_grad_clip(
-    clipping: Threshold,
-    eps: jax.typing.ArrayLike = 1e-3,
-    axis: int | tuple[int, ...] | None = None,
-    *,
-    nonfinite: str = "zero",
-    axis_name: _norms.AxisName = None,
-    partition_specs: Any = None,
-    stacked_axes: Any = None,
-    per_tensor_stats: bool = False,
-) -> optax.GradientTransformationExtraArgs:
-    """Adaptive gradient clipping (AGC): each unit to ``clipping * max(|w|, eps)``.
-
-    Equals ``optax.adaptive_grad_clip`` on finite input: every unit (a column
-    of a dense kernel, an output filter of a convolution; see
-    [`unitwise_norm`][optaxclip.unitwise_norm]) of the gradient is rescaled so that its
-    norm is at most ``clipping`` times the norm of the same unit of the
-    parameters. Needs ``params`` in ``update``.
-
-    Args:
-      clipping: the largest allowed ratio ``|g_unit| / max(|w_unit|, eps)``; a
-        number, scalar array, ``optax.Schedule``, or a rule (which sees each
-        tensor's largest unit ratio and returns one bound per tensor).
-      eps: floor on the parameter unit norm, so zero-initialized parameters
-        can still move.
-      axis: axis or axes forming a unit, overriding the rank-based default.
-      nonfinite: keyword-only; ``"zero"`` (default) or ``"propagate"``.
-      axis_name: keyword-only; mesh axis the leaves are split across inside
-        ``shard_map`` (with ``partition_specs``, only splits along the unit's
-        reduced axes are summed).
-      partition_specs: keyword-only; a pytree prefix of ``PartitionSpec``.
-      stacked_axes: keyword-only; leading stacked-layer axes excluded from
-        the units (see [`clip_by_norm`][optaxclip.clip_by_norm]).
-      per_tensor_stats: keyword-only; accepted for a uniform signature:
-        this scope always records one entry per tensor.
-
-    Returns:
-      An ``optax.GradientTransformationExtraArgs``; ``stats.norm`` holds each
-      tensor's largest unit ratio and ``stats.clipped`` the number of units
-      clipped.
-
-    Raises:
-      ValueError: in ``update`` if ``params`` is None or does not match the
-        updates' structure.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> import optaxclip as oc
-      >>> tx = oc.adaptive_grad_clip(0.1)
-      >>> params = {"w": jnp.array([[1.0, 10.0], [0.0, 0.0]])}
-      >>> grads = {"w": jnp.array([[1.0, 0.5], [0.0, 0.0]])}
-      >>> clipped, state = tx.update(grads, tx.init(params), params)
-      >>> print(clipped["w"], state.stats.clipped)
-      [[0.1 0.5]
-       [0.  0. ]] 1
-
-    References:
-      Brock et al., [High-Performance Large-Scale Image Recognition Without
-      Normalization](https://arxiv.org/abs/2102.06171), 2021.
-    """
-    _checks.check_threshold(eps, "eps")
-    _checks.static_flag(per_tensor_stats, "per_tensor_stats")
-    scope = UnitScope(
-        eps=eps,
-        axis=axis,
-        axis_name=axis_name,
-        partition_specs=partition_specs,
-        stacked_axes=_checks.check_stacked(stacked_axes),
-    )
-    return scope_transform(scope, clipping, "clipping", nonfinite, Rescale())
+def _needs_params(owner: str, updates: Any, params: Any) -> None:
+    if params is None:
+        raise ValueError(
+            f"{owner} needs the parameters: call `tx.update(updates, state, params)`."
+        )
+    _checks.check_params(owner, updates, params)
 
 
 # ---------------------------------------------------------------------------
-# Building a transform
+# Global and element scopes
 # ---------------------------------------------------------------------------
-
-
-def scope_transform(
-    scope: Scope[Any], threshold: Threshold, name: str, nonfinite: str, action: Any
-) -> optax.GradientTransformationExtraArgs:
-    """The core step over ``scope`` with the user's threshold and policy."""
-    zero = check_nonfinite(nonfinite)
-    return Step(scope, as_rule(threshold, name), action, zero).transform()
-
-
-# ---------------------------------------------------------------------------
-# Actions
-# ---------------------------------------------------------------------------
-
-
-class Rescales(Protocol):
-    """A measurement that knows how to rescale what it measured."""
-
-    def rescale(
-        self, updates: Any, threshold: jax.Array, keep: jax.Array | None
-    ) -> tuple[Any, jax.Array, jax.Array]:
-        """Returns the rescaled updates, the scale and the clipped count."""
-        ...
 
 
 @dataclasses.dataclass(frozen=True)
-class Rescale:
-    """Action: rescale each measured unit to the bound (the scope says how)."""
+class GlobalScope(Scope):
+    """The whole pytree: one ``ord``-norm (each tensor's too, for the record)."""
 
-    stateless = True
+    ord: Any = 2.0
+    axis_name: Any = None
+    partition_specs: Any = None
+    owner: str = "clip_by_global_norm"
+    per_tensor_stats: bool = False
+    leafwise = True
 
-    def init(self, params: Any) -> tuple[()]:
-        del params
-        return ()
+    def norm_like(self, params):
+        return _scalar_like(params)
 
-    def apply(self, updates: Any, measured: Any, ctx: Context) -> Applied:
-        out, scale, clipped = measured.rescale(updates, ctx.threshold, ctx.keep)
-        return Applied(out, scale, clipped, ctx.state)
+    def measure(self, updates, params, extra_args):
+        del params, extra_args
+        norm, per_leaf = _norms.tree_norms(
+            updates, self.ord, self.axis_name, self.partition_specs
+        )
+        return Measurement(norm, _finite(norm), norm, None, per_leaf)
+
+    def apply(self, updates, measured, act):
+        return _rescale_all(updates, measured.norms, act)
 
 
 @dataclasses.dataclass(frozen=True)
-class Clamp:
-    """Action: clamp every entry to ``[-bound, bound]`` (complex: the modulus)."""
+class ElementScope(GlobalScope):
+    """Every entry: the largest absolute entry is measured, entries clamped."""
 
-    stateless = True
+    ord: Any = INF
+    owner: str = "clip_by_value"
 
-    def init(self, params: Any) -> tuple[()]:
-        del params
-        return ()
-
-    def apply(self, updates: Any, measured: Measurement, ctx: Context) -> Applied:
-        threshold, keep = ctx.threshold, ctx.keep
+    def apply(self, updates, measured, act):
+        threshold, keep = act.threshold, act.keep
 
         def clamp(_, x):
             if jnp.iscomplexobj(x):
-                bound = threshold.astype(x.real.dtype)
-                out = rescale(x, jnp.abs(x), bound, None)
+                # The modulus is clamped, the phase kept.
+                out = rescale(x, jnp.abs(x), threshold.astype(x.real.dtype), None)
             else:
                 bound = threshold.astype(x.dtype)
                 out = jnp.clip(x, -bound, bound)
@@ -412,81 +136,122 @@ class Clamp:
 
         norms = measured.norms
         scale = safe_scale(norms, threshold, keep)
-        return Applied(map_float(clamp, updates), scale, norms > threshold, ctx.state)
-
-
-# ---------------------------------------------------------------------------
-# Scopes: what is measured, and how it is rescaled
-# ---------------------------------------------------------------------------
+        return Applied(map_float(clamp, updates), scale, norms > threshold)
 
 
 @dataclasses.dataclass(frozen=True)
-class GlobalMeasurement(Measurement):
-    """The whole tree's norm (or its largest entry, for the element scope).
+class StepRatioScope(GlobalScope):
+    """The whole update's norm relative to the whole parameters' norm."""
 
-    Attributes:
-      leaf_norms: each tensor's own norm (or largest entry), for the record.
+    eps: Any = 1e-3
+    owner: str = "trust_ratio_clip"
+
+    def measure(self, updates, params, extra_args):
+        del extra_args
+        _needs_params(self.owner, updates, params)
+        acc = tree_acc_dtype(updates)
+        specs = (self.axis_name, self.partition_specs)
+        step, steps = _norms.tree_norms(updates, 2.0, *specs)
+        size, sizes = _norms.tree_norms(params, 2.0, *specs)
+        eps = jnp.asarray(self.eps, acc)
+        ratio = step / jnp.maximum(size, eps)
+        # Each tensor's own ratio: non-finite exactly where its update is.
+        ratios = steps / jnp.maximum(sizes.astype(acc), eps)
+        return Measurement(ratio, jnp.isfinite(ratio), ratio, None, ratios)
+
+
+@dataclasses.dataclass(frozen=True)
+class MomentClampScope(GlobalScope):
+    """Each entry clamped relative to the EMA ``v`` of its clipped square.
+
+    SPAM (``floor=None``): entries with ``g**2 > threshold * v`` become
+    ``sign(g) * sqrt(threshold * v)``, where ``v > 0``, outside the guard
+    steps after the start and each reset of ``v``. AdamWClip (``floor`` a
+    number): each entry is clamped to ``max(threshold * sqrt(v_hat), floor)``,
+    ``v_hat`` bias-corrected over the earlier finite steps, once
+    ``warmup_steps`` have passed. Then ``v <- beta2 v + (1 - beta2) g_c**2``.
+
+    Its state: ``nu`` (``v``) and ``finite_count`` (finite steps seen).
     """
 
-    leaf_norms: jax.Array | None = None
+    beta2: Any = 0.999
+    reset_interval: Any = 0
+    guard_steps: Any = 0
+    floor: Any = None
+    warmup_steps: Any = 0
+    owner: str = "spam_clip"
+    stateless = False
 
-    def rescale(self, updates, threshold, keep):
-        norm = self.norms
-        out = map_float(lambda _, x: rescale(x, norm, threshold, keep), updates)
-        return out, safe_scale(norm, threshold, keep), norm > threshold
+    def init(self, params):
+        acc = lambda _, x: jnp.zeros_like(x, dtype=acc_dtype(x.dtype))  # noqa: E731
+        return {"nu": map_float(acc, params), "finite_count": jnp.zeros((), jnp.int32)}
+
+    def _bound(self, count, threshold, dtype):
+        """``(reset, bound_of(nu))`` of this step."""
+        if self.floor is None:
+            t = count + 1
+            interval = jnp.asarray(self.reset_interval, jnp.int32)
+            guard = jnp.asarray(self.guard_steps, jnp.int32)
+            periodic = interval > 0
+            phase = jnp.where(periodic, t % jnp.maximum(interval, 1), t)
+            active = (t >= guard) & (phase >= guard)
+
+            def spam(nu):
+                bound = safe_root(threshold.astype(nu.dtype) * nu, 2.0)
+                return jnp.where(active & (nu > 0), bound, full_like(bound, INF))
+
+            return periodic & (phase == 0), spam
+        # ``1 - beta2**n`` over the n >= 1 gradients ``nu`` holds (none: nu = 0).
+        correction = bias_correction(self.beta2, jnp.maximum(count, 1), dtype)
+        floor = jnp.where(count >= self.warmup_steps, self.floor, INF).astype(dtype)
+
+        def adam(nu):
+            rms = safe_root(nu / correction.astype(nu.dtype), 2.0)
+            return jnp.maximum(threshold.astype(nu.dtype) * rms, floor)
+
+        return jnp.asarray(False), adam
+
+    def apply(self, updates, measured, act):
+        nu_tree, count = act.state["nu"], act.state["finite_count"]
+        _checks.check_same_tree(self.owner, nu_tree, updates)
+        acc = measured.norms.dtype
+        reset, bound_of = self._bound(count, act.threshold, acc)
+        b2, rest = jnp.asarray(self.beta2, acc), one_minus(self.beta2, acc)
+        nus, counted = [], []
+
+        def clip_leaf(_, g, nu):
+            nu = jnp.where(reset, full_like(nu, 0), nu)
+            magnitude = jnp.abs(g).astype(nu.dtype)
+            bound = bound_of(nu)
+            over = magnitude > bound
+            safe = jnp.where(over, magnitude, full_like(magnitude, 1))
+            factor = jnp.where(over, bound / safe, full_like(safe, 1))
+            new_mag = jnp.where(over, bound, magnitude)
+            nus.append(b2.astype(nu.dtype) * nu + rest.astype(nu.dtype) * new_mag**2)
+            counted.append(jnp.sum(over, dtype=jnp.int32))
+            return scale_leaf(g, factor, None)
+
+        clipped = map_float(clip_leaf, updates, nu_tree)
+        specs = (self.axis_name, self.partition_specs)
+        after = _norms.global_norm(clipped, 2, specs[0], partition_specs=specs[1])
+        n_clipped = _norms.count_entries(counted, updates, *specs)
+        norm = measured.norms
+        scale = jnp.where(norm > 0, after.astype(acc) / jnp.where(norm > 0, norm, 1), 1)
+        moments = {
+            "nu": map_float(lambda i, _: nus[i], nu_tree),
+            "finite_count": optax.safe_increment(count),
+        }
+        out = zero_tree(act.keep, clipped)
+        return Applied(out, zero_unless(act.keep, scale), n_clipped, moments)
 
 
-def _finite(norms: jax.Array) -> jax.Array:
-    return jnp.all(jnp.isfinite(norms))
-
-
-@dataclasses.dataclass(frozen=True)
-class GlobalScope:
-    """The whole pytree: one ``ord``-norm (each tensor's too, for the record)."""
-
-    ord: Any
-    axis_name: Any
-    partition_specs: Any
-    owner: str = "clip_by_global_norm"
-    per_tensor_stats: bool = False
-    leafwise = True
-
-    def norm_like(self, params):
-        return jnp.zeros((), _norms.tree_acc_dtype(params))
-
-    def measure(self, updates, params, extra_args):
-        del params, extra_args
-        norm, per_leaf = _norms.tree_norms(
-            updates, self.ord, self.axis_name, self.partition_specs
-        )
-        return GlobalMeasurement(norm, _finite(norm), norm, norm, per_leaf)
-
-
-@dataclasses.dataclass(frozen=True)
-class ElementScope:
-    """Every entry: the largest absolute entry is what is measured."""
-
-    axis_name: Any
-    partition_specs: Any
-    owner: str = "clip_by_value"
-    per_tensor_stats: bool = False
-    leafwise = True
-
-    def norm_like(self, params):
-        return jnp.zeros((), _norms.tree_acc_dtype(params))
-
-    def measure(self, updates, params, extra_args):
-        del params, extra_args
-        largest, per_leaf = _norms.tree_norms(
-            updates, _norms.INF, self.axis_name, self.partition_specs
-        )
-        return GlobalMeasurement(largest, _finite(largest), largest, largest, per_leaf)
+# ---------------------------------------------------------------------------
+# Tensor scopes
+# ---------------------------------------------------------------------------
 
 
 def _stacked_per_leaf(stacked_axes, tree):
-    return _norms.leafwise(
-        stacked_axes, tree, lambda v: isinstance(v, int | np.integer)
-    )
+    return leafwise(stacked_axes, tree, lambda v: isinstance(v, int | np.integer))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -494,60 +259,31 @@ class TensorMeasurement(Measurement):
     """One norm per tensor (or stacked layer slice), with each leaf's piece.
 
     Attributes:
-      leaves: the float leaves measured.
-      keep_axes: per leaf, the leading stacked axes kept apart.
+      layer_axes: per leaf, the leading stacked axes kept apart.
       pieces: per leaf, its norms shaped for broadcasting against it.
     """
 
-    leaves: tuple[jax.Array, ...] = ()
-    keep_axes: tuple[tuple[int, ...], ...] = ()
+    layer_axes: tuple[tuple[int, ...], ...] = ()
     pieces: tuple[jax.Array, ...] = ()
-
-    def rescale(self, updates, threshold, keep):
-        factors = None
-        if threshold.ndim:
-            # A rule's bounds: every leaf's factor is computed in one vector
-            # and split off it into a buffer of its own. Read as a slice, a
-            # bound would make each leaf's kernels (and every optimizer
-            # kernel fused with them) unique, compiled once per leaf.
-            counts = [
-                _norms.segment_count(x, k)
-                for x, k in zip(self.leaves, self.keep_axes, strict=True)
-            ]
-            factors = _norms.leaf_scales(self.pieces, threshold, False, counts)
-
-        def scale(i, x):
-            piece = self.pieces[i]
-            if factors is not None:
-                factor = _norms.segment_view(factors[i], x, self.keep_axes[i])
-                return scale_leaf(x, factor, keep)
-            if not self.keep_axes[i]:
-                # One norm for the leaf: a scalar, as the global scope's,
-                # so the division fuses into the pass over the leaf.
-                piece = jnp.reshape(piece, ())
-            return rescale(x, piece, threshold, keep)
-
-        out = map_float(scale, updates)
-        norms = self.norms
-        return out, safe_scale(norms, threshold, keep), jnp.sum(norms > threshold)
 
 
 @dataclasses.dataclass(frozen=True)
-class TensorScope:
-    """Each tensor (leaf), or each stacked layer slice of it."""
+class TensorScope(Scope):
+    """Each tensor (leaf), or each stacked layer slice of it; ``rms``: the
+    root-mean-square entry rather than the ``ord``-norm."""
 
-    ord: Any
-    axis_name: Any
-    partition_specs: Any
-    stacked_axes: Any
-    normalize: bool
+    ord: Any = 2.0
+    axis_name: Any = None
+    partition_specs: Any = None
+    stacked_axes: Any = None
+    rms: bool = False
     owner: str = "clip_by_norm"
 
-    def _keep_axes(self, tree):
-        leaves = _norms.float_leaves(tree)
-        ks = _stacked_per_leaf(self.stacked_axes, tree)
+    def _layer_axes(self, tree):
+        leaves = float_leaves(tree)
         out = []
-        for x, k in zip(leaves, ks, strict=True):
+        stacked = _stacked_per_leaf(self.stacked_axes, tree)
+        for x, k in zip(leaves, stacked, strict=True):
             k = int(k or 0)
             if k > np.ndim(x):
                 raise ValueError(
@@ -558,54 +294,159 @@ class TensorScope:
         return leaves, out
 
     def norm_like(self, params):
-        leaves, keep = self._keep_axes(params)
-        n = sum(_norms.segment_count(x, k) for x, k in zip(leaves, keep, strict=True))
-        return jnp.zeros((n,), _norms.tree_acc_dtype(params))
+        leaves, layers = self._layer_axes(params)
+        n = sum(_norms.segment_count(x, k) for x, k in zip(leaves, layers, strict=True))
+        return jnp.zeros((n,), tree_acc_dtype(params))
 
-    def _total(self, norms, leaves, keep):
+    def _total(self, norms, leaves, layers):
         # The whole tree's measurement, in the scope's own terms: the
         # ``ord``-norm of the tensors' norms, or the RMS of every entry.
         if not leaves:
             return jnp.zeros((), norms.dtype)
-        if self.normalize:
-            counts = [
-                _norms.segment_count(x, k) for x, k in zip(leaves, keep, strict=True)
-            ]
-            sizes = np.repeat(
-                [x.size // max(c, 1) for x, c in zip(leaves, counts, strict=True)],
-                counts,
-            )
-            weights = jnp.asarray(sizes / max(sizes.sum(), 1), norms.dtype)
-            return _norms.safe_root(jnp.sum(weights * norms * norms), 2.0)
-        return _norms.norm_of_norms(norms, self.ord)
+        if not self.rms:
+            return _norms.norm_of_norms(norms, self.ord)
+        counts = [
+            _norms.segment_count(x, k) for x, k in zip(leaves, layers, strict=True)
+        ]
+        sizes = np.repeat(
+            [x.size // max(c, 1) for x, c in zip(leaves, counts, strict=True)], counts
+        )
+        weights = jnp.asarray(sizes / max(sizes.sum(), 1), norms.dtype)
+        return safe_root(jnp.sum(weights * norms * norms), 2.0)
 
     def measure(self, updates, params, extra_args):
         del params, extra_args
-        leaves, keep = self._keep_axes(updates)
+        leaves, layers = self._layer_axes(updates)
         reduced = [
             tuple(a for a in range(x.ndim) if a not in k)
-            for x, k in zip(leaves, keep, strict=True)
+            for x, k in zip(leaves, layers, strict=True)
         ]
-        groups = _norms.reduction_groups(
+        groups = _mesh.reduction_groups(
             updates, leaves, self.axis_name, self.partition_specs, reduced
         )
-        segments = _norms.segment_pieces(leaves, self.ord, keep, groups, self.normalize)
-        dtype = _norms.tree_acc_dtype(updates)
+        segments = _norms.segments(leaves, self.ord, layers, groups, self.rms)
+        dtype = tree_acc_dtype(updates)
         pieces = tuple(
             piece if piece.dtype == dtype else piece.astype(dtype)
             for piece in segments.pieces
         )
         norms = segments.norms.astype(dtype)
-        total = self._total(norms, leaves, keep)
+        total = self._total(norms, leaves, layers)
         return TensorMeasurement(
-            norms,
-            _finite(norms),
-            norms,
-            total,
-            tuple(leaves),
-            tuple(keep),
-            pieces,
+            norms, _finite(norms), total, None, None, tuple(layers), pieces
         )
+
+    def apply(self, updates, measured, act):
+        threshold, keep = act.threshold, act.keep
+        layer_axes, pieces = measured.layer_axes, measured.pieces
+        factors = None
+        if threshold.ndim:
+            # A rule's bounds: every leaf's factor is computed in one vector
+            # and split off it into a buffer of its own (see `_xla`).
+            counts = [
+                _norms.segment_count(x, k)
+                for x, k in zip(float_leaves(updates), layer_axes, strict=True)
+            ]
+            factors = _xla.leaf_scales(pieces, threshold, counts)
+
+        def scale(i, x):
+            if factors is not None:
+                factor = _norms.segment_view(factors[i], x, layer_axes[i])
+                return scale_leaf(x, factor, keep)
+            piece = pieces[i]
+            if not layer_axes[i]:
+                # One norm for the leaf: a scalar, as the global scope's,
+                # so the division fuses into the pass over the leaf.
+                piece = jnp.reshape(piece, ())
+            return rescale(x, piece, threshold, keep)
+
+        norms = measured.norms
+        return Applied(
+            map_float(scale, updates),
+            safe_scale(norms, threshold, keep),
+            jnp.sum(norms > threshold),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaleAboveScope(TensorScope):
+    """Stable-SPAM: per tensor, the entries above its bound ``T`` are
+    multiplied by ``T / max|g|``; the others are kept."""
+
+    ord: Any = INF
+    owner: str = "stable_spam_clip"
+
+    def apply(self, updates, measured, act):
+        largest = measured.norms
+        bound = jnp.broadcast_to(act.threshold, largest.shape)
+        factor = safe_scale(largest, bound)
+        # Each leaf's bound and factor in buffers of their own (see `_xla`).
+        ones = [1] * largest.shape[0]
+        bounds = _xla.split_entries(bound, ones)
+        factors = _xla.split_entries(factor, ones)
+        counted = []
+
+        def clip_leaf(i, g):
+            magnitude = jnp.abs(g).astype(largest.dtype)
+            mask = magnitude > bounds[i].reshape(())
+            counted.append(jnp.sum(mask, dtype=jnp.int32))
+            one = full_like(magnitude, 1)
+            return scale_leaf(g, jnp.where(mask, factors[i].reshape(()), one), act.keep)
+
+        out = map_float(clip_leaf, updates)
+        specs = (self.axis_name, self.partition_specs)
+        n_clipped = _norms.count_entries(counted, updates, *specs)
+        return Applied(out, zero_unless(act.keep, factor), n_clipped)
+
+
+@dataclasses.dataclass(frozen=True)
+class RelativeScope(Scope):
+    """Clippy: each tensor's largest ``|u| / (relative * |w| + absolute)``."""
+
+    relative: Any = 0.1
+    absolute: Any = 1e-7
+    axis_name: Any = None
+    owner: str = "clippy"
+
+    def norm_like(self, params):
+        return _norms.per_tensor_like(params)
+
+    def measure(self, updates, params, extra_args):
+        del extra_args
+        _needs_params(self.owner, updates, params)
+        acc = tree_acc_dtype(updates)
+        leaves = float_leaves(updates)
+        if not leaves:
+            empty = jnp.zeros((0,), acc)
+            return Measurement(empty, jnp.asarray(True), jnp.zeros((), acc))
+        weights = matching_float_leaves(updates, params)
+        rel, ab = jnp.asarray(self.relative, acc), jnp.asarray(self.absolute, acc)
+        ratios, largest = [], []
+        for u, w in zip(leaves, weights, strict=True):
+            mag = jnp.abs(u).astype(acc)
+            room = rel * jnp.abs(w).astype(acc) + ab
+            moving = mag > 0
+            ratio = jnp.where(moving, mag / jnp.where(moving, room, 1), 0)
+            ratios.append(jnp.max(ratio, initial=0.0))
+            largest.append(jnp.max(nan_to_inf(mag), initial=0.0))
+        names = _mesh.axis_names(self.axis_name)
+        ratio = _mesh.cross_device(_xla.stack_barrier(ratios), names, INF)
+        big = _mesh.cross_device(_xla.stack_barrier(largest), names, INF)
+        # A tensor with a NaN or infinite entry reads as such (a NaN entry
+        # does not move its ratio, whose comparison is False).
+        ratio = jnp.where(jnp.isfinite(big), ratio, big)
+        return Measurement(ratio, jnp.all(jnp.isfinite(big)), jnp.max(ratio))
+
+    def apply(self, updates, measured, act):
+        norms, threshold, keep = measured.norms, act.threshold, act.keep
+        scale = safe_scale(norms, threshold, keep)
+        clipped = jnp.sum(norms > threshold, dtype=jnp.int32)
+        return Applied(_scale_each(updates, scale, keep), scale, clipped)
+
+
+# ---------------------------------------------------------------------------
+# Unit scope (AGC)
+# ---------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -622,13 +463,83 @@ class UnitMeasurement(Measurement):
     everywhere: tuple[str, ...] = ()
     unit_groups: tuple[tuple[str, ...], ...] = ()
 
-    def rescale(self, updates, threshold, keep):
+
+@dataclasses.dataclass(frozen=True)
+class UnitScope(Scope):
+    """Each unit (row, column, filter) of each tensor, relative to the params."""
+
+    eps: Any = 1e-3
+    axis: Any = None
+    axis_name: Any = None
+    partition_specs: Any = None
+    stacked_axes: Any = None
+    owner: str = "adaptive_grad_clip"
+
+    def norm_like(self, params):
+        return _norms.per_tensor_like(params)
+
+    def _axes(self, x, k):
+        inner = _norms.unit_axes(jax.ShapeDtypeStruct(x.shape[k:], x.dtype), self.axis)
+        return tuple(a + k for a in inner)
+
+    def measure(self, updates, params, extra_args):
+        del extra_args
+        _needs_params(self.owner, updates, params)
+        leaves = float_leaves(updates)
+        p_leaves = matching_float_leaves(updates, params)
+        ks = [int(k or 0) for k in _stacked_per_leaf(self.stacked_axes, updates)]
+        axes = [self._axes(x, k) for x, k in zip(leaves, ks, strict=True)]
+        groups = _mesh.reduction_groups(
+            updates, leaves, self.axis_name, self.partition_specs, axes
+        )
+        eps = jnp.asarray(self.eps, jnp.float32)
+        units = []
+        for x, w, ax, names in zip(leaves, p_leaves, axes, groups, strict=True):
+            g_sum = power_sum(x, 2.0, ax, keepdims=True)
+            w_sum = power_sum(w, 2.0, ax, keepdims=True)
+            g_norm = safe_root(_mesh.cross_device(g_sum, names, 2.0), 2.0)
+            w_norm = safe_root(_mesh.cross_device(w_sum, names, 2.0), 2.0)
+            units.append((g_norm, jnp.maximum(w_norm, eps.astype(w_sum.dtype))))
+        acc = tree_acc_dtype(updates)
+        if not units:
+            empty = jnp.zeros((0,), acc)
+            return UnitMeasurement(empty, jnp.asarray(True), jnp.zeros((), acc))
+        # Inside shard_map, units split along a dim that is not reduced live on
+        # different devices: maxima and minima are taken across every named
+        # axis (idempotent for replicated leaves), unit counts are summed only
+        # across the axes that split units (not the ones that split a unit).
+        split = [
+            names
+            for names, _ in _mesh.leaf_mesh_axes(
+                updates, self.axis_name, self.partition_specs
+            )
+        ]
+        everywhere = tuple(dict.fromkeys(n for names in split for n in names))
+        unit_groups = tuple(
+            tuple(n for n in s if n not in g)
+            for s, g in zip(split, groups, strict=True)
+        )
+        ratios = [jnp.max(nan_to_inf(g / w)).astype(acc) for g, w in units]
+        ratios = _mesh.cross_device(_xla.stack_barrier(ratios), everywhere, INF)
+        return UnitMeasurement(
+            ratios,
+            _finite(ratios),
+            jnp.max(ratios),
+            None,
+            None,
+            tuple(units),
+            everywhere,
+            unit_groups,
+        )
+
+    def apply(self, updates, measured, act):
+        threshold, keep = act.threshold, act.keep
+        units = measured.units
         smallest, clipped = [], []
-        units = self.units
         bounds = None
         if threshold.ndim:
-            # A rule's bounds, split into a buffer per leaf (see TensorMeasurement).
-            bounds = _norms.split_entries(threshold, [1] * len(units))
+            # A rule's bounds, split into a buffer per leaf (see `_xla`).
+            bounds = _xla.split_entries(threshold, [1] * len(units))
 
         def scale(i, x):
             g_norm, w_norm = units[i]
@@ -647,196 +558,21 @@ class UnitMeasurement(Measurement):
 
         out = map_float(scale, updates)
         if not units:
-            return out, jnp.ones((0,), self.norms.dtype), jnp.zeros((), jnp.int32)
-        factor = _norms.stack_barrier(smallest).astype(self.norms.dtype)
-        if self.everywhere:
-            factor = jax.lax.pmin(factor, self.everywhere)
-        factor = zero_unless(keep, factor)
-        total = _norms.cross_device_vector(
-            _norms.stack_barrier(clipped), [1] * len(units), self.unit_groups, 2.0
+            dtype = measured.norms.dtype
+            return Applied(out, jnp.ones((0,), dtype), jnp.zeros((), jnp.int32))
+        factor = _xla.stack_barrier(smallest).astype(measured.norms.dtype)
+        if measured.everywhere:
+            factor = jax.lax.pmin(factor, measured.everywhere)
+        total = _mesh.cross_device_vector(
+            _xla.stack_barrier(clipped), [1] * len(units), measured.unit_groups, 2.0
         )
-        return out, factor, jnp.sum(total)
-
-
-@dataclasses.dataclass(frozen=True)
-class UnitScope:
-    """Each unit (row, column, filter) of each tensor, relative to the params."""
-
-    eps: Any
-    axis: Any
-    axis_name: Any
-    partition_specs: Any
-    stacked_axes: Any
-    owner: str = "adaptive_grad_clip"
-
-    def norm_like(self, params):
-        return _norms.per_tensor_like(params)
-
-    def _axes(self, x, k):
-        inner = _norms.unit_axes(jax.ShapeDtypeStruct(x.shape[k:], x.dtype), self.axis)
-        return tuple(a + k for a in inner)
-
-    def measure(self, updates, params, extra_args):
-        del extra_args
-        if params is None:
-            raise ValueError(
-                "adaptive_grad_clip needs the parameters: call "
-                "`tx.update(updates, state, params)`."
-            )
-        _checks.check_params("adaptive_grad_clip", updates, params)
-        leaves = _norms.float_leaves(updates)
-        p_leaves = _norms.matching_float_leaves(updates, params)
-        ks = [int(k or 0) for k in _stacked_per_leaf(self.stacked_axes, updates)]
-        axes = [self._axes(x, k) for x, k in zip(leaves, ks, strict=True)]
-        groups = _norms.reduction_groups(
-            updates, leaves, self.axis_name, self.partition_specs, axes
-        )
-        eps = jnp.asarray(self.eps, jnp.float32)
-        units = []
-        for x, w, ax, names in zip(leaves, p_leaves, axes, groups, strict=True):
-            g_sum = _norms.cross_device(
-                _norms.power_sum(x, 2.0, ax, keepdims=True), names, 2.0
-            )
-            w_sum = _norms.cross_device(
-                _norms.power_sum(w, 2.0, ax, keepdims=True), names, 2.0
-            )
-            g_norm = _norms.safe_root(g_sum, 2.0)
-            w_norm = jnp.maximum(_norms.safe_root(w_sum, 2.0), eps.astype(w_sum.dtype))
-            units.append((g_norm, w_norm))
-        acc = _norms.tree_acc_dtype(updates)
-        if not units:
-            empty = jnp.zeros((0,), acc)
-            return UnitMeasurement(empty, jnp.asarray(True), empty, jnp.zeros((), acc))
-        # Inside shard_map, units split along a dim that is not reduced live on
-        # different devices: maxima and minima are taken across every named
-        # axis (idempotent for replicated leaves), unit counts are summed only
-        # across the axes that split units (not the ones that split a unit).
-        split = [
-            names
-            for names, _ in _norms.leaf_mesh_axes(
-                updates, self.axis_name, self.partition_specs
-            )
-        ]
-        everywhere = tuple(dict.fromkeys(n for names in split for n in names))
-        unit_groups = tuple(
-            tuple(n for n in s if n not in g)
-            for s, g in zip(split, groups, strict=True)
-        )
-        ratios = [jnp.max(_norms.nan_to_inf(g / w)).astype(acc) for g, w in units]
-        ratios = _norms.cross_device(
-            _norms.stack_barrier(ratios), everywhere, _norms.INF
-        )
-        return UnitMeasurement(
-            ratios,
-            _finite(ratios),
-            ratios,
-            jnp.max(ratios),
-            tuple(units),
-            everywhere,
-            unit_groups,
-        )
+        return Applied(out, zero_unless(keep, factor), jnp.sum(total))
 
 
 # ---------------------------------------------------------------------------
-# Spectral scope: clip_by_spectral_norm (the numerics are in `_norms`:
-# svd_parts / svd_clamp and gram_parts / soft_clip; below is the glue)
+# Spectral scope: each matrix's singular values (clip_by_spectral_norm; the
+# numerics are in `_norms`: svd_parts / svd_clamp, gram_parts / soft_clip)
 # ---------------------------------------------------------------------------
-
-
-def clip_by_spectral_norm(
-    max_norm: Threshold,
-    *,
-    mode: str = "exact",
-    stacked_axes: Any = None,
-    nonfinite: str = "zero",
-    axis_name: _norms.AxisName = None,
-    partition_specs: Any = None,
-    per_tensor_stats: bool = False,
-) -> optax.GradientTransformationExtraArgs:
-    """Clamps the singular values of every matrix leaf to at most the bound.
-
-    Each matrix (a 2-D leaf, or the trailing two axes of a leaf with
-    ``stacked_axes`` leading axes, one matrix per stacked slice) becomes
-    ``U diag(min(s, max_norm)) V^H``: its spectral norm (top singular value)
-    is at most the bound, and the directions under it are untouched. Other
-    leaves (vectors, scalars, convolution kernels, integers) pass unchanged.
-    Equally shaped matrices are decomposed together, one batched SVD (or one
-    batched Newton–Schulz iteration) per shape, so compile time does not
-    grow with the number of matrices.
-
-    Args:
-      max_norm: the bound on each matrix's top singular value: a number,
-        scalar array, ``optax.Schedule`` or rule; a rule observes the vector
-        of entries (see Returns) and returns one bound per entry, so each
-        matrix learns its own (``rules.ema(...)`` or ``rules.percentile(...)``
-        as in arXiv:2605.11838).
-      mode: keyword-only. ``"exact"`` (default): a batched SVD in the
-        accumulation dtype, singular values above the bound set to it, and
-        the top singular value measured exactly. ``"soft"``: SPECTRA's soft
-        clipping ``(I + X X^H / c^2)^{-1/2} X``, which maps every singular
-        value ``s`` to ``s / sqrt(1 + s^2 / c^2)`` (within a factor
-        ``1/sqrt(2)`` of ``min(s, c)``, the worst at ``s = c``), computed
-        by 10 Newton–Schulz iterations with no SVD; its top singular value
-        is estimated by a power iteration of 64 steps (from below).
-      stacked_axes: keyword-only; leading stacked-layer axes (an int or a
-        pytree prefix of ints), see [`clip_by_norm`][optaxclip.clip_by_norm].
-      nonfinite: keyword-only; ``"zero"`` (default) zeroes the whole update
-        when any leaf holds a NaN or an Inf, ``"propagate"`` lets it through.
-      axis_name: keyword-only; inside ``shard_map``, the mesh axis (or axes)
-        the matrices are split across; needs ``partition_specs``, which says
-        along which dims (the matrix is gathered for its decomposition).
-      partition_specs: keyword-only; a pytree prefix of ``PartitionSpec``.
-      per_tensor_stats: keyword-only; accepted for a uniform signature: this
-        scope always records one entry per matrix.
-
-    Returns:
-      An ``optax.GradientTransformationExtraArgs``; ``stats.norm`` holds one
-      entry per tensor (or stacked slice), laid out as ``clip_by_norm``'s:
-      a matrix's top singular value, 0 for a leaf that is not a matrix
-      (never clipped); ``stats.scale`` is ``bound / norm`` where a matrix
-      is clipped (1 elsewhere) and ``stats.clipped`` the number of matrices
-      clipped.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> import optaxclip as oc
-      >>> tx = oc.clip_by_spectral_norm(1.0)
-      >>> grads = {"w": jnp.array([[3.0, 0.0], [0.0, 0.5]]), "b": jnp.ones(2)}
-      >>> clipped, state = tx.update(grads, tx.init(grads))
-      >>> print(clipped["w"], clipped["b"], state.stats.norm, state.stats.clipped)
-      [[1.  0. ]
-       [0.  0.5]] [1. 1.] [0. 3.] 1
-
-    References:
-      Jiang, Semenov and Stich, [Enhancing LLM Training via Spectral
-      Clipping](https://arxiv.org/abs/2603.14315), 2026 (SPECTRA; official
-      code: mlolab/llm-spectral-clipping).
-
-    Differences from the official code: SPECTRA's ``clip_sigvals``
-    (``src/optim/post_process.py``) runs its iteration in bfloat16 unless
-    ``--ns_float32``; here it runs in float32 (float64 for float64 leaves
-    under x64), on each matrix divided by its largest entry (equal in exact
-    arithmetic, and free of overflow). For a batch of matrices the official
-    code scales by the largest bound of the batch; here each matrix has its
-    own, as the official code gives each 2-D parameter. The official code
-    clips vectors by their norm when asked to (``apply_to="all"``); here
-    only matrices are clipped. SPECTRA applies the clip to the optimizer's
-    update (after the optimizer) or to the gradient (before it): place this
-    transform accordingly in an ``optax.chain``.
-    """
-    _checks.check_choice(mode, "mode", ("exact", "soft"))
-    _checks.static_flag(per_tensor_stats, "per_tensor_stats")
-    if _norms.axis_names(axis_name) and partition_specs is None:
-        raise _checks.fail(
-            "axis_name",
-            f"was given ({axis_name!r}) without `partition_specs`: a singular "
-            "value needs the whole matrix, so say along which dims each leaf "
-            "is split with `partition_specs` (a pytree prefix of PartitionSpec).",
-        )
-    scope = SpectralScope(
-        mode, _checks.check_stacked(stacked_axes), axis_name, partition_specs
-    )
-    return scope_transform(scope, max_norm, "max_norm", nonfinite, Rescale())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -848,33 +584,10 @@ class SpectralMeasurement(Measurement):
         leaf's ``(index, leaf, matrix count)``, the entries of its matrices in
         ``norms``, and the batched decomposition's parts.
       gathers: per float leaf, the ``(mesh axes, dim)`` it was gathered over.
-      soft: SPECTRA's soft clip rather than the exact clamp.
     """
 
     groups: tuple[tuple[Any, np.ndarray, tuple[Any, ...]], ...] = ()
     gathers: tuple[tuple[tuple[tuple[str, ...], int], ...], ...] = ()
-    soft: bool = False
-
-    def rescale(self, updates, threshold, keep):
-        out = {}
-        for members, entries, parts in self.groups:
-            bound = threshold[entries] if threshold.ndim else threshold
-            bound = jnp.broadcast_to(bound, entries.shape)
-            if self.soft:
-                batch = _norms.soft_clip(parts, bound)
-            else:
-                batch = _norms.svd_clamp(parts, bound, self.norms[entries])
-            pieces = _split_batch(batch, [c for _, _, c in members])
-            for (i, x, _), piece in zip(members, pieces, strict=True):
-                piece = piece.reshape(x.shape).astype(x.dtype)
-                out[i] = _scatter(piece, self.gathers[i])
-
-        def scale(i, x):
-            return zero_unless(keep, _norms.sharded_like(x, out.get(i, x)))
-
-        norms = self.norms
-        clipped = jnp.sum(norms > threshold)
-        return map_float(scale, updates), safe_scale(norms, threshold, keep), clipped
 
 
 def _split_batch(batch, counts):
@@ -883,9 +596,9 @@ def _split_batch(batch, counts):
     size = math.prod(batch.shape[1:])
     counts = [c * size for c in counts]
     if not jnp.iscomplexobj(batch):
-        return _norms.split_entries(batch.reshape(-1), counts)
+        return _xla.split_entries(batch.reshape(-1), counts)
     parts = (
-        _norms.split_entries(p.reshape(-1), counts) for p in (batch.real, batch.imag)
+        _xla.split_entries(p.reshape(-1), counts) for p in (batch.real, batch.imag)
     )
     return [jax.lax.complex(a, b) for a, b in zip(*parts, strict=True)]
 
@@ -905,21 +618,21 @@ def _scatter(x, gathers):
 
 
 @dataclasses.dataclass(frozen=True)
-class SpectralScope:
+class SpectralScope(Scope):
     """Each matrix (2-D leaf or stacked slice): its top singular value; each
     other leaf (or stacked slice) holds an entry of 0, as ``clip_by_norm``'s
     entries are laid out."""
 
-    mode: str
-    stacked_axes: Any
-    axis_name: Any
-    partition_specs: Any
+    mode: str = "exact"
+    stacked_axes: Any = None
+    axis_name: Any = None
+    partition_specs: Any = None
     owner: str = "clip_by_spectral_norm"
 
     def _entries(self, tree):
         # Per float leaf: its stacked axes, its number of entries (one per
         # stacked slice, as `clip_by_norm`), and whether it is a matrix.
-        leaves = _norms.float_leaves(tree)
+        leaves = float_leaves(tree)
         ks = [int(k or 0) for k in _stacked_per_leaf(self.stacked_axes, tree)]
         for x, k in zip(leaves, ks, strict=True):
             if k > np.ndim(x):
@@ -936,12 +649,12 @@ class SpectralScope:
 
     def norm_like(self, params):
         _, _, counts, _ = self._entries(params)
-        return jnp.zeros((sum(counts),), _norms.tree_acc_dtype(params))
+        return jnp.zeros((sum(counts),), tree_acc_dtype(params))
 
     def measure(self, updates, params, extra_args):
         del params, extra_args
         leaves, ks, counts, matrix = self._entries(updates)
-        split = _norms.leaf_mesh_axes(updates, self.axis_name, self.partition_specs)
+        split = _mesh.leaf_mesh_axes(updates, self.axis_name, self.partition_specs)
         gathers = []
         for names, dims in split:
             by_dim = {}
@@ -958,12 +671,12 @@ class SpectralScope:
                 shapes.setdefault(key, []).append((i, x, count, offsets[i]))
         groups, tops, order = [], [], []
         parts_of = _norms.gram_parts if self.mode == "soft" else _norms.svd_parts
-        acc = _norms.tree_acc_dtype(updates)
+        acc = tree_acc_dtype(updates)
         for (shape, dtype), members in shapes.items():
-            dt = _norms.compute_dtype(dtype)
+            dt = _numerics.compute_dtype(dtype)
             batch = jnp.concatenate(
                 [
-                    _norms.replicated(x).reshape(-1, *shape).astype(dt)
+                    _tree.replicated(x).reshape(-1, *shape).astype(dt)
                     for _, x, _, _ in members
                 ]
             )
@@ -982,19 +695,37 @@ class SpectralScope:
         )
         norms = jnp.concatenate([*tops, jnp.zeros((rest.size,), acc)])[source]
         ok = jnp.all(jnp.stack(finite)) if finite else jnp.asarray(True)
-        everywhere = _norms.axis_names(self.axis_name)
+        everywhere = _mesh.axis_names(self.axis_name)
         if everywhere:
             # A NaN on one device zeroes the step on all of them; the norms of
             # gathered matrices are equal everywhere (a pmax says so).
             ok = jax.lax.pmin(ok.astype(jnp.int32), everywhere).astype(bool)
             norms = jax.lax.pmax(norms, everywhere)
         ok = ok & _finite(norms)
+        total = jnp.max(norms, initial=0.0)
         return SpectralMeasurement(
-            norms,
-            ok,
-            norms,
-            jnp.max(norms, initial=0.0),
-            tuple(groups),
-            tuple(gathers),
-            self.mode == "soft",
+            norms, ok, total, groups=tuple(groups), gathers=tuple(gathers)
+        )
+
+    def apply(self, updates, measured, act):
+        threshold, keep, out = act.threshold, act.keep, {}
+        for members, entries, parts in measured.groups:
+            bound = threshold[entries] if threshold.ndim else threshold
+            bound = jnp.broadcast_to(bound, entries.shape)
+            if self.mode == "soft":
+                batch = _norms.soft_clip(parts, bound)
+            else:
+                batch = _norms.svd_clamp(parts, bound, measured.norms[entries])
+            pieces = _split_batch(batch, [c for _, _, c in members])
+            for (i, x, _), piece in zip(members, pieces, strict=True):
+                piece = piece.reshape(x.shape).astype(x.dtype)
+                out[i] = _scatter(piece, measured.gathers[i])
+
+        def clamp(i, x):
+            return zero_unless(keep, _tree.sharded_like(x, out.get(i, x)))
+
+        norms = measured.norms
+        clipped = jnp.sum(norms > threshold)
+        return Applied(
+            map_float(clamp, updates), safe_scale(norms, threshold, keep), clipped
         )

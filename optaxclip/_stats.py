@@ -89,6 +89,20 @@ class Record(NamedTuple):
 RECORD_FIELDS = Record._fields
 
 
+class StatsField:
+    """A state's ``stats``: its record read as a [`ClipStats`][optaxclip.ClipStats].
+
+    Every state class that records stats declares ``stats = StatsField()``
+    beside its fields (a class attribute, not a field: nothing is stored).
+    """
+
+    def __get__(self, state: Any, owner: Any = None) -> ClipStats:
+        """The latest step's [`ClipStats`][optaxclip.ClipStats]."""
+        if state is None:  # read on the class: the field itself
+            return self  # pyright: ignore[reportReturnType]
+        return read_record(record_of(state))
+
+
 def float_dtype(dtype: Any) -> Any:
     """The stats' float dtype for norms of ``dtype``."""
     return jnp.float64 if jnp.dtype(dtype).itemsize == 8 else jnp.float32

@@ -28,6 +28,7 @@ except that a negative threshold acts as 0 (the update is zeroed).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import (
     Any,
@@ -53,13 +54,17 @@ from ._checks import (
 
 __all__ = [
     "EmaState",
+    "MaxEmaState",
     "MeanStdState",
+    "Observation",
+    "Observes",
     "PercentileState",
     "Rule",
     "Threshold",
     "ZScoreState",
     "as_rule",
     "ema",
+    "observe",
     "fixed",
     "mean_std",
     "percentile",
@@ -83,10 +88,9 @@ class Rule(Protocol):
         """Returns the threshold for ``norm`` and the next state.
 
         The threshold is shaped like ``norm``, or is a scalar that applies to
-        every entry of it. ``norm`` may carry extra leading axes of samples
-        of the measurement (per-example norms): a rule then returns one
-        threshold for them all, reducing the samples as its statistic
-        defines (the mean, or for `quantile` the fraction below the bound).
+        every entry of it. ``norm`` is shaped like the ``norm_like`` of
+        ``init`` (for per-example clipping, the mean per-example norm; a
+        rule that needs the samples themselves implements `Observes`).
         """
         ...
 
@@ -96,12 +100,50 @@ Threshold: TypeAlias = float | int | jax.Array | optax.Schedule | Rule
 ``optax.Schedule`` of the step count, or a [`Rule`][optaxclip.rules.Rule]."""
 
 
-def samples_mean(norm: jax.Array, ndim: int) -> jax.Array:
-    """``norm`` averaged over its leading axes beyond ``ndim`` (the samples)."""
-    extra = norm.ndim - ndim
-    if extra <= 0:
-        return norm
-    return jnp.mean(norm, axis=tuple(range(extra)))
+class Observation(NamedTuple):
+    """What a rule observes on one step, explicitly.
+
+    Attributes:
+      values: the measurement the bound applies to, shaped like the rule's
+        ``norm_like``: a scalar, or one entry per tensor.
+      total: the whole tree's measurement as one scalar, in the scope's own
+        terms (the global 2-norm for the global and tensor scopes).
+      samples: per-example norms of which ``values`` is the mean (the
+        per-example scope), else None.
+    """
+
+    values: jax.Array
+    total: jax.Array
+    samples: jax.Array | None = None
+
+
+@runtime_checkable
+class Observes(Protocol):
+    """A rule that reads the whole `Observation`, not only its values.
+
+    Every rule implements ``update(state, norm, step)``; a rule whose
+    statistic needs the whole tree's measurement or the samples implements
+    ``observe`` too, and the transforms call it instead.
+    """
+
+    def observe(
+        self, state: Any, observation: Observation, step: jax.Array
+    ) -> tuple[jax.Array, Any]:
+        """Returns the threshold for ``observation`` and the next state."""
+        ...
+
+
+def observe(
+    rule: Rule, state: Any, observation: Observation, step: jax.Array
+) -> tuple[jax.Array, Any]:
+    """Asks ``rule`` for the threshold of ``observation``.
+
+    A rule that implements `Observes` gets the whole observation; any other
+    rule gets ``observation.values``.
+    """
+    if isinstance(rule, Observes):
+        return rule.observe(state, observation, step)
+    return rule.update(state, observation.values, step)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -296,17 +338,11 @@ class percentile:  # noqa: N801
         del step
         size = self.size
         dt = state.buffer.dtype
-        norm = samples_mean(norm.astype(dt), state.count.ndim)
+        norm = norm.astype(dt)
         # Each entry keeps its own count: on the tensor scope a frozen
         # tensor records nothing while the others go on recording.
         record = jnp.ones(norm.shape, jnp.bool_) if self.include_zeros else norm > 0
-        count = state.count
-        slot = count % size
-        # A one-hot select (not a dynamic slice): each entry has its own slot.
-        slots = jax.lax.broadcasted_iota(jnp.int32, state.buffer.shape, norm.ndim)
-        write = (slots == slot[..., None]) & record[..., None]
-        buffer = jnp.where(write, norm[..., None], state.buffer)
-        count = jnp.where(record, optax.safe_increment(count), count)
+        buffer, count = ring_push(state.buffer, state.count, norm, record)
         n = jnp.maximum(jnp.minimum(count, size), 1)
         ordered = jnp.sort(buffer, axis=-1)
         position = jnp.asarray(self.p, dt) / 100 * (n - 1).astype(dt)
@@ -442,7 +478,6 @@ class zscore:  # noqa: N801
 
     def update(self, state: ZScoreState, norm, step):
         del step
-        norm = samples_mean(norm, state.mean.ndim)
         dt = norm.dtype
         alpha = jnp.asarray(self.alpha, dt)
         z_thresh = jnp.asarray(self.z, dt)
@@ -589,19 +624,14 @@ class ema:  # noqa: N801
     def init(self, norm_like: jax.Array) -> EmaState:
         return EmaState(jnp.zeros((), jnp.int32), jnp.zeros_like(norm_like))
 
-    @property
-    def needs_total(self) -> bool:
-        """Whether ``update`` needs the whole tree's norm (``warmup_max_norm``)."""
-        return self.warmup_max_norm is not None
+    def update(self, state: EmaState, norm, step):
+        return self.observe(state, Observation(norm, None), step)  # pyright: ignore[reportArgumentType]
 
-    def update(self, state: EmaState, norm, step, total=None):
-        """The threshold and next state; ``total`` is the tree's global 2-norm.
-
-        ``total`` is read only with ``warmup_max_norm`` (the scopes that
-        measure a 2-norm pass it).
-        """
+    def observe(self, state: EmaState, observation: Observation, step):
+        """The threshold and next state; reads ``observation.total`` (the
+        tree's global 2-norm) with ``warmup_max_norm``."""
         del step
-        norm = samples_mean(norm, state.average.ndim)
+        norm, total = observation.values, observation.total
         dt = norm.dtype
         eps = jnp.asarray(self.eps, dt)
         beta = jnp.asarray(self.beta, dt)
@@ -615,8 +645,8 @@ class ema:  # noqa: N801
             if total is None:
                 raise ValueError(
                     "rules.ema(warmup_max_norm=...) bounds the whole tree's "
-                    "measurement during warm-up: pass it as `total` to "
-                    "`update` (every optaxclip scope does)."
+                    "measurement during warm-up: call `observe` with an "
+                    "`Observation` holding it (every optaxclip scope does)."
                 )
             total = jnp.asarray(total, dt)
             cap = jnp.asarray(self.warmup_max_norm, dt)
@@ -663,8 +693,10 @@ class quantile:  # noqa: N801
     On the global scope ``b`` is ``1[n <= C]`` (streaming). For DP-SGD,
     call the rule with the vector of per-example norms and a state made by
     ``init`` of a scalar: leading axes of ``norm`` that the state does not
-    have are averaged over, so ``b`` is the fraction of unclipped examples
+    have are samples, so ``b`` is the fraction of unclipped examples
     (Andrew et al. then add noise to ``b``; add it to ``target`` if needed).
+    [`clip_per_example`][optaxclip.clip_per_example] passes them as
+    ``Observation.samples``.
 
     No absorbing zero. A norm of exactly zero (a frozen layer, a masked
     phase, a padding example) is no measurement and does not move ``C``:
@@ -724,19 +756,36 @@ class quantile:  # noqa: N801
         return jnp.full(norm_like.shape, self.initial, norm_like.dtype)
 
     def update(self, state: jax.Array, norm, step):
+        norm = jnp.asarray(norm)
+        state = jnp.asarray(state)
+        if norm.ndim > state.ndim:
+            # Leading axes the state does not have are samples (per-example
+            # norms, the DP-SGD use above).
+            samples = norm.reshape((-1, *state.shape))
+            observation = Observation(jnp.mean(samples, axis=0), norm, samples)
+        else:
+            observation = Observation(norm, norm)
+        return self.observe(state, observation, step)
+
+    def observe(self, state: jax.Array, observation: Observation, step):
+        """The threshold and next state; with ``observation.samples`` (the
+        per-example norms) the bound moves by the fraction of non-zero
+        samples at or under it."""
         del step
         bound = state
         dt = bound.dtype
-        extra = norm.ndim - bound.ndim
-        positive = norm > 0
-        below = (positive & (norm <= bound)).astype(dt)
-        if extra > 0:
-            axes = tuple(range(extra))
-            seen = jnp.sum(positive, axis=axes, dtype=jnp.int32)
-            below = jnp.sum(below, axis=axes) / jnp.maximum(seen, 1).astype(dt)
-            moves = seen > 0
-        else:
+        samples = observation.samples
+        if samples is None:
+            norm = observation.values
+            positive = norm > 0
+            below = (positive & (norm <= bound)).astype(dt)
             moves = positive
+        else:
+            positive = samples > 0
+            below = (positive & (samples <= bound)).astype(dt)
+            seen = jnp.sum(positive, axis=0, dtype=jnp.int32)
+            below = jnp.sum(below, axis=0) / jnp.maximum(seen, 1).astype(dt)
+            moves = seen > 0
         move = jnp.asarray(self.learning_rate, dt) * (
             below - jnp.asarray(self.target, dt)
         )
@@ -837,9 +886,8 @@ class mean_std:  # noqa: N801
         del step
         window = int(self.window)
         dt = state.buffer.dtype
-        value = samples_mean(jnp.asarray(norm).astype(dt), state.count.ndim)
-        count = state.count
-        n = jnp.minimum(count, window)
+        value = jnp.asarray(norm).astype(dt)
+        n = jnp.minimum(state.count, window)
         slots = jax.lax.broadcasted_iota(jnp.int32, state.buffer.shape, value.ndim)
         valid = slots < n[..., None]
         n_f = jnp.maximum(n, 1).astype(dt)
@@ -849,11 +897,70 @@ class mean_std:  # noqa: N801
         active = (n + 1 >= self.history) & (n >= 2)
         bound = mean + jnp.asarray(self.sigma, dt) * _sqrt(var)
         threshold = jnp.where(active, bound, jnp.full_like(bound, jnp.inf))
-        record = value != 0
-        write = (slots == (count % window)[..., None]) & record[..., None]
-        buffer = jnp.where(write, value[..., None], state.buffer)
-        count = jnp.where(record, optax.safe_increment(count), count)
+        buffer, count = ring_push(state.buffer, state.count, value, value != 0)
         return threshold, MeanStdState(buffer, count)
+
+
+class MaxEmaState(NamedTuple):
+    """State of Stable-SPAM's bound (`BiasCorrectedMax`), one entry per tensor.
+
+    Attributes:
+      m_max: the EMA of each tensor's largest absolute entry.
+      nonzero_count: int32, the non-zero measurements each tensor has had.
+    """
+
+    m_max: jax.Array
+    nonzero_count: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class BiasCorrectedMax:
+    """Stable-SPAM's bound: a bias-corrected EMA of the measurement.
+
+    ``m <- beta * m + (1 - beta) * n`` from ``m = 0``, and the bound is
+    ``m / (1 - beta**t)``, this step included, with ``t`` the number of
+    non-zero measurements: an entry's EMA and count advance only on
+    non-zero steps (``inf`` before the first). Used by
+    [`stable_spam_clip`][optaxclip.stable_spam_clip].
+
+    Args:
+      beta: the EMA factor, in ``[0, 1)``.
+    """
+
+    beta: Any = 0.999
+
+    def __post_init__(self):
+        # beta = 1 would divide by 1 - beta**t = 0 in the bias correction.
+        check_number(self.beta, "beta", lo=0.0, hi=1.0, hi_open=True)
+
+    def init(self, norm_like: jax.Array) -> MaxEmaState:
+        norm_like = jnp.asarray(norm_like)
+        return MaxEmaState(
+            jnp.zeros_like(norm_like), jnp.zeros(norm_like.shape, jnp.int32)
+        )
+
+    def update(self, state: MaxEmaState, norm, step):
+        del step
+        acc = norm.dtype
+        seen = norm > 0
+        count = state.nonzero_count + seen.astype(jnp.int32)
+        ema = jnp.asarray(self.beta, acc) * state.m_max
+        m_max = jnp.where(seen, ema + one_minus(self.beta, acc) * norm, state.m_max)
+        correction = bias_correction(self.beta, count, acc)
+        bound = jnp.where(
+            count > 0, m_max / jnp.where(count > 0, correction, 1), jnp.inf
+        )
+        return bound, MaxEmaState(m_max, count)
+
+
+def bias_correction(beta: Any, count: jax.Array, dtype: Any) -> jax.Array:
+    """``1 - beta**count`` without cancellation: ``-expm1(count * log(beta))``."""
+    if isinstance(beta, jax.Array):
+        log_b = jnp.log(jnp.asarray(beta, dtype))
+    else:
+        b = float(beta)
+        log_b = jnp.asarray(math.log(b) if b > 0 else -math.inf, dtype)
+    return -jnp.expm1(jnp.asarray(count).astype(dtype) * log_b)
 
 
 def one_minus(value: Any, dtype: Any) -> jax.Array:
@@ -867,22 +974,32 @@ def one_minus(value: Any, dtype: Any) -> jax.Array:
     return jnp.asarray(1.0 - float(value), dtype)
 
 
-@jax.custom_jvp
+def ring_push(
+    buffer: jax.Array, count: jax.Array, value: jax.Array, record: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Writes ``value`` into each entry's ring buffer where ``record`` holds.
+
+    The one ring buffer of the windowed rules (`percentile`, `mean_std`):
+    ``buffer`` has a trailing axis of slots, ``count`` (int32, shaped like
+    ``value``) the values each entry has recorded; an entry writes its slot
+    ``count % window`` and advances its count only where ``record`` is True
+    (a frozen tensor records nothing while the others go on). A one-hot
+    select, not a dynamic slice: each entry has its own slot.
+    """
+    slots = jax.lax.broadcasted_iota(jnp.int32, buffer.shape, value.ndim)
+    write = (slots == (count % buffer.shape[-1])[..., None]) & record[..., None]
+    buffer = jnp.where(write, value[..., None], buffer)
+    return buffer, jnp.where(record, optax.safe_increment(count), count)
+
+
 def _sqrt(x: jax.Array) -> jax.Array:
     """``sqrt(x)`` whose derivative at 0 is 0, not inf.
 
     A standard deviation of identical values is ``sqrt(0)``; the plain
     derivative there is infinite, and times a zero tangent NaN, which would
-    reach every derivative of the bound. The measuring module's roots have
-    the same convention (rules import nothing from it).
+    reach every derivative of the bound. The root is taken of a positive
+    stand-in where ``x`` is 0, so the branch that is not taken has a finite
+    derivative too.
     """
-    return jax.lax.sqrt(x)
-
-
-@_sqrt.defjvp
-def _sqrt_jvp(primals, tangents):
-    (x,), (t,) = primals, tangents
-    root = jax.lax.sqrt(x)
     positive = x > 0
-    safe = jnp.where(positive, root, jnp.ones_like(root))
-    return root, jnp.where(positive, t / (2 * safe), jnp.zeros_like(t))
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1)), 0)

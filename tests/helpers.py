@@ -1,10 +1,12 @@
-"""Shared test helpers: random pytrees, jit/no-jit variants, NumPy references."""
+"""Shared test helpers: random pytrees, hazard streams, scans, NumPy references."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+import optaxclip as oc
 
 SHAPES = [(), (3,), (2, 5), (4, 1, 3), (2, 3, 2, 2)]
 
@@ -17,11 +19,6 @@ def random_tree(seed: int, n_leaves: int, dtype=jnp.float32, scale: float = 1.0)
         shape = SHAPES[rng.integers(len(SHAPES))]
         tree[f"p{i:02d}"] = jnp.asarray(rng.normal(size=shape) * scale, dtype)
     return tree
-
-
-def variants(fn):
-    """``fn`` eagerly and under ``jax.jit``, as (name, callable) pairs."""
-    return [("eager", fn), ("jit", jax.jit(fn))]
 
 
 def run(tx, updates, params=None, jit=False):
@@ -81,3 +78,76 @@ def learning_rule_names() -> list[str]:
         and isinstance(getattr(rules, name), type)
         and dataclasses.is_dataclass(getattr(rules, name))
     ]
+
+
+# ---------------------------------------------------------------------------
+# A stream of gradients with every hazard, and scans over it
+# ---------------------------------------------------------------------------
+
+STREAM_STEPS = 320
+STREAM_SHAPES = ((4,), (2, 3), (5,))
+
+
+def make_stream(seed: int, steps: int = STREAM_STEPS, scale: float = 1.0):
+    """Stacked gradients ``[steps, *shape]`` per leaf, with every hazard."""
+    rng = np.random.default_rng(seed)
+    level = np.exp(rng.normal(0.0, 0.3, size=steps)) * scale
+    leaves = [
+        rng.normal(size=(steps, *s)) * level.reshape(-1, *[1] * len(s))
+        for s in STREAM_SHAPES
+    ]
+    k = max(1, steps // 50)  # hazards of each kind
+    start = min(40, steps // 3)
+    picks = rng.permutation(np.arange(start, steps))
+    spikes, zeros, nans, infs, entry_spikes = np.split(
+        picks[: 8 * k], [2 * k, 3 * k, 4 * k, 5 * k]
+    )
+    for t in spikes:
+        for x in leaves:
+            x[t] *= 30.0
+    for t in entry_spikes:
+        leaves[1][t].flat[rng.integers(6)] *= 1e3
+    for t in zeros:
+        for x in leaves:
+            x[t] = 0.0
+    leaves[0][:3] = 0.0  # a tensor whose gradient is exactly zero at the start
+    leaves[2][rng.choice(np.arange(3, steps), 2 * k, replace=False)] = 0.0
+    for t in [2, *nans]:
+        leaves[rng.integers(3)][t].flat[0] = np.nan
+    for j, t in enumerate([min(30, steps - 1), *infs]):
+        leaves[rng.integers(3)][t].flat[-1] = np.inf if j % 2 else -np.inf
+    return {f"p{i}": jnp.asarray(x, jnp.float32) for i, x in enumerate(leaves)}
+
+
+def first(tree):
+    return jax.tree.map(lambda x: x[0], tree)
+
+
+def scanner(tx):
+    """A jitted ``(state, stream, params) -> (state, (outputs, stats))`` for ``tx``."""
+
+    def body(state, xs):
+        grads, p = xs
+        out, state = tx.update(grads, state, p)
+        return state, (out, oc.stats(state)[0])
+
+    return jax.jit(
+        lambda state, stream, params: jax.lax.scan(body, state, (stream, params))
+    )
+
+
+def scan_many(txs, stream, params=None):
+    """Runs every transform of ``txs`` side by side over the stream, in one scan."""
+    states = tuple(tx.init(first(stream if params is None else params)) for tx in txs)
+
+    def body(states, xs):
+        grads, p = xs
+        results, new = [], []
+        for tx, state in zip(txs, states, strict=True):
+            out, state = tx.update(grads, state, p)
+            results.append((out, oc.stats(state)[0]))
+            new.append(state)
+        return tuple(new), results
+
+    run = jax.jit(lambda s, x, p: jax.lax.scan(body, s, (x, p))[1])
+    return run(states, stream, params)

@@ -102,6 +102,8 @@ CASES: dict[str, Case] = {
     "quantile_clip": Case(lambda t: oc.quantile_clip(initial=t)),
     "spam_clip": Case(lambda t: oc.spam_clip(t, beta2=0.5, guard_steps=0)),
     "stable_spam_clip": Case(lambda t: oc.stable_spam_clip(0.5)),
+    # One step unclipped: the run on (g / 2, g) then clips g to |g| / 2 * t.
+    "adamw_clip": Case(lambda t: oc.adamw_clip(t, beta2=0.5, warmup_steps=1)),
     "clippy": Case(lambda t: oc.clippy(relative=t)),
     "trust_ratio_clip": Case(lambda t: oc.trust_ratio_clip(0.1 * t)),
     # The guards around sgd.
@@ -133,6 +135,7 @@ _TRANSFORMS = {
     "clippy", "olmo_adaptive_clip", "per_example_global_norm_clip",
     "per_example_layer_norm_clip", "quantile_clip", "skip_nonfinite",
     "skip_spikes", "spam_clip", "stable_spam_clip", "trust_ratio_clip", "zclip",
+    "adamw_clip",
 }  # fmt: skip
 
 

@@ -422,6 +422,9 @@ TRANSFORMS = [
               (m_global(2.0), 0.1)),
     Transform("spam_clip", lambda: oc.spam_clip(), ref_identity, None),
     Transform("stable_spam_clip", lambda: oc.stable_spam_clip(), ref_identity, None),
+    # A floor of 1: the first step (no second moment yet) clamps to the floor.
+    Transform("adamw_clip", lambda: oc.adamw_clip(floor=1.0), ref_value(1.0),
+              (m_max_abs, 1.0)),
     Transform("clippy", lambda: oc.clippy(), ref_clippy(0.1, 1e-7),
               (m_clippy(0.1, 1e-7), 1.0)),
     Transform("clip_by_spectral_norm", lambda: oc.clip_by_spectral_norm(1.0),
@@ -704,6 +707,7 @@ _LARGE_BF16_ZEROED = (
     "olmo_adaptive_clip",
     "quantile_clip",
     "spam_clip",
+    "adamw_clip",
     "skip_nonfinite",
     "skip_spikes",
     "clip_per_example",

@@ -12,7 +12,7 @@ import optax
 import pytest
 
 import optaxclip as oc
-from tests.test_presets import first, make_stream
+from tests.helpers import first, make_stream
 
 STEPS = 320
 

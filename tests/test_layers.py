@@ -15,16 +15,34 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "optaxclip"
 # import each other either.
 LAYERS = [
     ["_checks"],
+    ["_tree"],
+    ["_numerics"],
+    ["_mesh"],
+    ["_xla"],
     ["_norms"],
     ["rules"],
     ["_stats"],
     ["_core"],
     ["_scopes"],
+    ["_clipping"],
     ["_presets", "_guards", "_per_example"],
     ["diagnostics", "_metrics"],
     ["__init__"],
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
+
+# Imports that point down but skip what the layer should use (DESIGN.md):
+# rules know nothing of how a measurement is made; the core knows no concrete
+# scope, preset or measuring recipe; presets use the public functions; the
+# guards and per-example clipping are their own scopes.
+FORBIDDEN = {
+    "rules": {"_tree", "_numerics", "_mesh", "_xla", "_norms"},
+    "_core": {"_norms", "_mesh", "_xla", "_scopes"},
+    "_norms": {"rules"},
+    "_presets": {"_scopes", "_core"},
+    "_guards": {"_scopes", "_clipping"},
+    "_per_example": {"_scopes", "_clipping"},
+}
 
 
 def package_imports(path: pathlib.Path) -> set[str]:
@@ -67,6 +85,25 @@ def test_imports_point_down(module):
     )
 
 
+@pytest.mark.parametrize("module", sorted(FORBIDDEN))
+def test_no_import_skips_its_layer(module):
+    found = package_imports(PACKAGE / f"{module}.py") & FORBIDDEN[module]
+    assert not found, f"optaxclip/{module}.py imports {sorted(found)}"
+
+
+def test_the_core_names_no_concrete_rule():
+    # `fresh_state` once asked whether the rule was `fixed` or `scheduled`;
+    # a rule with no state to learn is now recognized by its state.
+    tree = ast.parse((PACKAGE / "_core.py").read_text())
+    imported = {
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module == "rules"
+        for alias in node.names
+    }
+    assert imported <= {"Observation", "Rule", "observe"}, imported
+
+
 def test_the_layer_check_sees_an_upward_import(tmp_path):
     # The parser finds each spelling of an import of a package module.
     source = (
@@ -98,17 +135,18 @@ def test_matplotlib_is_imported_only_when_plotting():
 
 
 def test_rules_exports_rules_only():
-    # Rules, their states, the protocol and the threshold alias; the
-    # argument checks live in a private module.
+    # Rules, their states, the protocol (with the observation and the call
+    # that passes it) and the threshold alias; the argument checks live in a
+    # private module.
     import typing
 
     from optaxclip import rules
 
     for name in rules.__all__:
         obj = getattr(rules, name)
-        if name in {"Rule", "Threshold", "as_rule"}:
+        if name in {"Rule", "Observes", "Threshold", "as_rule", "observe"}:
             continue
-        if name.endswith("State"):
+        if name.endswith("State") or name == "Observation":
             assert issubclass(obj, tuple) and hasattr(obj, "_fields"), name
             continue
         instance = obj(1.0) if name == "fixed" else None

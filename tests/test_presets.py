@@ -18,9 +18,9 @@ import optax
 import pytest
 
 import optaxclip as oc
+from tests.helpers import STREAM_SHAPES, first, make_stream, scan_many, scanner
 
 T = 320
-SHAPES = ((4,), (2, 3), (5,))
 RTOL = 1e-5
 
 
@@ -29,44 +29,10 @@ RTOL = 1e-5
 # ---------------------------------------------------------------------------
 
 
-def make_stream(seed: int, steps: int = T, scale: float = 1.0):
-    """Stacked gradients ``[steps, *shape]`` per leaf, with every hazard."""
-    rng = np.random.default_rng(seed)
-    level = np.exp(rng.normal(0.0, 0.3, size=steps)) * scale
-    leaves = [
-        rng.normal(size=(steps, *s)) * level.reshape(-1, *[1] * len(s)) for s in SHAPES
-    ]
-    k = max(1, steps // 50)  # hazards of each kind
-    start = min(40, steps // 3)
-    picks = rng.permutation(np.arange(start, steps))
-    spikes, zeros, nans, infs, entry_spikes = np.split(
-        picks[: 8 * k], [2 * k, 3 * k, 4 * k, 5 * k]
-    )
-    for t in spikes:
-        for x in leaves:
-            x[t] *= 30.0
-    for t in entry_spikes:
-        leaves[1][t].flat[rng.integers(6)] *= 1e3
-    for t in zeros:
-        for x in leaves:
-            x[t] = 0.0
-    leaves[0][:3] = 0.0  # a tensor whose gradient is exactly zero at the start
-    leaves[2][rng.choice(np.arange(3, steps), 2 * k, replace=False)] = 0.0
-    for t in [2, *nans]:
-        leaves[rng.integers(3)][t].flat[0] = np.nan
-    for j, t in enumerate([min(30, steps - 1), *infs]):
-        leaves[rng.integers(3)][t].flat[-1] = np.inf if j % 2 else -np.inf
-    return {f"p{i}": jnp.asarray(x, jnp.float32) for i, x in enumerate(leaves)}
-
-
 def np_steps(stream):
     """The stream as a list of per-step lists of float64 NumPy leaves."""
     arrays = [np.asarray(stream[k], np.float64) for k in sorted(stream)]
     return [[a[t] for a in arrays] for t in range(arrays[0].shape[0])]
-
-
-def first(tree):
-    return jax.tree.map(lambda x: x[0], tree)
 
 
 def finite_params(seed, steps):
@@ -75,41 +41,11 @@ def finite_params(seed, steps):
     )
 
 
-def scanner(tx):
-    """A jitted ``(state, stream, params) -> (state, (outputs, stats))`` for ``tx``."""
-
-    def body(state, xs):
-        grads, p = xs
-        out, state = tx.update(grads, state, p)
-        return state, (out, oc.stats(state)[0])
-
-    return jax.jit(
-        lambda state, stream, params: jax.lax.scan(body, state, (stream, params))
-    )
-
-
 def run_stream(tx, stream, params=None):
     """Runs ``tx`` over the stream with one ``lax.scan``; returns outputs and stats."""
     state = tx.init(first(stream if params is None else params))
     _, (outs, stats) = scanner(tx)(state, stream, params)
     return outs, stats
-
-
-def scan_many(txs, stream, params=None):
-    """Runs every transform of ``txs`` side by side over the stream, in one scan."""
-    states = tuple(tx.init(first(stream if params is None else params)) for tx in txs)
-
-    def body(states, xs):
-        grads, p = xs
-        results, new = [], []
-        for tx, state in zip(txs, states, strict=True):
-            out, state = tx.update(grads, state, p)
-            results.append((out, oc.stats(state)[0]))
-            new.append(state)
-        return tuple(new), results
-
-    run = jax.jit(lambda s, x, p: jax.lax.scan(body, s, (x, p))[1])
-    return run(states, stream, params)
 
 
 def check_preset(make, settings, reference, stream, params=None):
@@ -864,7 +800,7 @@ def zero_run_stream(seed, before, zeros, after, frozen):
     level[rng.choice(steps, 20, replace=False)] *= 20.0
     stream = {
         f"p{i}": rng.normal(size=(steps, *s)) * level.reshape(-1, *[1] * len(s))
-        for i, s in enumerate(SHAPES)
+        for i, s in enumerate(STREAM_SHAPES)
     }
     for k in frozen:
         stream[k][before : before + zeros] = 0.0
@@ -952,3 +888,222 @@ def test_per_tensor_presets_forward_stacked_axes(make):
         for i in range(3):
             np.testing.assert_allclose(out1["w"][i], out2[f"l{i}"], rtol=1e-6)
         np.testing.assert_allclose(s1.stats.threshold, s2.stats.threshold, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# AdamWClip
+# ---------------------------------------------------------------------------
+
+
+def adamw_clip_reference(steps, k=3.0, beta2=0.999, floor=1e-10, warmup_steps=0):
+    """AdamWClip's clipping (official code), per entry: each entry within
+    ``max(k * sqrt(v / (1 - beta2**n)), floor)``, ``v`` and ``n`` from the
+    earlier (finite) steps, ``v`` updated with the clipped gradient."""
+    v = [np.zeros_like(x) for x in steps[0]]
+    n = 0
+    expected = []
+    for leaves in steps:
+        if not is_finite(leaves):  # documented difference: skipped, not in v
+            expected.append(None)
+            continue
+        out = []
+        for i, g in enumerate(leaves):
+            if n + 1 > warmup_steps:
+                correction = 1.0 / (1.0 - beta2**n) if n > 0 else 1.0
+                bound = np.maximum(np.sqrt(v[i] * correction) * k, floor)
+                g = np.clip(g, -bound, bound)
+            v[i] = v[i] * beta2 + (1 - beta2) * g * g
+            out.append(g)
+        n += 1
+        before, after = gnorm(leaves), gnorm(out)
+        expected.append((k, after / before if before > 0 else 1.0, out))
+    return expected
+
+
+ADAMW_CLIP = [
+    dict(),
+    dict(k=2.0, beta2=0.9, floor=1e-3, warmup_steps=5),
+    dict(k=1.5, beta2=0.99, floor=0.5, warmup_steps=1),
+]
+
+
+def test_adamw_clip_matches_reference():
+    stream = make_stream(30)
+    steps = np_steps(stream)
+    check_preset(
+        oc.adamw_clip,
+        ADAMW_CLIP,
+        lambda kw: adamw_clip_reference(steps, **kw),
+        stream,
+    )
+
+
+def official_adamwclip(params, grads, lr, betas, eps, weight_decay, k, floor, warm):
+    """The official ``AdamWClip.step`` (PyPI 0.1.4), one float64 NumPy array per
+    parameter; returns the parameters after every step."""
+    b1, b2 = betas
+    theta = [p.copy() for p in params]
+    m = [np.zeros_like(p) for p in params]
+    v = [np.zeros_like(p) for p in params]
+    trajectory = []
+    for t, step_grads in enumerate(grads, start=1):
+        lr_correction1 = -lr / (1.0 - b1**t)
+        correction2 = 1.0 / (1.0 - b2**t)
+        correction_clip = 1.0 / (1.0 - b2 ** (t - 1)) if t > 1 else 1.0
+        theta = [p + (-lr * weight_decay) * p for p in theta]
+        step_grads = [g.copy() for g in step_grads]
+        if k is not None and t > warm:  # k None: plain AdamW, as officially
+            for i, g in enumerate(step_grads):
+                bound = np.maximum(np.sqrt(v[i] * correction_clip) * k, floor)
+                step_grads[i] = np.minimum(np.maximum(g, -bound), bound)
+        for i, g in enumerate(step_grads):
+            m[i] = m[i] * b1 + (1 - b1) * g
+            v[i] = v[i] * b2 + (1 - b2) * g * g
+            denom = np.sqrt(v[i] * correction2) + eps
+            theta[i] = theta[i] + lr_correction1 * m[i] / denom
+        trajectory.append([p.copy() for p in theta])
+    return trajectory
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, k=3.0,
+             floor=1e-10, warm=0),
+        dict(lr=3e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1, k=2.0,
+             floor=1e-3, warm=3),
+    ],
+    ids=["official_defaults", "other"],
+)  # fmt: skip
+def test_adamw_clip_before_adamw_is_the_official_optimizer(settings):
+    """20 steps of gradients with spikes: the chain's parameters equal the
+    official optimizer's to 1e-6 (float32), and clipping changed them."""
+    rng = np.random.default_rng(31)
+    shapes = [(3, 4), (5,)]
+    params = [rng.normal(size=s) for s in shapes]
+    grads = [[rng.normal(size=s) * np.exp(rng.normal(0, 0.3)) for s in shapes]]
+    for t in range(1, 20):
+        g = [rng.normal(size=s) * np.exp(rng.normal(0, 0.3)) for s in shapes]
+        if t in (8, 13):
+            g = [x * 50.0 for x in g]  # spikes of the whole gradient
+        if t == 16:
+            g[0].flat[5] *= 1e3  # a spike of one entry
+        grads.append(g)
+    s = settings
+    want = official_adamwclip(
+        params, grads, s["lr"], s["betas"], s["eps"], s["weight_decay"],
+        s["k"], s["floor"], s["warm"],
+    )  # fmt: skip
+    b1, b2 = s["betas"]
+    adamw = optax.adamw(s["lr"], b1, b2, s["eps"], weight_decay=s["weight_decay"])
+    tx = optax.chain(oc.adamw_clip(s["k"], b2, s["floor"], s["warm"]), adamw)
+    f32 = lambda tree: [jnp.asarray(x, jnp.float32) for x in tree]  # noqa: E731
+
+    def body(carry, g):
+        p, state = carry
+        updates, state = tx.update(g, state, p)
+        p = optax.apply_updates(p, updates)
+        return (p, state), (p, oc.stats(state)[0].clipped)
+
+    stacked = [
+        jnp.stack([jnp.asarray(g[i], jnp.float32) for g in grads]) for i in (0, 1)
+    ]
+    with jax.numpy_dtype_promotion("standard"):  # optax.adam's bias correction
+        p0 = f32(params)
+        (_, state), (got, clipped) = jax.jit(lambda c, x: jax.lax.scan(body, c, x))(
+            (p0, tx.init(p0)), stacked
+        )
+    for i in range(2):
+        np.testing.assert_allclose(
+            got[i], np.stack([w[i] for w in want]), rtol=1e-6, atol=1e-6
+        )
+        # the clip's second moment is the optimizer's own
+        np.testing.assert_allclose(state[0].nu[i], state[1][0].nu[i], rtol=1e-6)
+    assert int(state[0].finite_count) == 20
+    clipped = np.asarray(clipped)
+    assert clipped[13] > 0 and clipped[16] > 0
+    # without the clipping the trajectory is another one
+    plain = official_adamwclip(
+        params, grads, s["lr"], s["betas"], s["eps"], s["weight_decay"],
+        None, s["floor"], s["warm"],
+    )  # fmt: skip
+    assert np.max(np.abs(plain[-1][0] - want[-1][0])) > 1e-3
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(k=0.0), "adamw_clip: `k`.*0.0"),
+        (dict(k=-3.0), "adamw_clip: `k`.*-3.0"),
+        (dict(beta2=1.0), "adamw_clip: `beta2`.*1.0"),
+        (dict(beta2=-0.5), "adamw_clip: `beta2`.*-0.5"),
+        (dict(floor=0.0), "adamw_clip: `floor`.*0.0"),
+        (dict(warmup_steps=2.5), "adamw_clip: `warmup_steps`.*2.5"),
+        (dict(warmup_steps=-1), "adamw_clip: `warmup_steps`.*-1"),
+        (dict(nonfinite="skip"), "adamw_clip: `nonfinite`.*skip"),
+        (dict(per_tensor_stats="yes"), "adamw_clip: `per_tensor_stats`.*yes"),
+    ],
+)
+def test_adamw_clip_bad_hyperparameters_raise_value_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        oc.adamw_clip(**kwargs)
+
+
+def test_adamw_clip_nonfinite_step_leaves_the_moment_untouched():
+    tx = oc.adamw_clip(k=2.0, beta2=0.5)
+    g = {"a": jnp.array([1.0, -2.0]), "b": jnp.array([[0.5]])}
+    state = tx.init(g)
+    _, state = tx.update(g, state)
+    bad = {"a": jnp.array([jnp.nan, 1.0]), "b": jnp.array([[jnp.inf]])}
+    out, after = jax.jit(tx.update)(bad, state)
+    for leaf in jax.tree.leaves(out):
+        np.testing.assert_array_equal(leaf, 0.0)
+    for x, y in zip(jax.tree.leaves(after.nu), jax.tree.leaves(state.nu), strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert int(after.finite_count) == 1 and int(after.count) == 2
+    assert int(after.stats.nonfinite_count) == 1
+    # "propagate" passes the NaN on, and still keeps it out of the moment
+    tx = oc.adamw_clip(k=2.0, beta2=0.5, nonfinite="propagate")
+    out, after = tx.update(bad, state)
+    assert bool(jnp.isnan(out["a"][0]))
+    np.testing.assert_array_equal(after.nu["a"], state.nu["a"])
+
+
+def test_adamw_clip_k_as_a_schedule_and_injected():
+    # k = 1 on step 0, 2 on step 1: the second step's bound is k * sqrt(v_hat).
+    k = lambda count: 1.0 + count.astype(jnp.float32)  # noqa: E731
+    tx = oc.adamw_clip(k, beta2=0.5, warmup_steps=1)
+    state = tx.init(jnp.zeros(2))
+    _, state = tx.update(jnp.array([1.0, -2.0]), state)
+    out, state = tx.update(jnp.array([10.0, -10.0]), state)
+    np.testing.assert_allclose(out, [2.0, -4.0], rtol=1e-6)
+    assert float(state.stats.threshold) == 2.0
+    traces = []
+
+    def factory(k, beta2):
+        traces.append(1)
+        return oc.adamw_clip(k, beta2, warmup_steps=1)
+
+    tx = optax.inject_hyperparams(factory)(k=3.0, beta2=0.5)
+    state = tx.init(jnp.zeros(2))
+    step = jax.jit(tx.update)
+    state.hyperparams["k"] = jnp.asarray(3.0)
+    _, state = step(jnp.array([1.0, -2.0]), state)
+    state.hyperparams["k"] = jnp.asarray(1.5)
+    out, state = step(jnp.array([10.0, -10.0]), state)
+    np.testing.assert_allclose(out, [1.5, -3.0], rtol=1e-6)
+    assert len(traces) == 2  # init, and one trace of update for both values
+
+
+def test_adamw_clip_per_tensor_stats_and_nonfinite_paths():
+    params = {"a": jnp.zeros(3), "b": jnp.zeros((2, 2))}
+    tx = oc.adamw_clip(per_tensor_stats=True)
+    state = tx.init(params)
+    assert state.count.dtype == jnp.int32 and state.finite_count.dtype == jnp.int32
+    g = {"a": jnp.array([3.0, 4.0, 0.0]), "b": jnp.array([[1.0, 0.0], [0.0, 0.0]])}
+    _, state = tx.update(g, state)
+    np.testing.assert_allclose(state.stats.tensor_norms, [5.0, 1.0], rtol=1e-6)
+    np.testing.assert_allclose(state.stats.norm, math.sqrt(26.0), rtol=1e-6)
+    bad = {"a": g["a"], "b": g["b"].at[1, 1].set(jnp.nan)}
+    _, state = tx.update(bad, state)
+    assert oc.nonfinite_paths(state, params) == ["b"]

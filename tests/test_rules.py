@@ -12,7 +12,7 @@ import pytest
 
 import optaxclip as oc
 from optaxclip import rules
-from tests.test_presets import first, make_stream, scan_many, scanner
+from tests.helpers import first, make_stream, scan_many, scanner
 
 RULES = [
     ("percentile", lambda: rules.percentile(20.0, window=16)),
@@ -50,7 +50,8 @@ def drive(rule, norms, totals=None):
         if totals is None:
             threshold, state = rule.update(state, n, t)
         else:
-            threshold, state = rule.update(state, n, t, total=total)
+            observation = rules.Observation(n, total)
+            threshold, state = rules.observe(rule, state, observation, t)
         return state, threshold
 
     steps = jnp.arange(norms.shape[0], dtype=jnp.int32)
