@@ -840,9 +840,9 @@ def clip_by_spectral_norm(
       An ``optax.GradientTransformationExtraArgs``; ``stats.norm`` holds one
       entry per tensor (or stacked slice), laid out as ``clip_by_norm``'s:
       a matrix's top singular value, 0 for a leaf that is not a matrix
-      (never clipped); ``stats.scale`` is ``bound / norm`` where a matrix
-      is clipped (1 elsewhere) and ``stats.clipped`` the number of matrices
-      clipped.
+      (never clipped; inf on a step where it holds a NaN or an Inf);
+      ``stats.scale`` is ``bound / norm`` where a matrix is clipped (1
+      elsewhere) and ``stats.clipped`` the number of matrices clipped.
 
     Example:
       >>> import jax.numpy as jnp

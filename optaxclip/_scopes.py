@@ -620,8 +620,8 @@ def _scatter(x, gathers):
 @dataclasses.dataclass(frozen=True)
 class SpectralScope(Scope):
     """Each matrix (2-D leaf or stacked slice): its top singular value; each
-    other leaf (or stacked slice) holds an entry of 0, as ``clip_by_norm``'s
-    entries are laid out."""
+    other leaf (or stacked slice) holds an entry of 0 (inf where it holds a
+    NaN or an Inf), as ``clip_by_norm``'s entries are laid out."""
 
     mode: str = "exact"
     stacked_axes: Any = None
@@ -661,17 +661,22 @@ class SpectralScope(Scope):
             for n, d in zip(names, dims or (), strict=True):
                 by_dim.setdefault(d, []).append(n)
             gathers.append(tuple((tuple(v), d) for d, v in by_dim.items()))
-        finite = [jnp.all(jnp.isfinite(x)) for x in leaves]
-        shapes, offsets = {}, np.cumsum([0, *counts])
+        shapes, offsets, markers = {}, np.cumsum([0, *counts]), []
+        acc = tree_acc_dtype(updates)
         for i, (x, k) in enumerate(zip(leaves, ks, strict=True)):
             if matrix[i]:
                 x = _gather(x, gathers[i])
                 count = math.prod(x.shape[:k])
                 key = (x.shape[-2:], x.dtype)
                 shapes.setdefault(key, []).append((i, x, count, offsets[i]))
+            else:
+                # Not a matrix: its entries (per stacked slice) are 0, or
+                # inf where it holds a NaN or an Inf.
+                ok = jnp.all(jnp.isfinite(x), axis=tuple(range(k, x.ndim)))
+                marker = jnp.where(ok, 0, jnp.inf).astype(acc).reshape(-1)
+                markers.append(_tree.replicated(marker))
         groups, tops, order = [], [], []
         parts_of = _norms.gram_parts if self.mode == "soft" else _norms.svd_parts
-        acc = tree_acc_dtype(updates)
         for (shape, dtype), members in shapes.items():
             dt = _numerics.compute_dtype(dtype)
             batch = jnp.concatenate(
@@ -685,7 +690,6 @@ class SpectralScope(Scope):
             groups.append((tuple((i, x, c) for i, x, c, _ in members), entries, parts))
             tops.append(top.astype(acc))
             order.append(entries)
-        # Leaves that are not matrices hold 0 (never clipped).
         filled = np.concatenate([*order, np.zeros((0,), int)])
         rest = np.setdiff1d(np.arange(offsets[-1]), filled)
         source = np.empty(offsets[-1], int)
@@ -693,15 +697,14 @@ class SpectralScope(Scope):
             np.arange(filled.size),
             filled.size + np.arange(rest.size),
         )
-        norms = jnp.concatenate([*tops, jnp.zeros((rest.size,), acc)])[source]
-        ok = jnp.all(jnp.stack(finite)) if finite else jnp.asarray(True)
+        norms = jnp.concatenate([*tops, *markers, jnp.zeros((0,), acc)])[source]
         everywhere = _mesh.axis_names(self.axis_name)
         if everywhere:
-            # A NaN on one device zeroes the step on all of them; the norms of
-            # gathered matrices are equal everywhere (a pmax says so).
-            ok = jax.lax.pmin(ok.astype(jnp.int32), everywhere).astype(bool)
+            # A NaN on one device zeroes the step on all of them (an inf
+            # marker survives the max); the entries of gathered matrices are
+            # equal everywhere (the pmax says so to shard_map).
             norms = jax.lax.pmax(norms, everywhere)
-        ok = ok & _finite(norms)
+        ok = _finite(norms)
         total = jnp.max(norms, initial=0.0)
         return SpectralMeasurement(
             norms, ok, total, groups=tuple(groups), gathers=tuple(gathers)

@@ -52,8 +52,6 @@ def rule_cases() -> dict:
 
 RULES = rule_cases()
 
-SPECTRAL_STACK = {"w": 0, "b": 0, "k": 1, "s": 0}
-
 # (scope, threshold) pairs: every scope with a number, and every rule at the
 # per-tensor scope (vector state) and the global scope (scalar state).
 SCOPES = {
@@ -63,10 +61,8 @@ SCOPES = {
     "value": lambda t, **kw: oc.clip_by_value(t, **kw),
     "block_rms": lambda t, **kw: oc.clip_by_block_rms(t, **kw),
     "agc": lambda t, **kw: oc.adaptive_grad_clip(t, **kw),
-    # "w" and each layer of "k" are matrices; "b" and "s" pass unchanged.
-    "spectral": lambda t, **kw: oc.clip_by_spectral_norm(
-        t, stacked_axes=SPECTRAL_STACK, **kw
-    ),
+    # "w" is the one matrix ("k" is one with stacked_axes, tested below).
+    "spectral": lambda t, **kw: oc.clip_by_spectral_norm(t, **kw),
 }
 NUMBER = {scope: ("number", 0.05 if scope == "agc" else 1.0) for scope in SCOPES}
 FIXED_CASES = [(scope, "number") for scope in SCOPES]
@@ -895,19 +891,18 @@ def test_a_nan_in_one_shard_is_seen_by_every_maximum(make, mode):
 
 
 # ---------------------------------------------------------------------------
-# Soft spectral clipping: sharded equals one device, to matmul rounding
+# Spectral clipping of stacked matrices ("w" and each layer of "k"), exact
+# and soft: sharded equals one device
 # ---------------------------------------------------------------------------
 
-# Under Auto axes XLA may split the Newton-Schulz products, which reorders
-# their sums: equal to one device within float32 rounding of the products.
-SOFT_RTOL, SOFT_ATOL = 1e-5, 1e-6
+SPECTRAL_STACK = {"w": 0, "b": 0, "k": 1, "s": 0}
 
 
-def _soft_spectral(**kw):
-    return oc.clip_by_spectral_norm(1.0, mode="soft", stacked_axes=SPECTRAL_STACK, **kw)
+def _spectral(mode, **kw):
+    return oc.clip_by_spectral_norm(1.0, mode=mode, stacked_axes=SPECTRAL_STACK, **kw)
 
 
-def _run_soft(tx, place=lambda t: t, step_fn=None):
+def _run_spectral(tx, place=lambda t: t, step_fn=None):
     step = step_fn or jax.jit(tx.update)
     state, history = jax.tree.map(place, tx.init(PARAMS)), []
     for grads in GRADS:
@@ -916,20 +911,26 @@ def _run_soft(tx, place=lambda t: t, step_fn=None):
     return history
 
 
-def _assert_soft_close(history, expected, what):
+def _assert_spectral_close(history, expected, mode, what):
+    # Under Auto axes XLA may split the Newton-Schulz products, which reorders
+    # their sums: soft mode equals one device within their float32 rounding.
+    rtol, atol = {"exact": (RTOL, ATOL), "soft": (1e-5, 1e-6)}[mode]
     for (u, s), (u_ref, s_ref) in zip(history, expected, strict=True):
         pairs = zip(
             jax.tree.leaves((u, s)), jax.tree.leaves((u_ref, s_ref)), strict=True
         )
         for a, e in pairs:
             np.testing.assert_allclose(
-                np.asarray(a), np.asarray(e), SOFT_RTOL, SOFT_ATOL, err_msg=what
+                np.asarray(a), np.asarray(e), rtol, atol, err_msg=what
             )
 
 
+@pytest.mark.parametrize("spectral_mode", ["exact", "soft"])
 @pytest.mark.parametrize("layout,mode", NAMED_CASES)
-def test_soft_spectral_clip_sharded_matches_single_device(layout, mode):
-    expected = _run_soft(_soft_spectral())
+def test_spectral_clip_of_stacked_matrices_sharded_matches_single_device(
+    layout, mode, spectral_mode
+):
+    expected = _run_spectral(_spectral(spectral_mode))
     build, specs = LAYOUTS[layout]
     mesh = build(mode)
     shardings = {k: NamedSharding(mesh, s) for k, s in specs.items()}
@@ -940,21 +941,22 @@ def test_soft_spectral_clip_sharded_matches_single_device(layout, mode):
         return tree
 
     with mesh_context(mesh, mode):
-        history = _run_soft(_soft_spectral(), place)
-    _assert_soft_close(history, expected, f"{layout}/{mode}")
+        history = _run_spectral(_spectral(spectral_mode), place)
+    _assert_spectral_close(history, expected, spectral_mode, f"{layout}/{mode}")
     for updates, _ in history:
         for k, leaf in updates.items():
             assert leaf.sharding.is_equivalent_to(shardings[k], leaf.ndim), k
     clipped = [int(s.stats.clipped) for _, s in history]
-    assert max(clipped) > 0 and min(clipped) == 0
+    assert max(clipped) == 9 and min(clipped) == 0  # "w" and 8 layers of "k"
 
 
+@pytest.mark.parametrize("spectral_mode", ["exact", "soft"])
 @pytest.mark.parametrize("mode", ["explicit", "auto"])
-def test_soft_spectral_clip_in_shard_map_matches_single_device(mode):
+def test_spectral_clip_in_shard_map_matches_single_device(mode, spectral_mode):
     """Split matrices are gathered for their clip, then split again."""
-    expected = _run_soft(_soft_spectral())
+    expected = _run_spectral(_spectral(spectral_mode))
     mesh = make_mesh((8,), ("x",), mode)
-    tx = _soft_spectral(axis_name="x", partition_specs=MIXED_SPECS)
+    tx = _spectral(spectral_mode, axis_name="x", partition_specs=MIXED_SPECS)
     state_specs = jax.tree.map(lambda _: P(), tx.init(PARAMS))
     step = jax.jit(
         jax.shard_map(
@@ -973,7 +975,8 @@ def test_soft_spectral_clip_in_shard_map_matches_single_device(mode):
             }
         return jax.device_put(tree, NamedSharding(mesh, P()))
 
-    _assert_soft_close(_run_soft(tx, place, step), expected, f"shard_map/{mode}")
+    history = _run_spectral(tx, place, step)
+    _assert_spectral_close(history, expected, spectral_mode, f"shard_map/{mode}")
 
 
 def test_spectral_axis_name_needs_partition_specs():
