@@ -834,7 +834,7 @@ def clip_by_spectral_norm(
         along which dims (the matrix is gathered for its decomposition).
       partition_specs: keyword-only; a pytree prefix of ``PartitionSpec``.
       per_tensor_stats: keyword-only; accepted for a uniform signature: this
-        scope always records one entry per matrix.
+        scope always records one entry per tensor (or stacked slice).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``stats.norm`` holds one
