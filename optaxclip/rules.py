@@ -645,8 +645,9 @@ class ema:  # noqa: N801
             if total is None:
                 raise ValueError(
                     "rules.ema(warmup_max_norm=...) bounds the whole tree's "
-                    "measurement during warm-up: call `observe` with an "
-                    "`Observation` holding it (every optaxclip scope does)."
+                    "measurement during warm-up: call `rules.observe` with an "
+                    "`Observation` whose `total` is that measurement (every "
+                    "optaxclip scope does)."
                 )
             total = jnp.asarray(total, dt)
             cap = jnp.asarray(self.warmup_max_norm, dt)
