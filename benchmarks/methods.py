@@ -23,6 +23,8 @@ class Method(NamedTuple):
 
 BARE = "bare adamw"
 GLOBAL_PER_TENSOR_STATS = "global, per_tensor_stats=True"
+SPECTRAL = "spectral (clip_by_spectral_norm)"
+SPECTRAL_SOFT = "spectral, mode=soft (SPECTRA)"
 
 # Adaptive rules, built with their defaults (percentile with p=10, as AutoClip).
 _RULES: dict[str, Callable[[Any], Any]] = {
@@ -72,6 +74,15 @@ def methods() -> list[Method]:
         )  # fmt: skip
     if hasattr(oc, "adagc"):
         out.append(Method("adagc()", "optaxclip", "per-tensor", "adagc", oc.adagc))
+    if hasattr(oc, "clip_by_spectral_norm"):
+        # One batched decomposition of the equally shaped kernels, read in
+        # the report against the global clip's step.
+        out += [
+            Method(SPECTRAL, "optaxclip", "spectral", None,
+                   lambda: oc.clip_by_spectral_norm(1.0)),
+            Method(SPECTRAL_SOFT, "optaxclip", "spectral", "soft",
+                   lambda: oc.clip_by_spectral_norm(1.0, mode="soft")),
+        ]  # fmt: skip
     return out
 
 

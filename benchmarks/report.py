@@ -565,6 +565,15 @@ def _step_summary(step: Sequence[StepRow]) -> list[str]:
             "An adaptive rule instead of a fixed global threshold took "
             f"{_range(rules)}x the fixed threshold's step."
         )
+    spectral = [r for r in step if r.scope == "spectral"]
+    if spectral:
+        out.append(
+            "Spectral clipping took "
+            + ", ".join(
+                f"{r.seconds / ours.seconds:.2f}x ({r.method})" for r in spectral
+            )
+            + " the global clip's step."
+        )
     return out
 
 

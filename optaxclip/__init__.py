@@ -16,6 +16,7 @@ from ._clipping import clip as clip
 from ._clipping import clip_by_block_rms as clip_by_block_rms
 from ._clipping import clip_by_global_norm as clip_by_global_norm
 from ._clipping import clip_by_norm as clip_by_norm
+from ._clipping import clip_by_spectral_norm as clip_by_spectral_norm
 from ._clipping import clip_by_value as clip_by_value
 from ._clipping import clippy as clippy
 from ._clipping import spam_clip as spam_clip
@@ -67,6 +68,7 @@ __all__ = [
     "clip_by_block_rms",
     "clip_by_global_norm",
     "clip_by_norm",
+    "clip_by_spectral_norm",
     "clip_by_value",
     "clip_per_example",
     "clip_update_rms",

@@ -460,3 +460,130 @@ def segment_view(values: jax.Array, x: jax.Array, layers: tuple[int, ...]) -> ja
     """Reshapes one leaf's slice of a segment vector to broadcast against it."""
     shape = [x.shape[a] if a in layers else 1 for a in range(x.ndim)]
     return values.reshape(shape)
+
+
+# ---------------------------------------------------------------------------
+# Spectral: singular values of batches of matrices (pure functions)
+# ---------------------------------------------------------------------------
+# Each takes a batch ``(B, m, n)`` in the accumulation dtype. Every matrix is
+# first divided by its largest absolute entry ``f`` (`unit_matrices`), so no
+# square overflows or underflows (a bfloat16 matrix of 1e30 entries is
+# clipped, not zeroed) and the work is invariant to the gradient's scale.
+
+NEWTON_SCHULZ_STEPS = 10  # SPECTRA's default (``--spectral_ns_steps``)
+POWER_SQUARINGS = 6  # power iteration of 2**6 steps
+
+
+def _adjoint(m: jax.Array) -> jax.Array:
+    return jnp.swapaxes(m, -1, -2).conj()
+
+
+def unit_matrices(m: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(f, m / f)``: each matrix's largest ``|entry|`` and the matrix over it.
+
+    A zero matrix has ``f = 0`` and stays zero; a non-finite one has a NaN or
+    infinite ``f`` and becomes zero (so no decomposition sees a NaN).
+    """
+    f = jnp.max(jnp.abs(m), axis=(-2, -1), initial=0.0)
+    ok = jnp.isfinite(f) & (f > 0)
+    y = m / jnp.where(ok, f, 1).astype(m.dtype)[..., None, None]
+    return f, jnp.where(ok[..., None, None], y, 0)
+
+
+def svd_parts(m: jax.Array) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    """Each matrix's top singular value (exact, from one batched SVD), and the
+    parts `svd_clamp` needs."""
+    f, y = unit_matrices(m)
+    u, s, vh = jnp.linalg.svd(y, full_matrices=False)
+    top = f * s[..., 0] if s.shape[-1] else jnp.zeros_like(f)
+    return top, (m, f, u, s, vh)
+
+
+def svd_clamp(
+    parts: tuple[jax.Array, ...], bound: jax.Array, top: jax.Array
+) -> jax.Array:
+    """``U diag(min(s, bound)) V^H`` per matrix (``parts`` from `svd_parts`).
+
+    A matrix whose top singular value is at most its bound comes back
+    exactly (a select, not a reconstruction); a zero bound gives zeros.
+    """
+    m, f, u, s, vh = parts
+    b = bound / jnp.where(f > 0, f, 1)
+    kept = (u * jnp.minimum(s, b[..., None]).astype(u.dtype)[..., None, :]) @ vh
+    clamped = f.astype(m.dtype)[..., None, None] * kept
+    return jnp.where((top <= bound)[..., None, None], m, clamped)
+
+
+def gram_parts(
+    m: jax.Array, squarings: int = POWER_SQUARINGS
+) -> tuple[jax.Array, tuple[Any, ...]]:
+    """Each matrix's top singular value by power iteration, and the parts
+    `soft_clip` needs.
+
+    The power ``(Y Y^H)^(2^squarings)`` (64 by default) is formed by repeated
+    squaring, rescaled each time, and applied to the column of ``Y Y^H`` of
+    the largest diagonal entry (the row of ``Y`` of largest norm): a
+    deterministic start, never orthogonal to the top singular vector unless
+    that row is. The estimate is the Rayleigh quotient: from below.
+    """
+    wide = m.shape[-2] <= m.shape[-1]
+    f, y = unit_matrices(m if wide else _adjoint(m))
+    gram = y @ _adjoint(y)
+    diag = jnp.real(jnp.diagonal(gram, axis1=-2, axis2=-1))
+    power = gram
+    for _ in range(squarings):
+        power = power @ power
+        largest = jnp.max(jnp.abs(power), axis=(-2, -1), keepdims=True)
+        power = power / jnp.where(largest > 0, largest, 1).astype(power.dtype)
+    v = _unit_vector(
+        jnp.take_along_axis(power, jnp.argmax(diag, -1)[..., None, None], -1)
+    )
+    rayleigh = jnp.real(jnp.sum(v.conj() * (gram @ v), axis=(-2, -1)))
+    top = f * safe_root(jnp.maximum(rayleigh, 0), 2.0)
+    return top, (m, f, y, gram, not wide)
+
+
+def _unit_vector(v: jax.Array) -> jax.Array:
+    length = safe_root(jnp.sum(jnp.real(v * v.conj()), axis=-2, keepdims=True), 2.0)
+    return v / jnp.where(length > 0, length, 1).astype(v.dtype)
+
+
+def soft_clip(
+    parts: tuple[jax.Array, ...], bound: jax.Array, steps: int = NEWTON_SCHULZ_STEPS
+) -> jax.Array:
+    """SPECTRA's soft clip ``(I + X X^H / c^2)^{-1/2} X`` of each matrix.
+
+    Each singular value ``s`` becomes ``s / sqrt(1 + s^2 / c^2)``.
+
+    The inverse square root is ``steps`` coupled Newton–Schulz iterations on
+    ``A / alpha``, with ``alpha = 1 + min(Gershgorin, Frobenius bound of
+    X X^H) / c^2``, as the official ``clip_sigvals``; here written on
+    ``Y = X / f``, with the identity and ``Y Y^H`` weighted so that neither
+    ``(f / c)^2`` nor its inverse overflows (equal in exact arithmetic).
+    The matrix product runs on the wide orientation (``Y Y^H`` of the
+    smaller side), as the official code.
+    """
+    m, f, y, gram, tall = parts
+    bound = bound.astype(f.dtype)
+    # The identity weighted by w = min(1, (c/f)^2), Y Y^H by v = min(1, (f/c)^2),
+    # each from a ratio at most 1 (finite derivatives at f = 0 and c = 0).
+    over = bound < f
+    root_w = jnp.where(over, bound / jnp.where(f > 0, f, 1), 1)
+    root_v = jnp.where(over, 1, f / jnp.where(over | (bound <= 0), 1, bound))
+    w, v = (root_w * root_w)[..., None, None], (root_v * root_v)[..., None, None]
+    absolute = jnp.abs(gram)
+    gershgorin = jnp.max(jnp.sum(absolute, -1), -1)
+    frobenius = safe_root(jnp.sum(absolute * absolute, (-2, -1)), 2.0)
+    den = w + v * jnp.minimum(gershgorin, frobenius)[..., None, None]
+    eye = jnp.broadcast_to(jnp.eye(gram.shape[-1], dtype=gram.dtype), gram.shape)
+    a = (w * eye + v * gram) / den.astype(gram.dtype)
+    z = eye
+    for _ in range(steps):
+        t = 0.5 * (3.0 * eye - z @ a)
+        a, z = a @ t, t @ z
+    factor = (f * root_w)[..., None, None] * jax.lax.rsqrt(den)
+    out = factor.astype(y.dtype) * (z @ y)
+    # An infinite bound (a rule with no history yet) passes ``m`` exactly.
+    return jnp.where(
+        jnp.isinf(bound)[..., None, None], m, _adjoint(out) if tall else out
+    )

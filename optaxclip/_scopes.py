@@ -24,6 +24,7 @@ functions in ``optaxclip._clipping`` build one and run the core step
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -31,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from . import _checks, _mesh, _norms, _xla
+from . import _checks, _mesh, _norms, _numerics, _tree, _xla
 from ._core import Act, Applied, Measurement, Scope
 from ._numerics import (
     INF,
@@ -639,3 +640,167 @@ class TensorNormalizeScope(TensorScope):
 
     def apply(self, updates, measured, act):
         return _normalized(updates, measured, act, measured.layer_axes)
+
+
+# Spectral scope: each matrix's singular values (clip_by_spectral_norm; the
+# numerics are in `_norms`: svd_parts / svd_clamp, gram_parts / soft_clip)
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SpectralMeasurement(Measurement):
+    """Each matrix's top singular value, with its group's decomposition.
+
+    Attributes:
+      groups: per matrix shape, ``(members, entries, parts)``: each member
+        leaf's ``(index, leaf, matrix count)``, the entries of its matrices in
+        ``norms``, and the batched decomposition's parts.
+      gathers: per float leaf, the ``(mesh axes, dim)`` it was gathered over.
+    """
+
+    groups: tuple[tuple[Any, np.ndarray, tuple[Any, ...]], ...] = ()
+    gathers: tuple[tuple[tuple[tuple[str, ...], int], ...], ...] = ()
+
+
+def _split_batch(batch, counts):
+    # One buffer per leaf from a few multi-output kernels (`split_entries`):
+    # read as slices, each leaf's piece would be a kernel of its own.
+    size = math.prod(batch.shape[1:])
+    counts = [c * size for c in counts]
+    if not jnp.iscomplexobj(batch):
+        return _xla.split_entries(batch.reshape(-1), counts)
+    parts = (
+        _xla.split_entries(p.reshape(-1), counts) for p in (batch.real, batch.imag)
+    )
+    return [jax.lax.complex(a, b) for a, b in zip(*parts, strict=True)]
+
+
+def _gather(x, gathers):
+    for names, dim in gathers:
+        x = jax.lax.all_gather(x, names, axis=dim, tiled=True)
+    return x
+
+
+def _scatter(x, gathers):
+    for names, dim in reversed(gathers):
+        size = x.shape[dim] // jax.lax.psum(1, names)
+        start = jax.lax.axis_index(names) * size
+        x = jax.lax.dynamic_slice_in_dim(x, start, size, dim)
+    return x
+
+
+@dataclasses.dataclass(frozen=True)
+class SpectralScope(Scope):
+    """Each matrix (2-D leaf or stacked slice): its top singular value; each
+    other leaf (or stacked slice) holds an entry of 0 (inf where it holds a
+    NaN or an Inf), as ``clip_by_norm``'s entries are laid out."""
+
+    mode: str = "exact"
+    stacked_axes: Any = None
+    axis_name: Any = None
+    partition_specs: Any = None
+    owner: str = "clip_by_spectral_norm"
+
+    def _entries(self, tree):
+        # Per float leaf: its stacked axes, its number of entries (one per
+        # stacked slice, as `clip_by_norm`), and whether it is a matrix.
+        leaves = float_leaves(tree)
+        ks = [int(k or 0) for k in _stacked_per_leaf(self.stacked_axes, tree)]
+        for x, k in zip(leaves, ks, strict=True):
+            if k > np.ndim(x):
+                raise ValueError(
+                    f"`stacked_axes`={k} exceeds the rank of a leaf of shape "
+                    f"{np.shape(x)}."
+                )
+        counts = [math.prod(np.shape(x)[:k]) for x, k in zip(leaves, ks, strict=True)]
+        matrix = [
+            np.ndim(x) - k == 2 and bool(np.size(x))
+            for x, k in zip(leaves, ks, strict=True)
+        ]
+        return leaves, ks, counts, matrix
+
+    def norm_like(self, params):
+        _, _, counts, _ = self._entries(params)
+        return jnp.zeros((sum(counts),), tree_acc_dtype(params))
+
+    def measure(self, updates, params, extra_args):
+        del params, extra_args
+        leaves, ks, counts, matrix = self._entries(updates)
+        split = _mesh.leaf_mesh_axes(updates, self.axis_name, self.partition_specs)
+        gathers = []
+        for names, dims in split:
+            by_dim = {}
+            for n, d in zip(names, dims or (), strict=True):
+                by_dim.setdefault(d, []).append(n)
+            gathers.append(tuple((tuple(v), d) for d, v in by_dim.items()))
+        shapes, offsets, markers = {}, np.cumsum([0, *counts]), []
+        acc = tree_acc_dtype(updates)
+        for i, (x, k) in enumerate(zip(leaves, ks, strict=True)):
+            if matrix[i]:
+                x = _gather(x, gathers[i])
+                count = math.prod(x.shape[:k])
+                key = (x.shape[-2:], x.dtype)
+                shapes.setdefault(key, []).append((i, x, count, offsets[i]))
+            else:
+                # Not a matrix: its entries (per stacked slice) are 0, or
+                # inf where it holds a NaN or an Inf.
+                ok = jnp.all(jnp.isfinite(x), axis=tuple(range(k, x.ndim)))
+                marker = jnp.where(ok, 0, jnp.inf).astype(acc).reshape(-1)
+                markers.append(_tree.replicated(marker))
+        groups, tops, order = [], [], []
+        parts_of = _norms.gram_parts if self.mode == "soft" else _norms.svd_parts
+        for (shape, dtype), members in shapes.items():
+            dt = _numerics.compute_dtype(dtype)
+            batch = jnp.concatenate(
+                [
+                    _tree.replicated(x).reshape(-1, *shape).astype(dt)
+                    for _, x, _, _ in members
+                ]
+            )
+            top, parts = parts_of(batch)
+            entries = np.concatenate([np.arange(o, o + c) for _, _, c, o in members])
+            groups.append((tuple((i, x, c) for i, x, c, _ in members), entries, parts))
+            tops.append(top.astype(acc))
+            order.append(entries)
+        filled = np.concatenate([*order, np.zeros((0,), int)])
+        rest = np.setdiff1d(np.arange(offsets[-1]), filled)
+        source = np.empty(offsets[-1], int)
+        source[filled], source[rest] = (
+            np.arange(filled.size),
+            filled.size + np.arange(rest.size),
+        )
+        norms = jnp.concatenate([*tops, *markers, jnp.zeros((0,), acc)])[source]
+        everywhere = _mesh.axis_names(self.axis_name)
+        if everywhere:
+            # A NaN on one device zeroes the step on all of them (an inf
+            # marker survives the max); the entries of gathered matrices are
+            # equal everywhere (the pmax says so to shard_map).
+            norms = jax.lax.pmax(norms, everywhere)
+        ok = _finite(norms)
+        total = jnp.max(norms, initial=0.0)
+        return SpectralMeasurement(
+            norms, ok, total, groups=tuple(groups), gathers=tuple(gathers)
+        )
+
+    def apply(self, updates, measured, act):
+        threshold, keep, out = act.threshold, act.keep, {}
+        for members, entries, parts in measured.groups:
+            bound = threshold[entries] if threshold.ndim else threshold
+            bound = jnp.broadcast_to(bound, entries.shape)
+            if self.mode == "soft":
+                batch = _norms.soft_clip(parts, bound)
+            else:
+                batch = _norms.svd_clamp(parts, bound, measured.norms[entries])
+            pieces = _split_batch(batch, [c for _, _, c in members])
+            for (i, x, _), piece in zip(members, pieces, strict=True):
+                piece = piece.reshape(x.shape).astype(x.dtype)
+                out[i] = _scatter(piece, measured.gathers[i])
+
+        def clamp(i, x):
+            return zero_unless(keep, _tree.sharded_like(x, out.get(i, x)))
+
+        norms = measured.norms
+        clipped = jnp.sum(norms > threshold)
+        return Applied(
+            map_float(clamp, updates), safe_scale(norms, threshold, keep), clipped
+        )

@@ -184,6 +184,7 @@ SCOPES = [
     (oc.clip, "max_delta"),
     (oc.adaptive_grad_clip, "clipping"),
     (oc.clip_per_example, "l2_norm_clip"),
+    (oc.clip_by_spectral_norm, "max_norm"),
 ]
 BAD_ARRAYS = [
     jnp.array(-1.0),
@@ -364,6 +365,7 @@ PER_TENSOR = [
     ("spam_clip", oc.spam_clip),
     ("stable_spam_clip", oc.stable_spam_clip),
     ("clippy", oc.clippy),
+    ("clip_by_spectral_norm", lambda: oc.clip_by_spectral_norm(1.0)),
 ]
 SHAPED_LIKE_TREE = {"spam_clip"}
 NEEDS_PARAMS = {"adaptive_grad_clip", "clippy"}

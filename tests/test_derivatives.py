@@ -64,6 +64,10 @@ CASES: dict[str, Case] = {
     ),
     "clip_by_block_rms": Case(lambda t: oc.clip_by_block_rms(t)),
     "adaptive_grad_clip": Case(lambda t: oc.adaptive_grad_clip(t)),
+    "clip_by_spectral_norm": Case(lambda t: oc.clip_by_spectral_norm(t)),
+    "clip_by_spectral_norm-soft": Case(
+        lambda t: oc.clip_by_spectral_norm(t, mode="soft")
+    ),
     # Every rule at the global scope; ``t`` goes where the rule takes a bound.
     "rules.percentile": Case(
         lambda t: oc.clip_by_global_norm(rules.percentile(50.0, window=4)),
@@ -141,8 +145,9 @@ CASES: dict[str, Case] = {
 # Every transform the package exports is in the table.
 _TRANSFORMS = {
     "adagc", "adaptive_grad_clip", "autoclip", "clip", "clip_by_block_rms",
-    "clip_by_global_norm", "clip_by_norm", "clip_by_value", "clip_per_example",
-    "clip_update_rms", "clippy", "olmo_adaptive_clip", "per_example_global_norm_clip",
+    "clip_by_global_norm", "clip_by_norm", "clip_by_spectral_norm",
+    "clip_by_value", "clip_per_example", "clip_update_rms", "clippy",
+    "olmo_adaptive_clip", "per_example_global_norm_clip",
     "per_example_layer_norm_clip", "quantile_clip", "skip_nonfinite",
     "skip_spikes", "spam_clip", "stable_spam_clip", "trust_ratio_clip", "zclip",
     "gradient_stabilizer",

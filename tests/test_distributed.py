@@ -61,6 +61,8 @@ SCOPES = {
     "value": lambda t, **kw: oc.clip_by_value(t, **kw),
     "block_rms": lambda t, **kw: oc.clip_by_block_rms(t, **kw),
     "agc": lambda t, **kw: oc.adaptive_grad_clip(t, **kw),
+    # "w" is the one matrix ("k" is one with stacked_axes, tested below).
+    "spectral": lambda t, **kw: oc.clip_by_spectral_norm(t, **kw),
     "global_normalize": lambda t, **kw: oc.clip_by_global_norm(
         t, action="normalize", **kw
     ),
@@ -1002,3 +1004,97 @@ def test_lazy_guards_sharded_match_one_device_and_select(layout, mode):
     skipped = [int(s[cases[0]].skipped) for _, s in actual]
     assert skipped[-1] == 2 and skipped[2] == 0, skipped
     assert int(actual[-1][1][cases[1]].skipped) == 1
+
+
+# ---------------------------------------------------------------------------
+# Spectral clipping of stacked matrices ("w" and each layer of "k"), exact
+# and soft: sharded equals one device
+# ---------------------------------------------------------------------------
+
+SPECTRAL_STACK = {"w": 0, "b": 0, "k": 1, "s": 0}
+
+
+def _spectral(mode, **kw):
+    return oc.clip_by_spectral_norm(1.0, mode=mode, stacked_axes=SPECTRAL_STACK, **kw)
+
+
+def _run_spectral(tx, place=lambda t: t, step_fn=None):
+    step = step_fn or jax.jit(tx.update)
+    state, history = jax.tree.map(place, tx.init(PARAMS)), []
+    for grads in GRADS:
+        updates, state = step(place(grads), state)
+        history.append((updates, state))
+    return history
+
+
+def _assert_spectral_close(history, expected, mode, what):
+    # Under Auto axes XLA may split the Newton-Schulz products, which reorders
+    # their sums: soft mode equals one device within their float32 rounding.
+    rtol, atol = {"exact": (RTOL, ATOL), "soft": (1e-5, 1e-6)}[mode]
+    for (u, s), (u_ref, s_ref) in zip(history, expected, strict=True):
+        pairs = zip(
+            jax.tree.leaves((u, s)), jax.tree.leaves((u_ref, s_ref)), strict=True
+        )
+        for a, e in pairs:
+            np.testing.assert_allclose(
+                np.asarray(a), np.asarray(e), rtol, atol, err_msg=what
+            )
+
+
+@pytest.mark.parametrize("spectral_mode", ["exact", "soft"])
+@pytest.mark.parametrize("layout,mode", NAMED_CASES)
+def test_spectral_clip_of_stacked_matrices_sharded_matches_single_device(
+    layout, mode, spectral_mode
+):
+    expected = _run_spectral(_spectral(spectral_mode))
+    build, specs = LAYOUTS[layout]
+    mesh = build(mode)
+    shardings = {k: NamedSharding(mesh, s) for k, s in specs.items()}
+
+    def place(tree):
+        if isinstance(tree, dict) and set(tree) == set(shardings):
+            return {k: jax.device_put(v, shardings[k]) for k, v in tree.items()}
+        return tree
+
+    with mesh_context(mesh, mode):
+        history = _run_spectral(_spectral(spectral_mode), place)
+    _assert_spectral_close(history, expected, spectral_mode, f"{layout}/{mode}")
+    for updates, _ in history:
+        for k, leaf in updates.items():
+            assert leaf.sharding.is_equivalent_to(shardings[k], leaf.ndim), k
+    clipped = [int(s.stats.clipped) for _, s in history]
+    assert max(clipped) == 9 and min(clipped) == 0  # "w" and 8 layers of "k"
+
+
+@pytest.mark.parametrize("spectral_mode", ["exact", "soft"])
+@pytest.mark.parametrize("mode", ["explicit", "auto"])
+def test_spectral_clip_in_shard_map_matches_single_device(mode, spectral_mode):
+    """Split matrices are gathered for their clip, then split again."""
+    expected = _run_spectral(_spectral(spectral_mode))
+    mesh = make_mesh((8,), ("x",), mode)
+    tx = _spectral(spectral_mode, axis_name="x", partition_specs=MIXED_SPECS)
+    state_specs = jax.tree.map(lambda _: P(), tx.init(PARAMS))
+    step = jax.jit(
+        jax.shard_map(
+            tx.update,
+            mesh=mesh,
+            in_specs=(MIXED_SPECS, state_specs),
+            out_specs=(MIXED_SPECS, state_specs),
+        )
+    )
+
+    def place(tree):
+        if isinstance(tree, dict) and set(tree) == set(MIXED_SPECS):
+            return {
+                k: jax.device_put(v, NamedSharding(mesh, MIXED_SPECS[k]))
+                for k, v in tree.items()
+            }
+        return jax.device_put(tree, NamedSharding(mesh, P()))
+
+    history = _run_spectral(tx, place, step)
+    _assert_spectral_close(history, expected, spectral_mode, f"shard_map/{mode}")
+
+
+def test_spectral_axis_name_needs_partition_specs():
+    with pytest.raises(ValueError, match="axis_name.*partition_specs"):
+        oc.clip_by_spectral_norm(1.0, axis_name="x")

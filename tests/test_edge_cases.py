@@ -345,6 +345,28 @@ def ref_stabilizer(eps):
     return ref
 
 
+def ref_spectral(c):
+    """Each non-empty 2-D leaf's singular values clamped to ``c``; others kept."""
+
+    def ref(leaves, weights):
+        out = []
+        for x in leaves:
+            if x.ndim == 2 and x.size:
+                u, s, vt = np.linalg.svd(x, full_matrices=False)
+                x = (u * np.minimum(s, c)) @ vt
+            out.append(x)
+        return out
+
+    return ref
+
+
+def m_max_spectral(leaves, weights):
+    tops = [
+        np.linalg.svd(x, compute_uv=False)[0] for x in leaves if x.ndim == 2 and x.size
+    ]
+    return max(tops, default=0.0)
+
+
 # ---------------------------------------------------------------------------
 # The transforms
 # ---------------------------------------------------------------------------
@@ -434,6 +456,8 @@ TRANSFORMS = [
               (m_max_abs, 1.0)),
     Transform("clippy", lambda: oc.clippy(), ref_clippy(0.1, 1e-7),
               (m_clippy(0.1, 1e-7), 1.0)),
+    Transform("clip_by_spectral_norm", lambda: oc.clip_by_spectral_norm(1.0),
+              ref_spectral(1.0), (m_max_spectral, 1.0)),
     # Guards around sgd(1.0, momentum=0.9): the first step applies -g.
     Transform("skip_nonfinite", _guarded(oc.skip_nonfinite), ref_sgd, None,
               kind="guard"),
@@ -740,6 +764,11 @@ BUGS: dict[str, set[tuple[str, str]]] = {
     # The drop-ins count the int8 leaf in the norm (as optax does), which the
     # float references leave out; the integer case above covers it.
     "functions_mixed": {(t, "mixed_dtypes") for t in _FUNCTIONS},
+    # Documented limits of the spectral clamp, each checked by its own test:
+    # it mixes a matrix's entries (no entry keeps its phase), and its float32
+    # SVD carries an error of about eps * (top singular value / bound).
+    "spectral_complex": {("clip_by_spectral_norm", "complex")},
+    "spectral_float32": {("clip_by_spectral_norm", "float16_large")},
     "normalize_underflow": {
         (t, "bfloat16_tiny")
         for t in ("norm_normalize", "global_norm_normalize", "gradient_stabilizer")
@@ -910,3 +939,32 @@ def test_update_rms_and_lazy_guards_norm_beyond_2_64(transform):
     test_a_tensor_2_norm_beyond_2_64_counts_as_nonfinite(
         transform, "bfloat16_large", "jit"
     )
+
+
+@pytest.mark.parametrize("transform,case,mode", _pairs("spectral_complex"))
+def test_spectral_clip_of_a_complex_matrix_mixes_its_entries(transform, case, mode):
+    """A complex matrix's singular values are clamped as a real one's (its
+    entries' phases change); a complex vector passes unchanged."""
+    tree = CASE[case].tree()
+    out = _result(TRANSFORM[transform], CASE[case], mode)["out"]
+    (expected,) = ref_spectral(1.0)([_f64(tree["w"])], None)
+    np.testing.assert_allclose(_f64(out["w"]), expected, rtol=1e-5, atol=1e-6)
+    assert np.linalg.svd(_f64(out["w"]), compute_uv=False)[0] <= 1 + 1e-6
+    np.testing.assert_array_equal(_f64(out["z"]), _f64(tree["z"]))
+
+
+@pytest.mark.parametrize("transform,case,mode", _pairs("spectral_float32"))
+def test_spectral_clip_far_above_the_bound_is_accurate_to_float32(
+    transform, case, mode
+):
+    """float16 entries of 6e4 (a top singular value 1.5e5 times the bound):
+    clipped to the bound, not zeroed, with the float32 SVD's error of about
+    eps_f32 * 1.5e5 (2e-2 relative) rather than float16 rounding."""
+    tree = CASE[case].tree()
+    out = _result(TRANSFORM[transform], CASE[case], mode)["out"]
+    (expected,) = ref_spectral(1.0)([_f64(tree["b"])], None)
+    top = float(np.linalg.svd(_f64(tree["b"]), compute_uv=False)[0])
+    tolerance = float(np.finfo(np.float32).eps) * top
+    np.testing.assert_allclose(_f64(out["b"]), expected, rtol=0, atol=tolerance)
+    assert m_max_spectral([_f64(out["b"])], None) <= 1 + tolerance
+    np.testing.assert_array_equal(_f64(out["a"]), _f64(tree["a"]))

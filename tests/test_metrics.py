@@ -412,6 +412,11 @@ PER_TENSOR = {
         lambda g, w: np_pnorm(g, np.inf),
     ),
     "clippy": (lambda: oc.clippy(), np_clippy_ratio),
+    # A matrix's top singular value; 0 for a leaf that is not a matrix.
+    "clip_by_spectral_norm": (
+        lambda: oc.clip_by_spectral_norm(1.0),
+        lambda g, w: np.linalg.svd(g, compute_uv=False)[0] if g.ndim == 2 else 0.0,
+    ),
 }
 
 
