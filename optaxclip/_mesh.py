@@ -133,3 +133,37 @@ def cross_device_vector(
         out = piece if out is None else combine(out, piece, p)
     assert out is not None  # groups are not all empty here
     return out
+
+
+def gather_plan(
+    tree: Any, axis_name: AxisName, partition_specs: Any
+) -> list[tuple[tuple[tuple[str, ...], int], ...]]:
+    """Per float leaf, the ``(mesh axes, dim)`` pairs it is split over.
+
+    A leaf that must be read whole (a matrix whose singular values are
+    measured) is gathered along each pair with `gather` and split again
+    with `scatter`.
+    """
+    plan = []
+    for names, dims in leaf_mesh_axes(tree, axis_name, partition_specs):
+        by_dim: dict[int, list[str]] = {}
+        for n, d in zip(names, dims or (), strict=True):
+            by_dim.setdefault(d, []).append(n)
+        plan.append(tuple((tuple(v), d) for d, v in by_dim.items()))
+    return plan
+
+
+def gather(x: jax.Array, pairs: Sequence[tuple[tuple[str, ...], int]]) -> jax.Array:
+    """The whole of a leaf split over ``pairs`` (inside ``shard_map``)."""
+    for names, dim in pairs:
+        x = jax.lax.all_gather(x, names, axis=dim, tiled=True)
+    return x
+
+
+def scatter(x: jax.Array, pairs: Sequence[tuple[tuple[str, ...], int]]) -> jax.Array:
+    """This device's shard of a whole leaf split over ``pairs`` (`gather`'s inverse)."""
+    for names, dim in reversed(pairs):
+        size = x.shape[dim] // jax.lax.psum(1, names)
+        start = jax.lax.axis_index(names) * size
+        x = jax.lax.dynamic_slice_in_dim(x, start, size, dim)
+    return x

@@ -662,33 +662,6 @@ class SpectralMeasurement(Measurement):
     gathers: tuple[tuple[tuple[tuple[str, ...], int], ...], ...] = ()
 
 
-def _split_batch(batch, counts):
-    # One buffer per leaf from a few multi-output kernels (`split_entries`):
-    # read as slices, each leaf's piece would be a kernel of its own.
-    size = math.prod(batch.shape[1:])
-    counts = [c * size for c in counts]
-    if not jnp.iscomplexobj(batch):
-        return _xla.split_entries(batch.reshape(-1), counts)
-    parts = (
-        _xla.split_entries(p.reshape(-1), counts) for p in (batch.real, batch.imag)
-    )
-    return [jax.lax.complex(a, b) for a, b in zip(*parts, strict=True)]
-
-
-def _gather(x, gathers):
-    for names, dim in gathers:
-        x = jax.lax.all_gather(x, names, axis=dim, tiled=True)
-    return x
-
-
-def _scatter(x, gathers):
-    for names, dim in reversed(gathers):
-        size = x.shape[dim] // jax.lax.psum(1, names)
-        start = jax.lax.axis_index(names) * size
-        x = jax.lax.dynamic_slice_in_dim(x, start, size, dim)
-    return x
-
-
 @dataclasses.dataclass(frozen=True)
 class SpectralScope(Scope):
     """Each matrix (2-D leaf or stacked slice): its top singular value; each
@@ -726,18 +699,12 @@ class SpectralScope(Scope):
     def measure(self, updates, params, extra_args):
         del params, extra_args
         leaves, ks, counts, matrix = self._entries(updates)
-        split = _mesh.leaf_mesh_axes(updates, self.axis_name, self.partition_specs)
-        gathers = []
-        for names, dims in split:
-            by_dim = {}
-            for n, d in zip(names, dims or (), strict=True):
-                by_dim.setdefault(d, []).append(n)
-            gathers.append(tuple((tuple(v), d) for d, v in by_dim.items()))
+        gathers = _mesh.gather_plan(updates, self.axis_name, self.partition_specs)
         shapes, offsets, markers = {}, np.cumsum([0, *counts]), []
         acc = tree_acc_dtype(updates)
         for i, (x, k) in enumerate(zip(leaves, ks, strict=True)):
             if matrix[i]:
-                x = _gather(x, gathers[i])
+                x = _mesh.gather(x, gathers[i])
                 count = math.prod(x.shape[:k])
                 key = (x.shape[-2:], x.dtype)
                 shapes.setdefault(key, []).append((i, x, count, offsets[i]))
@@ -791,10 +758,10 @@ class SpectralScope(Scope):
                 batch = _norms.soft_clip(parts, bound)
             else:
                 batch = _norms.svd_clamp(parts, bound, measured.norms[entries])
-            pieces = _split_batch(batch, [c for _, _, c in members])
+            pieces = _xla.split_batch(batch, [c for _, _, c in members])
             for (i, x, _), piece in zip(members, pieces, strict=True):
                 piece = piece.reshape(x.shape).astype(x.dtype)
-                out[i] = _scatter(piece, measured.gathers[i])
+                out[i] = _mesh.scatter(piece, measured.gathers[i])
 
         def clamp(i, x):
             return zero_unless(keep, _tree.sharded_like(x, out.get(i, x)))

@@ -23,6 +23,7 @@ values and derivatives of `split_entries` and `leaf_scales`.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -141,3 +142,18 @@ def _split_entries_jvp(counts, primals, tangents):
         for i in range(len(counts))
     )
     return pieces, slices
+
+
+def split_batch(batch: jax.Array, counts: Sequence[int]) -> list[jax.Array]:
+    """Splits a batch of matrices into pieces of ``counts[i]`` matrices.
+
+    Each piece is a buffer of its own, from a few multi-output kernels
+    (`split_entries`): read as slices, each piece would be a kernel of its
+    own. Complex batches are split by parts.
+    """
+    size = math.prod(batch.shape[1:])
+    counts = [c * size for c in counts]
+    if not jnp.iscomplexobj(batch):
+        return split_entries(batch.reshape(-1), counts)
+    parts = (split_entries(p.reshape(-1), counts) for p in (batch.real, batch.imag))
+    return [jax.lax.complex(a, b) for a, b in zip(*parts, strict=True)]
