@@ -44,6 +44,6 @@ def test_stats_are_found_inside_guards_in_tree_order():
 
 def test_a_state_of_another_transform_is_refused():
     tx = oc.clip_by_global_norm(1.0)
-    other = oc.clippy().init({"w": jnp.zeros(2)})
+    other = oc.spam_clip().init({"w": jnp.zeros(2)})
     with pytest.raises(TypeError, match=r"expected its state \(ClipState\)"):
         tx.update({"w": jnp.ones(2)}, other)
