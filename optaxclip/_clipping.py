@@ -439,15 +439,11 @@ def spam_clip(
       beta2: EMA factor of ``v`` (use the optimizer's ``b2``).
       reset_interval: steps between resets of ``v``; 0 for none.
       guard_steps: steps without clipping after the start and each reset.
-      nonfinite: keyword-only; ``"zero"`` (default) or ``"propagate"``.
-      axis_name: keyword-only; the ``shard_map`` / ``pmap`` mesh axis (or
-        axes) the leaves are split across (the recorded norms and counts
-        are then the whole tree's).
-      partition_specs: keyword-only; which leaves are split across
-        ``axis_name`` (a pytree prefix of ``PartitionSpec``).
-      per_tensor_stats: keyword-only; also record each tensor's norm on every
-        step (``stats.tensor_norms``; per-tensor keys in
-        [`metrics`][optaxclip.metrics]).
+      nonfinite: keyword-only; as in
+        [`clip_by_global_norm`][optaxclip.clip_by_global_norm].
+      axis_name: keyword-only; as there.
+      partition_specs: keyword-only; as there.
+      per_tensor_stats: keyword-only; as there.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -533,15 +529,11 @@ def adamw_clip(
       beta2: Adam's ``b2``, in ``[0, 1)``.
       floor: the smallest bound (``clip_grad_min``), ``> 0``.
       warmup_steps: steps not clipped at the start (``clip_grad_warm_up``).
-      nonfinite: keyword-only; ``"zero"`` (default) or ``"propagate"``.
-      axis_name: keyword-only; the ``shard_map`` / ``pmap`` mesh axis (or
-        axes) the leaves are split across (the recorded norms and counts
-        are then the whole tree's).
-      partition_specs: keyword-only; which leaves are split across
-        ``axis_name`` (a pytree prefix of ``PartitionSpec``).
-      per_tensor_stats: keyword-only; also record each tensor's norm on every
-        step (``stats.tensor_norms``; per-tensor keys in
-        [`metrics`][optaxclip.metrics]).
+      nonfinite: keyword-only; as in
+        [`clip_by_global_norm`][optaxclip.clip_by_global_norm].
+      axis_name: keyword-only; as there.
+      partition_specs: keyword-only; as there.
+      per_tensor_stats: keyword-only; as there.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is an
@@ -626,14 +618,11 @@ def stable_spam_clip(
     Args:
       beta: EMA factor of the largest absolute entry (Stable-SPAM's
         ``theta``), in ``[0, 1)``.
-      nonfinite: keyword-only; ``"zero"`` (default) or ``"propagate"``.
-      axis_name: keyword-only; the ``shard_map`` / ``pmap`` mesh axis (or
-        axes) the leaves are split across (the recorded norms and counts
-        are then the whole tree's).
-      partition_specs: keyword-only; which leaves are split across
-        ``axis_name`` (a pytree prefix of ``PartitionSpec``).
-      per_tensor_stats: keyword-only; accepted for a uniform signature:
-        this method always records one entry per tensor.
+      nonfinite: keyword-only; as in
+        [`clip_by_global_norm`][optaxclip.clip_by_global_norm].
+      axis_name: keyword-only; as there.
+      partition_specs: keyword-only; as there.
+      per_tensor_stats: keyword-only; as there.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -695,11 +684,10 @@ def clippy(
     Args:
       relative: the largest move relative to the weight's magnitude.
       absolute: the largest move of a zero weight.
-      nonfinite: keyword-only; ``"zero"`` (default) or ``"propagate"``.
-      axis_name: keyword-only; the ``shard_map`` / ``pmap`` mesh axis (or
-        axes) the leaves are split across.
-      per_tensor_stats: keyword-only; accepted for a uniform signature:
-        this method always records one entry per tensor.
+      nonfinite: keyword-only; as in
+        [`clip_by_global_norm`][optaxclip.clip_by_global_norm].
+      axis_name: keyword-only; as there.
+      per_tensor_stats: keyword-only; as there.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
