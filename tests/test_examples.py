@@ -12,6 +12,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -353,15 +354,24 @@ def test_demo_learning_rate_schedules():
         )
 
 
-def test_demo_rejects_bad_arguments():
+def test_demo_rejects_bad_arguments(capsys):
+    # In this process (the command line's own parser, without starting a
+    # Python per case); one run from the command line checks the exit code.
+    demo = load_demo()
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "demo.py"), "--steps", "75"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "--steps must be a multiple of 50; got 75" in proc.stderr
+
     def run(*args):
-        return subprocess.run(
-            [sys.executable, str(EXAMPLES / "demo.py"), *args],
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT,
-            cwd=ROOT,
-        )
+        with pytest.raises(SystemExit) as exit_:
+            demo.main(list(args))
+        return exit_.value.code, capsys.readouterr().err
 
     cases = [
         (["--methods", "nope"], "unknown --methods ['nope']"),
@@ -373,9 +383,9 @@ def test_demo_rejects_bad_arguments():
         (["--task", "charlm"], "--task charlm runs the grid only; add --sweep"),
     ]
     for args, message in cases:
-        proc = run(*args)
-        assert proc.returncode == 2, (args, proc.stderr)
-        assert message in proc.stderr, (args, proc.stderr)
+        code, stderr = run(*args)
+        assert code == 2, (args, stderr)
+        assert message in stderr, (args, stderr)
 
 
 def test_demo_suggest_needs_the_global_norm_run(tmp_path):
