@@ -828,10 +828,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def skip_table(rows: Sequence[TrainRow]) -> list[str]:
     """Section 5, a guard around muon: lazy against select, skipped against
     applied steps, each step's time over the unguarded muon step's in the
@@ -858,3 +854,7 @@ def skip_table(rows: Sequence[TrainRow]) -> list[str]:
         cell = f"{statistics.median(ratios):.2f}" if ratios else NA
         out.append(_line([r.model, r.method, f"{r.seconds * 1e3:.2f}", cell]))
     return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
