@@ -710,6 +710,23 @@ def test_performance_page_is_the_report_of_the_committed_run(tmp_path, monkeypat
     assert (tmp_path / "page.md").read_text() == page
 
 
+def test_report_runs_from_the_command_line(tmp_path):
+    # The page's own command, as a script: every table it renders is
+    # defined before the script runs.
+    out = tmp_path / "page.md"
+    args = ["benchmarks/results/cpu-2core.json", "--out", str(out)]
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/report.py", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    page = out.read_text()
+    assert "## Skipping a Muon step" in page and "spectral" in page
+
+
 def test_train_step_is_a_donated_language_model_step_with_the_clip_in_front():
     model = train_step.MODELS["tiny"]
     params = train_step.init_params(model)
