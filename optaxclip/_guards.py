@@ -113,6 +113,7 @@ def skip_nonfinite(
             _checks.check_number(max_consecutive, "max_consecutive", lo=0, integer=True)
     with _checks.arguments("skip_nonfinite"):
         lazy = _checks.static_flag(lazy, "lazy")
+        pts = _checks.static_flag(per_tensor_stats, "per_tensor_stats")
     scope = SkipScope(
         optax.with_extra_args_support(inner),
         None,
@@ -120,7 +121,7 @@ def skip_nonfinite(
         axis_name,
         partition_specs,
         "skip_nonfinite",
-        _checks.static_flag(per_tensor_stats, "per_tensor_stats"),
+        pts,
         lazy,
     )
     return Step(scope, rules.fixed(float("inf")), True, SkipNonfiniteState).transform()
@@ -266,6 +267,7 @@ def skip_spikes(
         rule = rules.as_rule(rule, "rule")
     with _checks.arguments("skip_spikes"):
         lazy = _checks.static_flag(lazy, "lazy")
+        pts = _checks.static_flag(per_tensor_stats, "per_tensor_stats")
     scope = SkipScope(
         optax.with_extra_args_support(inner),
         rule,
@@ -273,7 +275,7 @@ def skip_spikes(
         axis_name,
         partition_specs,
         "skip_spikes",
-        _checks.static_flag(per_tensor_stats, "per_tensor_stats"),
+        pts,
         lazy,
     )
     return Step(scope, rule, True, SkipSpikesState).transform()
