@@ -18,6 +18,7 @@ fields the scope keeps (`Scope.init`), which it updates from `Applied`.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -150,11 +151,12 @@ class Applied(NamedTuple):
     counters: Mapping[str, Any] | None = None
 
 
-class Scope:
+class Scope(abc.ABC):
     """What is measured, and what happens above the bound: the scope's action.
 
-    A scope is a frozen dataclass that overrides `norm_like`, `measure` and
-    `apply` (and `init` if it keeps state of its own). Class attributes:
+    A scope is a frozen dataclass that implements the abstract `norm_like`,
+    `measure` and `apply` (and overrides `init` if it keeps state of its
+    own). Class attributes:
 
     - ``owner``: the public function's name, for error messages;
     - ``leafwise``: the decision is global but the record keeps one flag
@@ -169,24 +171,24 @@ class Scope:
     per_tensor_stats: bool = False
     stateless: bool = True
 
+    @abc.abstractmethod
     def norm_like(self, params: Any) -> jax.Array:
         """A zero array shaped like the norms measured on ``params``."""
-        raise NotImplementedError
 
     def init(self, params: Any) -> dict[str, Any]:
         """The scope's own state fields, by name (none by default)."""
         del params
         return {}
 
+    @abc.abstractmethod
     def measure(
         self, updates: Any, params: Any, extra_args: dict[str, Any]
     ) -> Measurement:
         """Reads the updates once."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def apply(self, updates: Any, measured: Any, act: Act) -> Applied:
         """Acts on the updates: rescale, clamp, normalize or skip."""
-        raise NotImplementedError
 
 
 def record_sizes(scope: Scope, params: Any) -> tuple[int, int | None]:

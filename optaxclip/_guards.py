@@ -111,19 +111,8 @@ def skip_nonfinite(
     if max_consecutive is not None:
         with _checks.arguments("skip_nonfinite"):
             _checks.check_number(max_consecutive, "max_consecutive", lo=0, integer=True)
-    with _checks.arguments("skip_nonfinite"):
-        lazy = _checks.static_flag(lazy, "lazy")
-        pts = _checks.static_flag(per_tensor_stats, "per_tensor_stats")
-    scope = SkipScope(
-        optax.with_extra_args_support(inner),
-        None,
-        max_consecutive,
-        axis_name,
-        partition_specs,
-        "skip_nonfinite",
-        pts,
-        lazy,
-    )
+    options = (axis_name, partition_specs, per_tensor_stats, lazy)
+    scope = _skip_scope("skip_nonfinite", inner, None, max_consecutive, *options)
     return Step(scope, rules.fixed(float("inf")), True, SkipNonfiniteState).transform()
 
 
@@ -265,20 +254,22 @@ def skip_spikes(
                 "`rule=rules.mean_std(window, sigma)`."
             )
         rule = rules.as_rule(rule, "rule")
-    with _checks.arguments("skip_spikes"):
-        lazy = _checks.static_flag(lazy, "lazy")
-        pts = _checks.static_flag(per_tensor_stats, "per_tensor_stats")
-    scope = SkipScope(
-        optax.with_extra_args_support(inner),
-        rule,
-        None,
-        axis_name,
-        partition_specs,
-        "skip_spikes",
-        pts,
-        lazy,
-    )
+    options = (axis_name, partition_specs, per_tensor_stats, lazy)
+    scope = _skip_scope("skip_spikes", inner, rule, None, *options)
     return Step(scope, rule, True, SkipSpikesState).transform()
+
+
+def _skip_scope(
+    owner, inner, loss_rule, max_consecutive, axis_name, specs, per_tensor, lazy
+):
+    """The guard's scope, its flags checked in the words of ``owner``."""
+    with _checks.arguments(owner):
+        lazy = _checks.static_flag(lazy, "lazy")
+        per_tensor = _checks.static_flag(per_tensor, "per_tensor_stats")
+    inner = optax.with_extra_args_support(inner)
+    return SkipScope(
+        inner, loss_rule, max_consecutive, axis_name, specs, owner, per_tensor, lazy
+    )
 
 
 def _is_default_sigma(sigma: Any) -> bool:
